@@ -1,0 +1,186 @@
+"""Analytic cost of one training step: per-layer FLOPs and bytes, totals and peak memory.
+
+Layers are ``embed``, ``block.0`` .. ``block.{n-1}``, ``head`` and ``loss``; they form a
+chain in a networkx graph (`layer_graph`). A layer runs with autograd only when one of
+its ancestors (or itself) holds a trained parameter; below the lowest trained
+parameter nothing is kept or back-propagated.
+
+Peak of a steady-state step (optimizer state exists, gradients were set to None), in
+bytes, with W all parameter bytes, O optimizer state, X the batch, and per layer l its
+saved activations A_l, parameter gradients G_l and the worst points F_l (forward) and
+B_l (backward) of its own timeline (see tape.py)::
+
+    forward at l:  W + O + X + sum_{j<l} A_j + F_l
+    backward at l: W + O + X + sum_{j<l} A_j + sum_{j>l} G_j + B_l
+    optimizer:     W + O + X + sum_j G_j + S        (S: the optimizer's largest temporary)
+    peak = the largest of these.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass, field
+
+import networkx as nx
+
+from costmodel.mode import TrainMode
+from costmodel.modules import Block, Embedding, Head, Loss
+from costmodel.spec import ModelSpec
+from costmodel.tape import LayerCost, Sym, Tape
+
+OPTIMIZERS = ("sgd", "momentum", "adam")
+
+
+def optimizer_state_bytes(optimizer: str, trained_bytes: int, n_tensors: int) -> int:
+    """Optimizer state in bytes: momentum one buffer, Adam two buffers and a float32 step per tensor."""
+    return {"sgd": 0, "momentum": trained_bytes, "adam": 2 * trained_bytes + 4 * n_tensors}[optimizer]
+
+
+def optimizer_temp_bytes(optimizer: str, largest_tensor_bytes: int) -> int:
+    """Largest temporary of a (non-foreach) step: Adam's sqrt and division of one tensor."""
+    return 2 * largest_tensor_bytes if optimizer == "adam" else 0
+
+
+def layer_names(spec: ModelSpec) -> list[str]:
+    return ["embed", *(f"block.{i}" for i in range(spec.n_blocks)), "head", "loss"]
+
+
+def layer_graph(spec: ModelSpec) -> nx.DiGraph:
+    """Data flow between layers; with tied embeddings the head's weight lives in ``embed``."""
+    graph = nx.DiGraph()
+    nx.add_path(graph, layer_names(spec))
+    return graph
+
+
+def normalize_mode(spec: ModelSpec, mode: TrainMode) -> TrainMode:
+    """Check block indices; tied embeddings train whenever the head does (always)."""
+    if bad := sorted(b for b in mode.blocks | set(mode.lora) if b >= spec.n_blocks):
+        raise ValueError(f"block {bad[0]} out of range: {spec.name} has blocks 0..{spec.n_blocks - 1}")
+    if spec.tied_embeddings and not mode.embeddings:
+        return mode.model_copy(update={"embeddings": True})
+    return mode
+
+
+def layer_state(mode: TrainMode, name: str):
+    """What a layer trains: 'full'/'frozen'/rank for blocks, True/False for embed, True for head."""
+    if name.startswith("block."):
+        return mode.block_state(int(name.split(".")[1]))
+    return mode.embeddings if name == "embed" else name == "head"
+
+
+def _trains(state) -> bool:
+    return state not in (False, "frozen")
+
+
+def batch_syms(spec: ModelSpec, batch: int, seq: int) -> tuple[Sym, Sym]:
+    """The inputs (token ids or images) and targets of one batch."""
+    if spec.kind == "vit":
+        size = spec.image_size
+        return Sym((batch, spec.channels, size, size), spec.dtype_bytes, False), Sym((batch,), 8, False)
+    targets = (batch, seq) if spec.kind == "gpt" else (batch,)
+    return Sym((batch, seq), 8, False), Sym(targets, 8, False)
+
+
+@functools.lru_cache(maxsize=65536)
+def layer_cost(spec: ModelSpec, name: str, state, input_requires_grad: bool, batch: int, seq: int) -> LayerCost:
+    """Cost of one layer in a given state, given whether its input requires grad. Cached."""
+    tokens = spec.tokens_per_sample(seq)
+    inputs, targets = batch_syms(spec, batch, tokens)
+    hidden = Sym((batch, tokens, spec.d_model), spec.dtype_bytes, input_requires_grad)
+    grad_enabled = input_requires_grad or _trains(state)
+    tape = Tape(name, spec.dtype_bytes, grad_enabled)
+    external = {inputs.storage, targets.storage}
+    if name == "embed":
+        layer_in, out = [inputs], Embedding.cost(spec, tape, inputs, bool(state))
+    elif name == "head":
+        layer_in, out = [hidden], Head.cost(spec, tape, hidden, spec.tied_embeddings)
+    elif name == "loss":
+        vocab = spec.vocab_size if spec.kind == "gpt" else spec.n_classes
+        rows = batch * tokens if spec.kind == "gpt" else batch
+        logits = Sym((rows, vocab), spec.dtype_bytes, True)
+        layer_in, out = [logits, targets], Loss.cost(spec, tape, logits, targets)
+    else:
+        layer_in, out = [hidden], Block.cost(spec, tape, hidden, state)
+    return tape.finish(layer_in, [out], external)
+
+
+@dataclass
+class CostReport:
+    """Per-layer costs, totals and peak memory of one training step (FLOPs; bytes)."""
+
+    model: str
+    train: str
+    batch: int
+    seq: int
+    optimizer: str
+    dtype: str
+    layers: list[LayerCost]
+    input_bytes: int
+    buffer_bytes: int
+    optimizer_bytes: int
+    optimizer_temp_bytes: int
+    peak_bytes: int
+    peak_phase: str
+    totals: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        keys = ("fwd_flops", "bwd_flops", "bwd_input_flops", "bwd_weight_flops", "elementwise_flops",
+                "activation_bytes", "param_bytes", "grad_bytes", "optimizer_bytes", "upload_bytes")
+        layers = [{"name": c.name, **{k: getattr(c, k) for k in keys}} for c in self.layers]
+        return {"model": self.model, "train": self.train, "batch": self.batch, "seq": self.seq,
+                "optimizer": self.optimizer, "dtype": self.dtype, "layers": layers,
+                "total": {**self.totals, "peak_bytes": self.peak_bytes}, "peak_phase": self.peak_phase}
+
+
+def estimate(spec: ModelSpec, mode: TrainMode, batch: int = 16, seq: int | None = None,
+             optimizer: str = "sgd") -> CostReport:
+    """Analytic cost of one training step of ``spec`` in ``mode``."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r} ({', '.join(OPTIMIZERS)})")
+    mode = normalize_mode(spec, mode)
+    tokens = spec.tokens_per_sample(seq)
+    graph = layer_graph(spec)
+    names = list(nx.topological_sort(graph))
+    trained = {name for name in names if _trains(layer_state(mode, name))}
+    layers = []
+    for name in names:
+        input_grad = any(a in trained for a in nx.ancestors(graph, name))
+        cost = layer_cost(spec, name, layer_state(mode, name), input_grad, batch, tokens)
+        layers.append(_with_optimizer(cost, optimizer))
+    return _report(spec, mode, batch, tokens, optimizer, layers)
+
+
+def _with_optimizer(cost: LayerCost, optimizer: str) -> LayerCost:
+    out = LayerCost(**asdict(cost))
+    out.optimizer_bytes = optimizer_state_bytes(optimizer, cost.trained_param_bytes, cost.trained_tensors)
+    out.step_temp_bytes = optimizer_temp_bytes(optimizer, cost.largest_trained_tensor_bytes)
+    out.upload_bytes = cost.trained_param_bytes
+    return out
+
+
+def _report(spec, mode, batch, tokens, optimizer, layers: list[LayerCost]) -> CostReport:
+    inputs, targets = batch_syms(spec, batch, tokens)
+    input_bytes = inputs.nbytes + targets.nbytes
+    buffer_bytes = spec.max_seq_len ** 2 if spec.kind == "gpt" and spec.attention == "matmul" else 0
+    weights = sum(c.param_bytes for c in layers)
+    state_bytes = sum(c.optimizer_bytes for c in layers)
+    base = weights + state_bytes + input_bytes + buffer_bytes
+    grads = sum(c.grad_bytes for c in layers)
+    temp = max(c.step_temp_bytes for c in layers)
+    phases = {"optimizer step": base + grads + temp}
+    below = 0
+    above = grads
+    for cost in layers:
+        above -= cost.grad_bytes
+        phases[f"forward {cost.name}"] = base + below + cost.fwd_peak_bytes
+        if cost.in_backward:
+            phases[f"backward {cost.name}"] = base + below + above + cost.bwd_peak_bytes
+        below += cost.activation_bytes - cost.external_saved_bytes
+    phase = max(phases, key=phases.get)
+    totals = {k: sum(getattr(c, k) for c in layers) for k in
+              ("fwd_flops", "bwd_flops", "bwd_input_flops", "bwd_weight_flops", "elementwise_flops",
+               "activation_bytes", "param_bytes", "grad_bytes", "optimizer_bytes", "upload_bytes")}
+    return CostReport(spec.name, str(mode), batch, tokens, optimizer, spec.dtype, layers, input_bytes,
+                      buffer_bytes, state_bytes, temp, phases[phase], phase, totals)

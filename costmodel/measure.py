@@ -1,0 +1,175 @@
+"""Measure one training step of a real ``nn.Module``: the same quantities the estimate predicts.
+
+- FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` around the forward and around the
+  backward, per layer (2 per multiply-add). CPU SDPA has no FLOP formula, so the counted
+  step runs under ``sdpa_kernel(SDPBackend.MATH)``, which computes the same matmuls.
+- Saved activations: ``saved_tensors_hooks`` in a separate step with the default kernels,
+  each storage counted once, parameters and buffers excluded, attributed to the layer
+  whose forward saved it.
+- Peak: torch's ``MemTracker`` (live tensor bytes: parameters, buffers, gradients,
+  optimizer state, batch, activations, temporaries) over a steady-state step: the
+  optimizer state already exists and gradients were set to None; on CUDA also
+  ``torch.cuda.max_memory_allocated``.
+
+Layers are given as a name -> list of modules mapping, so the same code measures our
+models and ``transformers`` ones (`costmodel.hf.hf_layers`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
+from torch.distributed._tools.mem_tracker import MemTracker
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+
+@dataclass
+class Measured:
+    """Measured costs of one step. FLOPs; bytes."""
+
+    fwd_flops: int
+    bwd_flops: int
+    activation_bytes: int
+    peak_bytes: int
+    layers: dict[str, dict[str, int]] = field(default_factory=dict)
+    cuda_peak_bytes: int | None = None
+
+    def total(self) -> dict:
+        out = {"fwd_flops": self.fwd_flops, "bwd_flops": self.bwd_flops,
+               "activation_bytes": self.activation_bytes, "peak_bytes": self.peak_bytes}
+        if self.cuda_peak_bytes is not None:
+            out["cuda_peak_bytes"] = self.cuda_peak_bytes
+        return out
+
+
+def _layer_of(layers: dict[str, list[nn.Module]]) -> dict[nn.Module, str]:
+    return {module: name for name, modules in layers.items() for module in modules}
+
+
+@contextlib.contextmanager
+def _current_layer(layers: dict[str, list[nn.Module]], state: dict):
+    """Keep ``state['layer']`` set to the layer whose forward is running."""
+    handles = []
+    for module, name in _layer_of(layers).items():
+        def enter(_module, _args, name=name):
+            state["stack"].append(state.get("layer"))
+            state["layer"] = name
+
+        def leave(_module, _args, _out):
+            state["layer"] = state["stack"].pop()
+
+        handles.append(module.register_forward_pre_hook(enter))
+        handles.append(module.register_forward_hook(leave))
+    state.setdefault("stack", [])
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _model_storages(model: nn.Module) -> set[int]:
+    tensors = list(model.parameters()) + list(model.buffers())
+    return {t.untyped_storage().data_ptr() for t in tensors}
+
+
+def _flop_counts_by_layer(counter: FlopCounterMode, layers: dict[str, list[nn.Module]],
+                          model: nn.Module) -> dict[str, int]:
+    names = {module: name for name, module in model.named_modules()}
+    root = type(model).__name__
+    counts = counter.get_flop_counts()
+    out = {}
+    for layer, modules in layers.items():
+        keys = [f"{root}.{names[m]}" if names[m] else root for m in modules]
+        out[layer] = sum(sum(counts.get(key, {}).values()) for key in keys)
+    return out
+
+
+class _MemTracker(MemTracker):
+    """torch's MemTracker, made to accept frozen parameters (it hooks every parameter's grad);
+    gradients are still counted, as tensors that the backward pass allocates."""
+
+    def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+        return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+
+
+def measure_step(model: nn.Module, layers: dict[str, list[nn.Module]], step_loss: Callable[[], torch.Tensor],
+                 optimizer: torch.optim.Optimizer, batch: tuple[torch.Tensor, ...]) -> Measured:
+    """Measure a training step of ``model``; ``step_loss`` runs its forward and returns the loss."""
+    model.train()
+
+    def step():
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    # step 1: FLOPs (math attention kernel); also allocates the optimizer state
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        loss = step_loss()
+        fwd_total, fwd_layers = counter.get_total_flops(), _flop_counts_by_layer(counter, layers, model)
+        loss.backward()
+    del loss
+    step()
+    step_layers = _flop_counts_by_layer(counter, layers, model)
+    bwd_layers = {name: step_layers[name] - fwd_layers[name] for name in layers}
+
+    # step 2: saved activations and the peak, default kernels
+    excluded = _model_storages(model)
+    saved: dict[int, tuple[int, str]] = {}
+    state: dict = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded and storage.data_ptr() not in saved:
+            saved[storage.data_ptr()] = (storage.nbytes(), state.get("layer") or "other")
+        return tensor
+
+    tracker = _MemTracker()
+    tracker.track_external(model, optimizer, *batch)
+    cuda = next(model.parameters()).is_cuda
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    with tracker, _current_layer(layers, state):
+        with saved_tensors_hooks(pack, lambda t: t):
+            loss = step_loss()
+        loss.backward()
+        del loss
+        step()
+    device = next(model.parameters()).device
+    peak = tracker.get_tracker_snapshot("peak")[device]["Total"]
+    cuda_peak = torch.cuda.max_memory_allocated() if cuda else None
+
+    per_layer = {name: {"fwd_flops": fwd_layers[name], "bwd_flops": bwd_layers[name], "activation_bytes": 0}
+                 for name in layers}
+    for nbytes, layer in saved.values():
+        per_layer.setdefault(layer, {"fwd_flops": 0, "bwd_flops": 0, "activation_bytes": 0})
+        per_layer[layer]["activation_bytes"] += nbytes
+    return Measured(fwd_flops=fwd_total, bwd_flops=counter.get_total_flops() - fwd_total,
+                    activation_bytes=sum(b for b, _ in saved.values()), peak_bytes=peak, layers=per_layer,
+                    cuda_peak_bytes=cuda_peak)
+
+
+def our_layers(model) -> dict[str, list[nn.Module]]:
+    """Layer name -> modules of a `TinyTransformer`."""
+    layers = {"embed": [model.embed]}
+    layers.update({f"block.{i}": [block] for i, block in enumerate(model.blocks)})
+    layers.update({"head": [model.head], "loss": [model.loss]})
+    return layers
+
+
+def measure(spec, mode, batch: int = 16, seq: int | None = None, optimizer: str = "sgd",
+            device: str = "cpu", seed: int = 0) -> Measured:
+    """Build ``spec`` as our own model, apply ``mode`` and measure one step on ``device``."""
+    from costmodel.build import apply_mode, build_model, make_batch, make_optimizer
+
+    model = apply_mode(build_model(spec, seed), mode).to(device)
+    inputs, targets = (t.to(device) for t in make_batch(spec, batch, seq, seed))
+    opt = make_optimizer(model.parameters(), optimizer)
+    return measure_step(model, our_layers(model), lambda: model(inputs, targets), opt, (inputs, targets))

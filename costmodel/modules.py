@@ -1,0 +1,251 @@
+"""The torch modules built from a `ModelSpec`, each with its analytic cost beside it.
+
+Every module has a ``forward`` and a static ``cost`` that replays the same ops on a
+`Tape` (see tape.py); the two must change together. ``state`` of a block is
+``"full"``, ``"frozen"`` or a LoRA rank (int). LoRA itself is injected by peft
+(`costmodel.lora`), whose Linear the tape mirrors in `Tape.lora_linear`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from costmodel.spec import ModelSpec
+from costmodel.tape import Sym, Tape
+
+LORA_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc", "mlp.proj")
+
+
+def _reshape(tape: Tape, x: Sym, shape: tuple[int, ...], is_view: bool) -> Sym:
+    """``reshape``: a view when the strides allow it, else a copy (a new storage)."""
+    return x.view(*shape) if is_view else tape.copy(x, *shape)
+
+
+def _linear_cost(tape: Tape, x: Sym, d_out: int, state) -> Sym:
+    if isinstance(state, int):
+        return tape.lora_linear(x, d_out, state)
+    return tape.linear(x, d_out, trained=state == "full")
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec, causal: bool):
+        super().__init__()
+        d = spec.d_model
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.n_heads, self.causal, self.kernel = spec.n_heads, causal, spec.attention
+        self.dropout = spec.dropout
+        if causal and spec.attention == "matmul":
+            future = torch.ones(spec.max_seq_len, spec.max_seq_len, dtype=torch.bool).triu(1)
+            self.register_buffer("future", future, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, width = x.shape
+        heads = self.n_heads
+        q, k, v = (lin(x).view(batch, seq, heads, width // heads).transpose(1, 2) for lin in (self.q, self.k, self.v))
+        if self.kernel == "sdpa":
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(width // heads))
+            if self.causal:
+                att = att.masked_fill(self.future[:seq, :seq], float("-inf"))
+            att = F.dropout(F.softmax(att, dim=-1), self.dropout, self.training)
+            y = att @ v
+        return self.o(y.transpose(1, 2).reshape(batch, seq, width))
+
+    @staticmethod
+    def cost(spec: ModelSpec, tape: Tape, x: Sym, state) -> Sym:
+        batch, seq, width = x.shape
+        heads, head_dim = spec.n_heads, spec.head_dim
+        q, k, v = (_linear_cost(tape, x, width, state).view(batch, heads, seq, head_dim) for _ in range(3))
+        if spec.attention == "sdpa":
+            y = tape.sdpa(q, k, v)
+            # CPU flash attention returns heads-last memory: back to width is a view
+            y = y.view(batch, seq, width)
+        else:
+            folds = batch == 1 or heads == 1 or seq == 1  # (B, H) folds into one batch dim as a view
+            q3 = _reshape(tape, q, (batch * heads, seq, head_dim), folds)
+            kt3 = _reshape(tape, k, (batch * heads, head_dim, seq), folds)
+            scores = tape.bmm(q3, kt3, (batch * heads, seq, seq), head_dim)
+            scores = tape.pointwise(scores, 1)  # * 1/sqrt(d)
+            if spec.kind == "gpt":
+                scores = tape.pointwise(scores, 1)  # masked_fill with a buffer slice
+            probs = tape.dropout(tape.softmax(scores), spec.dropout)
+            v3 = _reshape(tape, v, (batch * heads, seq, head_dim), folds)
+            y = tape.bmm(probs, v3, (batch * heads, seq, head_dim), seq)
+            y = _reshape(tape, y, (batch, seq, width), seq == 1 or heads == 1)
+        return _linear_cost(tape, y, width, state)
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.fc = nn.Linear(spec.d_model, spec.d_ff)
+        self.proj = nn.Linear(spec.d_ff, spec.d_model)
+        self.act = nn.GELU() if spec.activation == "gelu" else nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.act(self.fc(x)))
+
+    @staticmethod
+    def cost(spec: ModelSpec, tape: Tape, x: Sym, state) -> Sym:
+        hidden = tape.activation(_linear_cost(tape, x, spec.d_ff, state), spec.activation)
+        return _linear_cost(tape, hidden, spec.d_model, state)
+
+
+class Block(nn.Module):
+    """Attention and MLP with residuals; LayerNorm before each (pre) or after each residual (post)."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(spec.d_model, eps=spec.layer_norm_eps)
+        self.attn = Attention(spec, causal=spec.kind == "gpt")
+        self.ln2 = nn.LayerNorm(spec.d_model, eps=spec.layer_norm_eps)
+        self.mlp = MLP(spec)
+        self.pre_norm, self.dropout = spec.norm == "pre", spec.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        drop = lambda t: F.dropout(t, self.dropout, self.training)  # noqa: E731
+        if self.pre_norm:
+            x = x + drop(self.attn(self.ln1(x)))
+            return x + drop(self.mlp(self.ln2(x)))
+        x = self.ln1(x + drop(self.attn(x)))
+        return self.ln2(x + drop(self.mlp(x)))
+
+    @staticmethod
+    def cost(spec: ModelSpec, tape: Tape, x: Sym, state) -> Sym:
+        norms_train = state == "full"
+        drop = lambda t: tape.dropout(t, spec.dropout)  # noqa: E731
+        if spec.norm == "pre":
+            x = tape.add(x, drop(Attention.cost(spec, tape, tape.layer_norm(x, norms_train), state)))
+            return tape.add(x, drop(MLP.cost(spec, tape, tape.layer_norm(x, norms_train), state)))
+        x = tape.layer_norm(tape.add(x, drop(Attention.cost(spec, tape, x, state))), norms_train)
+        return tape.layer_norm(tape.add(x, drop(MLP.cost(spec, tape, x, state))), norms_train)
+
+
+class Embedding(nn.Module):
+    """Token (+ learned position, + token-type and LayerNorm for encoders) or ViT patch embedding."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        d = spec.d_model
+        self.kind, self.dropout = spec.kind, spec.dropout
+        if spec.kind == "vit":
+            self.patch = nn.Conv2d(spec.channels, d, spec.patch_size, stride=spec.patch_size)
+            self.cls = nn.Parameter(torch.zeros(1, 1, d))
+            self.pos = nn.Parameter(torch.randn(1, spec.n_patches + 1, d) * 0.02)
+        else:
+            self.tok = nn.Embedding(spec.vocab_size, d)
+            self.pos = nn.Parameter(torch.randn(spec.max_seq_len, d) * 0.02)
+        if spec.kind == "encoder":
+            self.token_type = nn.Parameter(torch.randn(spec.type_vocab_size, d) * 0.02)
+            self.norm = nn.LayerNorm(d, eps=spec.layer_norm_eps)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.kind == "vit":
+            patches = self.patch(inputs).flatten(2).transpose(1, 2)
+            x = torch.cat([self.cls.expand(len(inputs), -1, -1), patches], dim=1) + self.pos
+        else:
+            x = self.tok(inputs) + self.pos[: inputs.shape[1]]
+        if self.kind == "encoder":
+            x = self.norm(x + self.token_type[0])
+        return F.dropout(x, self.dropout, self.training)
+
+    @staticmethod
+    def cost(spec: ModelSpec, tape: Tape, inputs: Sym, trained: bool) -> Sym:
+        d = spec.d_model
+        if spec.kind == "vit":
+            patches = tape.conv_patches(inputs, d, spec.patch_size, trained)
+            joined = tape.add_param(patches.view(inputs.shape[0], spec.n_patches + 1, d), d, trained)  # cat
+            x = tape.add_param(joined, (spec.n_patches + 1) * d, trained)
+        else:
+            tokens = tape.embedding(inputs, spec.vocab_size, d, trained)
+            x = tape.add_param(tokens, spec.max_seq_len * d, trained)
+        if spec.kind == "encoder":
+            x = tape.layer_norm(tape.add_param(x, spec.type_vocab_size * d, trained), trained)
+        return tape.dropout(x, spec.dropout)
+
+
+class Head(nn.Module):
+    """Final LayerNorm (pre-norm models), then the LM head, or pooler and classifier on the first token."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        d = spec.d_model
+        self.kind = spec.kind
+        self.norm = nn.LayerNorm(d, eps=spec.layer_norm_eps) if spec.norm == "pre" else nn.Identity()
+        if spec.kind == "gpt":
+            self.out = nn.Linear(d, spec.vocab_size, bias=False)
+        else:
+            if spec.kind == "encoder":
+                self.pooler = nn.Linear(d, d)
+            self.out = nn.Linear(d, spec.n_classes)
+        self.dropout = spec.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        if self.kind == "gpt":
+            return self.out(x)
+        x = x[:, 0]
+        if self.kind == "encoder":
+            x = F.dropout(torch.tanh(self.pooler(x)), self.dropout, self.training)
+        return self.out(x)
+
+    @staticmethod
+    def cost(spec: ModelSpec, tape: Tape, x: Sym, tied: bool) -> Sym:
+        """Logits of the head; with tied embeddings the LM head's weight belongs to the embedding."""
+        if spec.norm == "pre":
+            x = tape.layer_norm(x, trained=True)
+        if spec.kind == "gpt":
+            return tape.linear(x, spec.vocab_size, trained=True, bias=False, owns_weight=not tied)
+        first = Sym((x.shape[0], x.shape[-1]), x.itemsize, x.requires_grad, x.storage, x.storage_bytes)
+        if spec.kind == "encoder":
+            first = tape.dropout(tape.activation(tape.linear(first, spec.d_model, trained=True), "tanh"), spec.dropout)
+        return tape.linear(first, spec.n_classes, trained=True)
+
+
+class Loss(nn.Module):
+    """Mean cross-entropy over every position (gpt) or over samples (classifiers)."""
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    @staticmethod
+    def cost(spec: ModelSpec, tape: Tape, logits: Sym, targets: Sym) -> Sym:
+        flat = logits.view(logits.numel // logits.shape[-1], logits.shape[-1])
+        return tape.cross_entropy(flat, targets)
+
+
+class TinyTransformer(nn.Module):
+    """Embedding, blocks, head and loss; blocks below ``grad_from`` run under ``torch.no_grad()``."""
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        self.embed = Embedding(spec)
+        self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.n_blocks))
+        self.head = Head(spec)
+        self.loss = Loss()
+        if spec.tied_embeddings:
+            self.head.out.weight = self.embed.tok.weight
+        self.grad_from = 0  # index of the first block that needs autograd; set by costmodel.apply_mode
+        self.apply(_init_weights)
+        self.to(torch.bfloat16 if spec.dtype == "bf16" else torch.float32)
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.grad_from < 0):
+            x = self.embed(inputs)
+        for index, block in enumerate(self.blocks):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and index >= self.grad_from):
+                x = block(x)
+        return self.loss(self.head(x), targets)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)

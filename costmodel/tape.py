@@ -1,0 +1,319 @@
+"""A symbolic tape that mirrors what autograd does for one layer of a training step.
+
+Each module's ``cost`` method replays its ``forward`` on `Sym` tensors (shape, dtype,
+requires-grad, storage) through a `Tape`. The tape applies torch's rules, as they hold
+on torch 2.13 (checked against ``FlopCounterMode`` and ``saved_tensors_hooks``):
+
+- a matmul costs 2 FLOPs per multiply-add forward; backward costs the same again for
+  each operand that requires grad (input-gradient for activations, weight-gradient for
+  trained weights), nothing when its output does not require grad;
+- an op saves tensors for backward only when its output requires grad; a linear saves
+  its input only when its weight trains; LayerNorm saves input, mean and rstd; GELU
+  its input; ReLU, tanh and softmax their output; dropout its scaled mask; a batched
+  matmul the operand the *other* operand's gradient needs; CPU SDPA saves q, k, v,
+  output and a float32 logsumexp; embeddings their int64 indices; cross-entropy its
+  log-probabilities, int64 targets and a scalar total weight. Saved bytes count each
+  storage once; parameters and buffers are not activations.
+
+From the op list the tape also derives the layer's memory timeline: live bytes of
+its activations at the worst point of the forward pass, and of saved tensors plus
+gradients at the worst point of its backward pass (`LayerCost.fwd_peak_bytes`,
+`LayerCost.bwd_peak_bytes`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+_storage_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class Sym:
+    """A symbolic tensor: shape, bytes per element, whether it requires grad, its storage."""
+
+    shape: tuple[int, ...]
+    itemsize: int
+    requires_grad: bool
+    storage: int = field(default_factory=lambda: next(_storage_ids))
+    storage_bytes: int = -1
+
+    def __post_init__(self):
+        if self.storage_bytes < 0:
+            object.__setattr__(self, "storage_bytes", self.numel * self.itemsize)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.itemsize
+
+    def view(self, *shape: int) -> "Sym":
+        """A view: same storage, new shape."""
+        return Sym(tuple(shape), self.itemsize, self.requires_grad, self.storage, self.storage_bytes)
+
+
+@dataclass
+class _Op:
+    inputs: list[Sym]
+    outputs: list[Sym]
+    saved: list[Sym]
+    grad_inputs: list[Sym]  # inputs that receive a gradient in backward
+    param_grad_bytes: int
+
+
+@dataclass
+class LayerCost:
+    """Costs of one layer in one training step. FLOPs count 2 per multiply-add; sizes in bytes."""
+
+    name: str
+    fwd_flops: int = 0
+    bwd_input_flops: int = 0
+    bwd_weight_flops: int = 0
+    elementwise_flops: int = 0
+    activation_bytes: int = 0
+    param_bytes: int = 0
+    trained_param_bytes: int = 0
+    optimizer_bytes: int = 0
+    trained_tensors: int = 0
+    largest_trained_tensor_bytes: int = 0
+    step_temp_bytes: int = 0
+    upload_bytes: int = 0
+    external_saved_bytes: int = 0
+    fwd_peak_bytes: int = 0
+    bwd_peak_bytes: int = 0
+    in_backward: bool = False
+
+    @property
+    def bwd_flops(self) -> int:
+        return self.bwd_input_flops + self.bwd_weight_flops
+
+    @property
+    def grad_bytes(self) -> int:
+        return self.trained_param_bytes
+
+
+class Tape:
+    """Records the ops of one layer and turns them into a `LayerCost`."""
+
+    def __init__(self, name: str, itemsize: int, grad_enabled: bool):
+        self.cost = LayerCost(name)
+        self.itemsize = itemsize
+        self.grad_enabled = grad_enabled
+        self.ops: list[_Op] = []
+
+    # -- tensors -----------------------------------------------------------------
+    def tensor(self, *shape: int, requires_grad: bool = False, itemsize: int | None = None) -> Sym:
+        return Sym(tuple(shape), itemsize or self.itemsize, requires_grad and self.grad_enabled)
+
+    def _record(self, inputs, outputs, saved=(), param_grad_bytes=0):
+        grad = any(o.requires_grad for o in outputs)
+        self.ops.append(_Op(list(inputs), list(outputs), list(saved) if grad else [],
+                            [i for i in inputs if i.requires_grad] if grad else [],
+                            param_grad_bytes if grad else 0))
+
+    def _matmul_flops(self, flops: int, a_grad: bool, b_grad: bool, out_grad: bool) -> None:
+        self.cost.fwd_flops += flops
+        if out_grad:
+            self.cost.bwd_input_flops += flops * a_grad
+            self.cost.bwd_weight_flops += flops * b_grad
+
+    def params(self, *sizes: int, trained: bool) -> int:
+        """Declare parameter tensors of this layer (elements each); returns their bytes.
+
+        Trained ones get gradients, optimizer state and uploads."""
+        nbytes = sum(sizes) * self.itemsize
+        self.cost.param_bytes += nbytes
+        if trained:
+            self.cost.trained_param_bytes += nbytes
+            self.cost.trained_tensors += len(sizes)
+            self.cost.largest_trained_tensor_bytes = max(self.cost.largest_trained_tensor_bytes,
+                                                         max(sizes) * self.itemsize)
+        return nbytes
+
+    # -- ops ---------------------------------------------------------------------
+    def linear(self, x: Sym, d_out: int, trained: bool, bias: bool = True, owns_weight: bool = True) -> Sym:
+        """``F.linear`` (or ``addmm``); the weight is (d_out, d_in); a tied weight is counted by its owner."""
+        d_in = x.shape[-1]
+        sizes = (d_in * d_out, d_out) if bias else (d_in * d_out,)
+        if owns_weight:
+            self.params(*sizes, trained=trained)
+        out = self.tensor(*x.shape[:-1], d_out, requires_grad=x.requires_grad or trained)
+        rows = x.numel // d_in
+        self._matmul_flops(2 * rows * d_in * d_out, x.requires_grad, trained, out.requires_grad)
+        self._record([x], [out], [x] if trained else [], sum(sizes) * self.itemsize if trained else 0)
+        return out
+
+    def lora_linear(self, x: Sym, d_out: int, rank: int) -> Sym:
+        """peft's LoRA Linear: frozen base + B(A(x)) * scaling, A and B trained, no bias."""
+        base = self.linear(x, d_out, trained=False)
+        down = self.linear(x, rank, trained=True, bias=False)
+        up = self.linear(down, d_out, trained=True, bias=False)
+        scaled = self.pointwise(up, flops_per_element=1)
+        return self.add(base, scaled)
+
+    def bmm(self, a: Sym, b: Sym, out_shape: tuple[int, ...], contraction: int) -> Sym:
+        """Batched matmul of 3-d activations; saves each operand the other's gradient needs."""
+        out = self.tensor(*out_shape, requires_grad=a.requires_grad or b.requires_grad)
+        self._matmul_flops(2 * math.prod(out_shape) * contraction, a.requires_grad, b.requires_grad,
+                           out.requires_grad)
+        saved = ([a] if b.requires_grad else []) + ([b] if a.requires_grad else [])
+        self._record([a, b], [out], saved)
+        return out
+
+    def sdpa(self, q: Sym, k: Sym, v: Sym) -> Sym:
+        """CPU ``scaled_dot_product_attention`` (flash kernel): FLOPs as its math reference
+        (two batched matmuls forward, four backward); saves q, k, v, out and a float32 logsumexp."""
+        batch, heads, seq, head_dim = q.shape
+        out = self.tensor(*q.shape, requires_grad=q.requires_grad or k.requires_grad or v.requires_grad)
+        flops = 2 * batch * heads * seq * seq * head_dim
+        self._matmul_flops(2 * flops, True, True, out.requires_grad)
+        self.cost.elementwise_flops += 5 * batch * heads * seq * seq
+        logsumexp = self.tensor(batch, heads, seq, itemsize=4)
+        self._record([q, k, v], [out], [q, k, v, out, logsumexp])
+        return out
+
+    def layer_norm(self, x: Sym, trained: bool) -> Sym:
+        nbytes = self.params(x.shape[-1], x.shape[-1], trained=trained)
+        out = self.tensor(*x.shape, requires_grad=x.requires_grad or trained)
+        rows = x.numel // x.shape[-1]
+        stats = [self.tensor(rows), self.tensor(rows)]
+        self.cost.elementwise_flops += 5 * x.numel
+        self._record([x], [out], [x, *stats], nbytes if trained else 0)
+        return out
+
+    def pointwise(self, x: Sym, flops_per_element: int, save: str = "none") -> Sym:
+        """An elementwise op; save is 'input', 'output' or 'none' (what its backward needs)."""
+        out = self.tensor(*x.shape, requires_grad=x.requires_grad)
+        self.cost.elementwise_flops += flops_per_element * x.numel
+        self._record([x], [out], {"input": [x], "output": [out], "none": []}[save])
+        return out
+
+    def activation(self, x: Sym, kind: str) -> Sym:
+        return self.pointwise(x, {"gelu": 8, "relu": 1, "tanh": 4}[kind],
+                              save="input" if kind == "gelu" else "output")
+
+    def softmax(self, x: Sym) -> Sym:
+        return self.pointwise(x, 5, save="output")
+
+    def dropout(self, x: Sym, p: float) -> Sym:
+        """Training-mode dropout: identity when p == 0, else saves its scaled mask (same dtype)."""
+        if p == 0:
+            return x
+        out = self.tensor(*x.shape, requires_grad=x.requires_grad)
+        mask = self.tensor(*x.shape)
+        self.cost.elementwise_flops += 2 * x.numel
+        self._record([x], [out], [mask])
+        return out
+
+    def add_param(self, x: Sym, count: int, trained: bool) -> Sym:
+        """Add a (broadcast) parameter of ``count`` elements, e.g. learned positions; saves nothing."""
+        nbytes = self.params(count, trained=trained)
+        out = self.tensor(*x.shape, requires_grad=x.requires_grad or trained)
+        self.cost.elementwise_flops += x.numel
+        self._record([x], [out], param_grad_bytes=nbytes if trained else 0)
+        return out
+
+    def add(self, a: Sym, b: Sym) -> Sym:
+        out = self.tensor(*a.shape, requires_grad=a.requires_grad or b.requires_grad)
+        self.cost.elementwise_flops += a.numel
+        self._record([a, b], [out])
+        return out
+
+    def copy(self, x: Sym, *shape: int) -> Sym:
+        """A reshape that must copy (e.g. heads back to width); no FLOPs, saves nothing."""
+        out = self.tensor(*shape, requires_grad=x.requires_grad)
+        self._record([x], [out])
+        return out
+
+    def embedding(self, ids: Sym, num: int, dim: int, trained: bool) -> Sym:
+        nbytes = self.params(num * dim, trained=trained)
+        out = self.tensor(*ids.shape, dim, requires_grad=trained)
+        self._record([ids], [out], [ids], nbytes if trained else 0)
+        return out
+
+    def conv_patches(self, image: Sym, out_channels: int, patch: int, trained: bool) -> Sym:
+        """Conv2d with kernel = stride = patch; saves the image when the weight trains."""
+        batch, channels, height, width = image.shape
+        nbytes = self.params(out_channels * channels * patch * patch, out_channels, trained=trained)
+        out = self.tensor(batch, out_channels, height // patch, width // patch, requires_grad=trained)
+        self._matmul_flops(2 * out.numel * channels * patch * patch, False, trained, trained)
+        self._record([image], [out], [image], nbytes if trained else 0)
+        return out
+
+    def cross_entropy(self, logits: Sym, targets: Sym) -> Sym:
+        """Mean cross-entropy: log_softmax (saves its output) then nll_loss (targets, total weight)."""
+        log_probs = self.pointwise(logits, 5, save="output")
+        loss = self.tensor(requires_grad=logits.requires_grad)
+        self._record([log_probs, targets], [loss], [log_probs, targets, self.tensor()])
+        return loss
+
+    # -- summary -----------------------------------------------------------------
+    def finish(self, inputs: list[Sym], outputs: list[Sym], external: set[int] = frozenset()) -> LayerCost:
+        """Fill in activation bytes and the forward/backward memory peaks of this layer.
+
+        ``inputs`` arrive live from the layer below; ``outputs`` leave live to the layer above.
+        Forward peak: bytes this layer holds (its saved tensors so far, its live intermediates
+        and its input) at its worst op. Backward peak: its saved tensors not yet released,
+        the parameter gradients it has produced, and live activation gradients (the incoming
+        gradient of its outputs included), at its worst op. ``external`` storages (the batch)
+        are held by the caller for the whole step and left out of both peaks.
+        """
+        cost = self.cost
+        saved: dict[int, int] = {}
+        last_saved_by: dict[int, int] = {}
+        for index, op in enumerate(self.ops):
+            for t in op.saved:
+                saved.setdefault(t.storage, t.storage_bytes)
+                last_saved_by.setdefault(t.storage, index)  # backward frees it at its first saver
+        cost.activation_bytes = sum(saved.values())
+        cost.external_saved_bytes = sum(b for s, b in saved.items() if s in external)
+        saved = {s: b for s, b in saved.items() if s not in external}
+        inputs = [t for t in inputs if t.storage not in external]
+        cost.in_backward = any(o.requires_grad for op in self.ops for o in op.outputs)
+        cost.fwd_peak_bytes = self._forward_peak(inputs, outputs, saved)
+        cost.bwd_peak_bytes = self._backward_peak(outputs, saved, last_saved_by) if cost.in_backward else 0
+        return cost
+
+    def _forward_peak(self, inputs, outputs, saved) -> int:
+        last_use: dict[int, int] = {}
+        size: dict[int, int] = {}
+        for index, op in enumerate(self.ops):
+            for t in op.inputs:
+                last_use[t.storage] = index
+                size[t.storage] = t.storage_bytes
+        keep = {t.storage for t in outputs} | set(saved)
+        live = {t.storage: t.storage_bytes for t in inputs}
+        peak = sum(live.values())
+        for index, op in enumerate(self.ops):
+            for t in op.outputs:
+                live[t.storage] = t.storage_bytes
+            for t in op.saved:
+                live[t.storage] = t.storage_bytes
+            peak = max(peak, sum(live.values()))
+            for storage in [s for s in live if last_use.get(s, -1) <= index and s not in keep]:
+                del live[storage]
+        return peak
+
+    def _backward_peak(self, outputs, saved, last_saved_by) -> int:
+        # live gradients keyed by storage; the outputs' gradients arrive from above
+        grads = {t.storage: t.storage_bytes for t in outputs if t.requires_grad}
+        held = dict(saved)
+        last_saved_by = {s: i for s, i in last_saved_by.items() if s in held}
+        param_grads = 0
+        peak = sum(held.values()) + sum(grads.values())
+        for index in range(len(self.ops) - 1, -1, -1):
+            op = self.ops[index]
+            produced = {t.storage: t.storage_bytes for t in op.grad_inputs if t.storage not in grads}
+            param_grads += op.param_grad_bytes
+            grads.update(produced)
+            peak = max(peak, sum(held.values()) + sum(grads.values()) + param_grads)
+            for t in op.outputs:
+                grads.pop(t.storage, None)
+            for storage in [s for s, i in last_saved_by.items() if i == index]:
+                held.pop(storage, None)
+        return peak
