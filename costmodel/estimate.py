@@ -163,7 +163,7 @@ def _with_optimizer(cost: LayerCost, optimizer: str) -> LayerCost:
 def _report(spec, mode, batch, tokens, optimizer, layers: list[LayerCost]) -> CostReport:
     inputs, targets = batch_syms(spec, batch, tokens)
     input_bytes = inputs.nbytes + targets.nbytes
-    buffer_bytes = spec.max_seq_len ** 2 if spec.kind == "gpt" and spec.attention == "matmul" else 0
+    buffer_bytes = sum(c.buffer_bytes for c in layers)
     weights = sum(c.param_bytes for c in layers)
     state_bytes = sum(c.optimizer_bytes for c in layers)
     base = weights + state_bytes + input_bytes + buffer_bytes

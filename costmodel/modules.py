@@ -60,6 +60,8 @@ class Attention(nn.Module):
     def cost(spec: ModelSpec, tape: Tape, x: Sym, state) -> Sym:
         batch, seq, width = x.shape
         heads, head_dim = spec.n_heads, spec.head_dim
+        if spec.kind == "gpt" and spec.attention == "matmul":
+            tape.buffers(spec.max_seq_len ** 2)  # the causal mask, one bool per position pair
         q, k, v = (_linear_cost(tape, x, width, state).view(batch, heads, seq, head_dim) for _ in range(3))
         if spec.attention == "sdpa":
             y = tape.sdpa(q, k, v)
@@ -77,7 +79,9 @@ class Attention(nn.Module):
             v3 = _reshape(tape, v, (batch * heads, seq, head_dim), folds)
             y = tape.bmm(probs, v3, (batch * heads, seq, head_dim), seq)
             y = _reshape(tape, y, (batch, seq, width), seq == 1 or heads == 1)
-        return _linear_cost(tape, y, width, state)
+        out = _linear_cost(tape, y, width, state)
+        tape.hold(x)
+        return out
 
 
 class MLP(nn.Module):
@@ -93,7 +97,9 @@ class MLP(nn.Module):
     @staticmethod
     def cost(spec: ModelSpec, tape: Tape, x: Sym, state) -> Sym:
         hidden = tape.activation(_linear_cost(tape, x, spec.d_ff, state), spec.activation)
-        return _linear_cost(tape, hidden, spec.d_model, state)
+        out = _linear_cost(tape, hidden, spec.d_model, state)
+        tape.hold(x)
+        return out
 
 
 class Block(nn.Module):
@@ -119,11 +125,15 @@ class Block(nn.Module):
     def cost(spec: ModelSpec, tape: Tape, x: Sym, state) -> Sym:
         norms_train = state == "full"
         drop = lambda t: tape.dropout(t, spec.dropout)  # noqa: E731
+        block_input = x
         if spec.norm == "pre":
             x = tape.add(x, drop(Attention.cost(spec, tape, tape.layer_norm(x, norms_train), state)))
-            return tape.add(x, drop(MLP.cost(spec, tape, tape.layer_norm(x, norms_train), state)))
-        x = tape.layer_norm(tape.add(x, drop(Attention.cost(spec, tape, x, state))), norms_train)
-        return tape.layer_norm(tape.add(x, drop(MLP.cost(spec, tape, x, state))), norms_train)
+            out = tape.add(x, drop(MLP.cost(spec, tape, tape.layer_norm(x, norms_train), state)))
+        else:
+            x = tape.layer_norm(tape.add(x, drop(Attention.cost(spec, tape, x, state))), norms_train)
+            out = tape.layer_norm(tape.add(x, drop(MLP.cost(spec, tape, x, state))), norms_train)
+        tape.hold(block_input)
+        return out
 
 
 class Embedding(nn.Module):
@@ -216,7 +226,9 @@ class Loss(nn.Module):
     @staticmethod
     def cost(spec: ModelSpec, tape: Tape, logits: Sym, targets: Sym) -> Sym:
         flat = logits.view(logits.numel // logits.shape[-1], logits.shape[-1])
-        return tape.cross_entropy(flat, targets)
+        loss = tape.cross_entropy(flat, targets)
+        tape.hold(logits)
+        return loss
 
 
 class TinyTransformer(nn.Module):
@@ -235,13 +247,18 @@ class TinyTransformer(nn.Module):
         self.apply(_init_weights)
         self.to(torch.bfloat16 if spec.dtype == "bf16" else torch.float32)
 
-    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def features(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Output of the last block."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.grad_from < 0):
             x = self.embed(inputs)
         for index, block in enumerate(self.blocks):
             with torch.set_grad_enabled(torch.is_grad_enabled() and index >= self.grad_from):
                 x = block(x)
-        return self.loss(self.head(x), targets)
+        return x
+
+    def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean loss of a batch (written so that no activation outlives its last use)."""
+        return self.loss(self.head(self.features(inputs)), targets)
 
 
 def _init_weights(module: nn.Module) -> None:

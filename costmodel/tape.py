@@ -79,6 +79,7 @@ class LayerCost:
     param_bytes: int = 0
     trained_param_bytes: int = 0
     optimizer_bytes: int = 0
+    buffer_bytes: int = 0
     trained_tensors: int = 0
     largest_trained_tensor_bytes: int = 0
     step_temp_bytes: int = 0
@@ -111,7 +112,7 @@ class Tape:
         return Sym(tuple(shape), itemsize or self.itemsize, requires_grad and self.grad_enabled)
 
     def _record(self, inputs, outputs, saved=(), param_grad_bytes=0):
-        grad = any(o.requires_grad for o in outputs)
+        grad = any(o.requires_grad for o in outputs)  # false for a hold: no outputs
         self.ops.append(_Op(list(inputs), list(outputs), list(saved) if grad else [],
                             [i for i in inputs if i.requires_grad] if grad else [],
                             param_grad_bytes if grad else 0))
@@ -121,6 +122,14 @@ class Tape:
         if out_grad:
             self.cost.bwd_input_flops += flops * a_grad
             self.cost.bwd_weight_flops += flops * b_grad
+
+    def hold(self, *tensors: Sym) -> None:
+        """Keep tensors alive up to here: a module's arguments live until it returns."""
+        self._record(tensors, [])
+
+    def buffers(self, nbytes: int) -> None:
+        """Declare a buffer (not trained, not an activation) of ``nbytes`` bytes."""
+        self.cost.buffer_bytes += nbytes
 
     def params(self, *sizes: int, trained: bool) -> int:
         """Declare parameter tensors of this layer (elements each); returns their bytes.
