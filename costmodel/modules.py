@@ -44,17 +44,20 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, width = x.shape
-        heads = self.n_heads
-        q, k, v = (lin(x).view(batch, seq, heads, width // heads).transpose(1, 2) for lin in (self.q, self.k, self.v))
-        if self.kernel == "sdpa":
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        else:
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(width // heads))
-            if self.causal:
-                att = att.masked_fill(self.future[:seq, :seq], float("-inf"))
-            att = F.dropout(F.softmax(att, dim=-1), self.dropout, self.training)
-            y = att @ v
+        heads = lambda t: t.view(batch, seq, self.n_heads, width // self.n_heads).transpose(1, 2)  # noqa: E731
+        y = self.attend(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)))
         return self.o(y.transpose(1, 2).reshape(batch, seq, width))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention of (batch, heads, seq, head_dim) queries, keys and values."""
+        if self.kernel == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        seq = q.shape[2]
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+        if self.causal:
+            att = att.masked_fill(self.future[:seq, :seq], float("-inf"))
+        att = F.dropout(F.softmax(att, dim=-1), self.dropout, self.training)
+        return att @ v
 
     @staticmethod
     def cost(spec: ModelSpec, tape: Tape, x: Sym, state) -> Sym:
@@ -65,6 +68,7 @@ class Attention(nn.Module):
         q, k, v = (_linear_cost(tape, x, width, state).view(batch, heads, seq, head_dim) for _ in range(3))
         if spec.attention == "sdpa":
             y = tape.sdpa(q, k, v)
+            tape.hold(q, k, v)  # attend()'s arguments
             # CPU flash attention returns heads-last memory: back to width is a view
             y = y.view(batch, seq, width)
         else:
@@ -78,6 +82,7 @@ class Attention(nn.Module):
             probs = tape.dropout(tape.softmax(scores), spec.dropout)
             v3 = _reshape(tape, v, (batch * heads, seq, head_dim), folds)
             y = tape.bmm(probs, v3, (batch * heads, seq, head_dim), seq)
+            tape.hold(q, k, v)  # attend()'s arguments
             y = _reshape(tape, y, (batch, seq, width), seq == 1 or heads == 1)
         out = _linear_cost(tape, y, width, state)
         tape.hold(x)

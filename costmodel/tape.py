@@ -216,7 +216,7 @@ class Tape:
         out = self.tensor(*x.shape, requires_grad=x.requires_grad)
         mask = self.tensor(*x.shape)
         self.cost.elementwise_flops += 2 * x.numel
-        self._record([x], [out], [mask])
+        self._record([x], [out, mask], [mask])
         return out
 
     def add_param(self, x: Sym, count: int, trained: bool) -> Sym:

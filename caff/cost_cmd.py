@@ -1,0 +1,79 @@
+"""``caff cost``: the analytic cost of one training step, per layer, optionally measured."""
+
+from __future__ import annotations
+
+import json
+
+from costmodel import TrainMode, estimate, load_spec, measure
+
+
+def add_parser(subparsers) -> dict:
+    p = subparsers.add_parser("cost", help="per-layer FLOPs and bytes of one training step")
+    p.add_argument("model", help="zoo name, spec JSON file, or Hugging Face model directory")
+    p.add_argument("--batch", type=int, default=16, help="samples per step (default 16)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sample (default: the model's maximum)")
+    p.add_argument("--train", default="all", help="all | head | last:K | blocks:i,j | lora:R | mixed with '+'")
+    p.add_argument("--optimizer", default="sgd", choices=["sgd", "momentum", "adam"])
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="override the model's dtype")
+    p.add_argument("--measure", action="store_true", help="also run a real step on the CPU and compare")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return {"cost": run}
+
+
+def run(args) -> int:
+    spec = load_spec(args.model)
+    if args.dtype:
+        spec = spec.model_copy(update={"dtype": args.dtype})
+    mode = TrainMode.parse(args.train, spec.n_blocks)
+    report = estimate(spec, mode, args.batch, args.seq, args.optimizer)
+    out = report.to_json()
+    if args.measure:
+        measured = measure(spec, mode, args.batch, args.seq, args.optimizer)
+        out["measured"] = {"total": measured.total(), "layers": measured.layers,
+                           "relative_error": {k: _relative(out["total"][k], v) for k, v in measured.total().items()
+                                              if k in out["total"]}}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        _print_table(out)
+    return 0
+
+
+def _relative(predicted: float, measured: float) -> float:
+    return (predicted - measured) / measured if measured else float(predicted != measured)
+
+
+def _print_table(out: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from profiles import format_bytes, format_flops
+
+    columns = [("fwd_flops", format_flops), ("bwd_flops", format_flops), ("activation_bytes", format_bytes),
+               ("param_bytes", format_bytes), ("grad_bytes", format_bytes), ("optimizer_bytes", format_bytes),
+               ("upload_bytes", format_bytes)]
+    measured = out.get("measured", {}).get("layers", {})
+    title = (f"{out['model']}  train={out['train']}  batch={out['batch']} seq={out['seq']} "
+             f"optimizer={out['optimizer']} dtype={out['dtype']}")
+    table = Table(title=title)
+    table.add_column("layer")
+    for key, _ in columns:
+        table.add_column(key.replace("_", " "), justify="right")
+    for layer in out["layers"]:
+        row = [fmt(layer[key]) for key, fmt in columns]
+        if layer["name"] in measured:
+            seen = measured[layer["name"]]
+            row[2] += f" ({format_bytes(seen['activation_bytes'])})"
+        table.add_row(layer["name"], *row)
+    total = out["total"]
+    table.add_row("total", *[fmt(total[key]) for key, fmt in columns], style="bold")
+    console = Console()
+    console.print(table)
+    console.print(f"peak memory of one step: {format_bytes(total['peak_bytes'])} (at {out['peak_phase']}); "
+                  f"elementwise FLOPs not counted above: {format_flops(total['elementwise_flops'])}")
+    if "measured" in out:
+        seen, errors = out["measured"]["total"], out["measured"]["relative_error"]
+        for key in ("fwd_flops", "bwd_flops", "activation_bytes", "peak_bytes"):
+            fmt = format_flops if "flops" in key else format_bytes
+            console.print(f"measured {key}: {fmt(seen[key])}  predicted {fmt(total[key])}  "
+                          f"error {errors[key]:+.2%}")

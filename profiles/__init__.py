@@ -1,0 +1,39 @@
+"""Device and fleet profiles: per-round memory, compute and upload budgets, and a shipped catalogue."""
+
+from profiles.specs import (
+    DeviceClass,
+    DeviceSpec,
+    FleetSpec,
+    catalogue_devices,
+    catalogue_fleets,
+    load_device,
+    load_fleet,
+    one_line_validation_error,
+)
+from profiles.units import (
+    format_bytes,
+    format_flops,
+    parse_bytes,
+    parse_flops,
+    parse_flops_rate,
+    parse_rate_bits,
+    parse_seconds,
+)
+
+__all__ = [
+    "DeviceClass",
+    "DeviceSpec",
+    "FleetSpec",
+    "catalogue_devices",
+    "catalogue_fleets",
+    "format_bytes",
+    "format_flops",
+    "load_device",
+    "load_fleet",
+    "one_line_validation_error",
+    "parse_bytes",
+    "parse_flops",
+    "parse_flops_rate",
+    "parse_rate_bits",
+    "parse_seconds",
+]
