@@ -56,7 +56,8 @@ class Attention(nn.Module):
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
         if self.causal:
             att = att.masked_fill(self.future[:seq, :seq], float("-inf"))
-        att = F.dropout(F.softmax(att, dim=-1), self.dropout, self.training)
+        att = F.softmax(att, dim=-1)  # one op per line: each rebinding frees the previous tensor
+        att = F.dropout(att, self.dropout, self.training)
         return att @ v
 
     @staticmethod
@@ -177,7 +178,7 @@ class Embedding(nn.Module):
             joined = tape.add_param(patches.view(inputs.shape[0], spec.n_patches + 1, d), d, trained)  # cat
             x = tape.add_param(joined, (spec.n_patches + 1) * d, trained)
         else:
-            tokens = tape.embedding(inputs, spec.vocab_size, d, trained)
+            tokens = tape.embedding(inputs, spec.vocab_size, d, trained, grad_exists=spec.tied_embeddings)
             x = tape.add_param(tokens, spec.max_seq_len * d, trained)
         if spec.kind == "encoder":
             x = tape.layer_norm(tape.add_param(x, spec.type_vocab_size * d, trained), trained)

@@ -64,6 +64,7 @@ class _Op:
     saved: list[Sym]
     grad_inputs: list[Sym]  # inputs that receive a gradient in backward
     param_grad_bytes: int
+    passes_grad: bool = False  # backward hands the output's gradient on as is (an add)
 
 
 @dataclass
@@ -78,6 +79,7 @@ class LayerCost:
     activation_bytes: int = 0
     param_bytes: int = 0
     trained_param_bytes: int = 0
+    grad_bytes: int = 0  # parameter gradients this layer's backward creates
     optimizer_bytes: int = 0
     buffer_bytes: int = 0
     trained_tensors: int = 0
@@ -93,9 +95,6 @@ class LayerCost:
     def bwd_flops(self) -> int:
         return self.bwd_input_flops + self.bwd_weight_flops
 
-    @property
-    def grad_bytes(self) -> int:
-        return self.trained_param_bytes
 
 
 class Tape:
@@ -111,11 +110,11 @@ class Tape:
     def tensor(self, *shape: int, requires_grad: bool = False, itemsize: int | None = None) -> Sym:
         return Sym(tuple(shape), itemsize or self.itemsize, requires_grad and self.grad_enabled)
 
-    def _record(self, inputs, outputs, saved=(), param_grad_bytes=0):
+    def _record(self, inputs, outputs, saved=(), param_grad_bytes=0, passes_grad=False):
         grad = any(o.requires_grad for o in outputs)  # false for a hold: no outputs
         self.ops.append(_Op(list(inputs), list(outputs), list(saved) if grad else [],
                             [i for i in inputs if i.requires_grad] if grad else [],
-                            param_grad_bytes if grad else 0))
+                            param_grad_bytes if grad else 0, passes_grad))
 
     def _matmul_flops(self, flops: int, a_grad: bool, b_grad: bool, out_grad: bool) -> None:
         self.cost.fwd_flops += flops
@@ -131,14 +130,16 @@ class Tape:
         """Declare a buffer (not trained, not an activation) of ``nbytes`` bytes."""
         self.cost.buffer_bytes += nbytes
 
-    def params(self, *sizes: int, trained: bool) -> int:
+    def params(self, *sizes: int, trained: bool, grad_exists: bool = False) -> int:
         """Declare parameter tensors of this layer (elements each); returns their bytes.
 
-        Trained ones get gradients, optimizer state and uploads."""
+        Trained ones get gradients, optimizer state and uploads; ``grad_exists`` when a layer
+        above already created the gradient (a tied weight), so this layer only adds to it."""
         nbytes = sum(sizes) * self.itemsize
         self.cost.param_bytes += nbytes
         if trained:
             self.cost.trained_param_bytes += nbytes
+            self.cost.grad_bytes += 0 if grad_exists else nbytes
             self.cost.trained_tensors += len(sizes)
             self.cost.largest_trained_tensor_bytes = max(self.cost.largest_trained_tensor_bytes,
                                                          max(sizes) * self.itemsize)
@@ -151,6 +152,8 @@ class Tape:
         sizes = (d_in * d_out, d_out) if bias else (d_in * d_out,)
         if owns_weight:
             self.params(*sizes, trained=trained)
+        elif trained:  # a tied weight: its owner counts it, but its gradient starts here
+            self.cost.grad_bytes += sum(sizes) * self.itemsize
         out = self.tensor(*x.shape[:-1], d_out, requires_grad=x.requires_grad or trained)
         rows = x.numel // d_in
         self._matmul_flops(2 * rows * d_in * d_out, x.requires_grad, trained, out.requires_grad)
@@ -230,7 +233,7 @@ class Tape:
     def add(self, a: Sym, b: Sym) -> Sym:
         out = self.tensor(*a.shape, requires_grad=a.requires_grad or b.requires_grad)
         self.cost.elementwise_flops += a.numel
-        self._record([a, b], [out])
+        self._record([a, b], [out], passes_grad=True)
         return out
 
     def copy(self, x: Sym, *shape: int) -> Sym:
@@ -239,10 +242,11 @@ class Tape:
         self._record([x], [out])
         return out
 
-    def embedding(self, ids: Sym, num: int, dim: int, trained: bool) -> Sym:
-        nbytes = self.params(num * dim, trained=trained)
+    def embedding(self, ids: Sym, num: int, dim: int, trained: bool, grad_exists: bool = False) -> Sym:
+        nbytes = self.params(num * dim, trained=trained, grad_exists=grad_exists)
         out = self.tensor(*ids.shape, dim, requires_grad=trained)
-        self._record([ids], [out], [ids], nbytes if trained else 0)
+        # backward makes a dense (num, dim) gradient; onto an existing one it is summed out of place
+        self._record([ids], [out], [ids], (2 if grad_exists else 1) * nbytes if trained else 0)
         return out
 
     def conv_patches(self, image: Sym, out_channels: int, patch: int, trained: bool) -> Sym:
@@ -317,10 +321,19 @@ class Tape:
         peak = sum(held.values()) + sum(grads.values())
         for index in range(len(self.ops) - 1, -1, -1):
             op = self.ops[index]
-            produced = {t.storage: t.storage_bytes for t in op.grad_inputs if t.storage not in grads}
+            # an add hands its output's gradient to its first input without a copy; a gradient
+            # arriving at a tensor that already has one is summed out of place (old, new, sum)
+            passed = op.passes_grad and any(t.storage in grads for t in op.outputs)
+            extra = 0  # bytes live at this op beyond the entries of ``grads``
+            for position, t in enumerate(op.grad_inputs):
+                new_bytes = 0 if passed and position == 0 else t.storage_bytes
+                if t.storage in grads:
+                    extra += new_bytes + t.storage_bytes  # the new gradient and the sum
+                else:
+                    grads[t.storage] = t.storage_bytes
+                    extra += new_bytes - t.storage_bytes  # a passed gradient is not new memory
             param_grads += op.param_grad_bytes
-            grads.update(produced)
-            peak = max(peak, sum(held.values()) + sum(grads.values()) + param_grads)
+            peak = max(peak, sum(held.values()) + sum(grads.values()) + param_grads + extra)
             for t in op.outputs:
                 grads.pop(t.storage, None)
             for storage in [s for s, i in last_saved_by.items() if i == index]:

@@ -1,0 +1,256 @@
+"""Every (layer, state, input-requires-grad) option of a model, and each planned quantity as a linear form.
+
+A plan gives each layer one state (``layer_state``: 'full', 'frozen' or a LoRA rank for blocks;
+the embeddings' fixed flag; True for the head; False for the loss). A layer's cost depends on its
+state and on whether its input requires grad, which holds iff an ancestor in `layer_graph` trains.
+An *option* is one such (layer, state, flag) triple; a plan selects exactly one option per layer,
+so every quantity of `costmodel.estimate` is a sum over layers of a number per selected option:
+
+- FLOPs per step ``fwd_flops + bwd_flops``, upload bytes, trained parameter bytes, the objective;
+- each memory phase of estimate's docstring, with ``W + O`` and buffers split per layer as ``base``,
+  ``A_j - external_j`` as ``below`` and ``G_j`` as ``grad``; phases (X the batch bytes)::
+
+      forward at l:   X + sum_j base_j + sum_{j<l} below_j + F_l
+      backward at l:  X + sum_j base_j + sum_{j<l} below_j + sum_{j>l} grad_j + B_l
+      optimizer at l: X + sum_j base_j + sum_j grad_j + S_l
+
+  (``j<l``: before l in topological order, as estimate sums). The optimizer step's max over
+  temporaries ``S = max_l S_l`` becomes one phase per layer. A backward phase exists only where
+  layer l is in the backward pass: its other options get the coefficient ``-M``, M larger than any
+  phase can reach, so that phase never attains the max.
+
+Then peak = max over phases, exactly `estimate(...).peak_bytes` (tests compare on random plans).
+Quantities are bytes and FLOPs (2 per multiply-add), as Python/NumPy integers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+
+import networkx as nx
+import numpy as np
+
+from costmodel.estimate import (_with_optimizer, batch_syms, estimate, layer_cost, layer_graph, layer_state,
+                                normalize_mode)
+from costmodel.mode import TrainMode
+from costmodel.spec import ModelSpec
+from costmodel.tape import LayerCost
+
+OBJECTIVES = ("blocks", "params")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a plan maximizes, lexicographically: ``primary``, then trained parameter bytes, then -peak.
+
+    ``kind`` 'blocks': primary = number of fully trained blocks; 'params': primary = trained parameter
+    bytes; 'weights': primary = sum of ``weights[b]`` over fully trained blocks b.
+    """
+
+    kind: str = "blocks"
+    weights: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        if self.kind not in (*OBJECTIVES, "weights"):
+            raise ValueError(f"objective: unknown {self.kind!r} (blocks, params, or per-block weights)")
+        if (self.kind == "weights") != bool(self.weights):
+            raise ValueError("objective: per-block weights go with kind 'weights', and only with it")
+        if not all(math.isfinite(w) and w >= 0 for w in self.weights):
+            raise ValueError("objective: block weights must be finite and >= 0")
+
+    @classmethod
+    def parse(cls, text: str) -> "Objective":
+        """'blocks', 'params', or comma-separated per-block weights such as '1,1,2,4'."""
+        if text in OBJECTIVES:
+            return cls(text)
+        try:
+            return cls("weights", tuple(float(w) for w in text.split(",")))
+        except ValueError:
+            raise ValueError(f"objective: expected blocks, params or weights like 1,1,2, got {text!r}") from None
+
+    @property
+    def integral(self) -> bool:
+        """True when the primary value is an integer for every plan."""
+        return self.kind != "weights"
+
+    def primary(self, spec: ModelSpec, layer: str, state, cost: LayerCost) -> float:
+        if self.kind == "params":
+            return cost.trained_param_bytes
+        if not layer.startswith("block.") or state != "full":
+            return 0
+        if self.kind == "blocks":
+            return 1
+        if len(self.weights) != spec.n_blocks:
+            raise ValueError(f"objective: {len(self.weights)} weights for {spec.name}'s {spec.n_blocks} blocks")
+        return self.weights[int(layer.split(".")[1])]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One layer in one state, with its input requiring grad or not; ``cost`` includes the optimizer."""
+
+    layer: str
+    state: str | int | bool
+    input_grad: bool
+    cost: LayerCost
+
+    @property
+    def trains(self) -> bool:
+        return self.state not in (False, "frozen")
+
+
+@dataclass
+class PlanCosts:
+    """Quantities of one or many plans (arrays when many): bytes, FLOPs per step, objective."""
+
+    peak_bytes: np.ndarray
+    step_flops: np.ndarray
+    upload_bytes: np.ndarray
+    trained_bytes: np.ndarray
+    primary: np.ndarray
+
+
+class CostTable:
+    """The options of ``spec`` at one batch/seq/optimizer, and every planned quantity as a linear form.
+
+    ``lora_ranks`` is the menu of LoRA ranks a block not fully trained may take.
+    """
+
+    def __init__(self, spec: ModelSpec, batch: int, seq: int | None, optimizer: str,
+                 lora_ranks: tuple[int, ...] = (), objective: Objective = Objective()):
+        estimate(spec, TrainMode(), batch, seq, optimizer)  # validates batch, seq and optimizer
+        if any(r < 1 for r in lora_ranks):
+            raise ValueError(f"lora ranks must be >= 1, got {list(lora_ranks)}")
+        self.spec, self.batch, self.seq, self.optimizer = spec, batch, seq, optimizer
+        self.lora_ranks = tuple(sorted(set(lora_ranks)))
+        self.objective = objective
+        self.tokens = spec.tokens_per_sample(seq)
+        graph = layer_graph(spec)
+        self.layers: list[str] = list(nx.topological_sort(graph))
+        self.ancestors = {name: nx.ancestors(graph, name) for name in self.layers}
+        fixed = normalize_mode(spec, TrainMode())
+        self.states = {name: ["frozen", "full", *self.lora_ranks] if name.startswith("block.")
+                       else [layer_state(fixed, name)] for name in self.layers}
+        self.options: list[Option] = []
+        self.layer_options: dict[str, list[int]] = {}
+        for name in self.layers:
+            self.layer_options[name] = []
+            for flag in self._input_grad_flags(name):
+                for state in self.states[name]:
+                    cost = layer_cost(spec, name, state, flag, batch, self.tokens)
+                    self.layer_options[name].append(len(self.options))
+                    self.options.append(Option(name, state, flag, _with_optimizer(cost, optimizer)))
+        self.index = {(o.layer, o.state, o.input_grad): i for i, o in enumerate(self.options)}
+        inputs, targets = batch_syms(spec, batch, self.tokens)
+        self.batch_bytes = inputs.nbytes + targets.nbytes
+
+    def _input_grad_flags(self, name: str) -> list[bool]:
+        """The values 'input requires grad' can take: fixed where an ancestor always or never trains."""
+        trainable = [a for a in self.ancestors[name] if any(s not in (False, "frozen") for s in self.states[a])]
+        if any(all(s not in (False, "frozen") for s in self.states[a]) for a in trainable):
+            return [True]
+        return [False, True] if trainable else [False]
+
+    # -- linear forms over options ------------------------------------------------------------
+    def _vector(self, value) -> np.ndarray:
+        return np.array([value(o) for o in self.options], dtype=np.int64)
+
+    @cached_property
+    def step_flops(self) -> np.ndarray:
+        """FLOPs of one step (forward + backward) per option."""
+        return self._vector(lambda o: o.cost.fwd_flops + o.cost.bwd_flops)
+
+    @cached_property
+    def upload_bytes(self) -> np.ndarray:
+        return self._vector(lambda o: o.cost.upload_bytes)
+
+    @cached_property
+    def trained_bytes(self) -> np.ndarray:
+        """Trained parameter bytes per option (the objective's first tie-break)."""
+        return self._vector(lambda o: o.cost.trained_param_bytes)
+
+    @cached_property
+    def primary(self) -> np.ndarray:
+        """The objective's primary value per option (float)."""
+        return np.array([self.objective.primary(self.spec, o.layer, o.state, o.cost) for o in self.options],
+                        dtype=float)
+
+    @cached_property
+    def phases(self) -> tuple[list[str], np.ndarray]:
+        """Phase names and their coefficients, shape (phases, options); a phase's bytes are
+        ``batch_bytes + coefficients @ selection``."""
+        base = self._vector(lambda o: o.cost.param_bytes + o.cost.optimizer_bytes + o.cost.buffer_bytes)
+        below = self._vector(lambda o: o.cost.activation_bytes - o.cost.external_saved_bytes)
+        grad = self._vector(lambda o: o.cost.grad_bytes)
+        fwd_peak = self._vector(lambda o: o.cost.fwd_peak_bytes)
+        bwd_peak = self._vector(lambda o: o.cost.bwd_peak_bytes)
+        in_backward = self._vector(lambda o: o.cost.in_backward).astype(bool)
+        temp = self._vector(lambda o: o.cost.step_temp_bytes)
+        position = np.array([self.layers.index(o.layer) for o in self.options])
+        never = int(sum(max(base[i] + below[i] + grad[i] + fwd_peak[i] + bwd_peak[i] + temp[i] for i in opts)
+                        for opts in self.layer_options.values())) + self.batch_bytes + 1
+        names, rows = [], []
+        for at, layer in enumerate(self.layers):
+            own = position == at
+            names.append(f"forward {layer}")
+            rows.append(base + below * (position < at) + fwd_peak * own)
+            names.append(f"backward {layer}")
+            rows.append(base + below * (position < at) + grad * (position > at)
+                        + np.where(own, np.where(in_backward, bwd_peak, -never), 0))
+        for at, layer in enumerate(self.layers):
+            names.append(f"optimizer step ({layer})")
+            rows.append(base + grad + temp * (position == at))
+        return names, np.stack(rows)
+
+    # -- plans ----------------------------------------------------------------------------------
+    def selection(self, mode: TrainMode) -> list[int]:
+        """The option index of each layer (in ``layers`` order) for ``mode``."""
+        mode = normalize_mode(self.spec, mode)
+        for block, rank in mode.lora.items():
+            if rank not in self.lora_ranks:
+                raise ValueError(f"LoRA rank {rank} of block {block} is not in the menu {list(self.lora_ranks)}")
+        trained = {name for name in self.layers if layer_state(mode, name) not in (False, "frozen")}
+        return [self.index[name, layer_state(mode, name), bool(self.ancestors[name] & trained)]
+                for name in self.layers]
+
+    def mode(self, selection) -> TrainMode:
+        """The TrainMode of a selection (option indices, one per layer)."""
+        return self.mode_of({self.options[i].layer: self.options[i].state for i in selection})
+
+    def mode_of(self, states: dict) -> TrainMode:
+        """The TrainMode giving each layer its state in ``states`` (layer name -> state)."""
+        blocks = [states[f"block.{b}"] for b in range(self.spec.n_blocks)]
+        return normalize_mode(self.spec, TrainMode(
+            blocks=frozenset(b for b, state in enumerate(blocks) if state == "full"),
+            lora={b: state for b, state in enumerate(blocks) if state not in ("full", "frozen")}))
+
+    def evaluate(self, selections: np.ndarray) -> PlanCosts:
+        """Quantities of plans given as option indices, shape (plans, layers)."""
+        selections = np.atleast_2d(selections)
+        _, coef = self.phases
+        peak = self.batch_bytes + coef[:, selections].sum(axis=2).max(axis=0)
+        return PlanCosts(peak, self.step_flops[selections].sum(axis=1), self.upload_bytes[selections].sum(axis=1),
+                         self.trained_bytes[selections].sum(axis=1), self.primary[selections].sum(axis=1))
+
+    def all_selections(self, limit: int = 1 << 20) -> np.ndarray:
+        """Every valid plan as option indices, shape (plans, layers); ValueError beyond ``limit`` plans."""
+        n_plans = math.prod(len(self.states[name]) for name in self.layers)
+        if n_plans > limit:
+            raise ValueError(f"{n_plans} plans exceed the enumeration limit {limit}")
+        grids = np.meshgrid(*(np.arange(len(self.states[name])) for name in self.layers), indexing="ij")
+        state_index = np.stack([g.ravel() for g in grids], axis=1)
+        trains = [np.array([s not in (False, "frozen") for s in self.states[name]]) for name in self.layers]
+        columns = []
+        for at, name in enumerate(self.layers):
+            ancestors = [self.layers.index(a) for a in self.ancestors[name]]
+            flag = np.zeros(len(state_index), dtype=bool)
+            for a in ancestors:
+                flag |= trains[a][state_index[:, a]]
+            lookup = np.full((2, len(self.states[name])), -1)
+            for i in self.layer_options[name]:
+                option = self.options[i]
+                lookup[int(option.input_grad), self.states[name].index(option.state)] = i
+            columns.append(lookup[flag.astype(int), state_index[:, at]])
+        return np.stack(columns, axis=1)
