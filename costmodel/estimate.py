@@ -19,7 +19,7 @@ B_l (backward) of its own timeline (see tape.py)::
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 
@@ -50,6 +50,13 @@ def layer_graph(spec: ModelSpec) -> nx.DiGraph:
     graph = nx.DiGraph()
     nx.add_path(graph, layer_names(spec))
     return graph
+
+
+@functools.lru_cache(maxsize=256)
+def layer_ancestors(spec: ModelSpec) -> tuple[tuple[str, frozenset[str]], ...]:
+    """Layers in topological order, each with the layers it depends on."""
+    graph = layer_graph(spec)
+    return tuple((name, frozenset(nx.ancestors(graph, name))) for name in nx.topological_sort(graph))
 
 
 def normalize_mode(spec: ModelSpec, mode: TrainMode) -> TrainMode:
@@ -141,23 +148,19 @@ def estimate(spec: ModelSpec, mode: TrainMode, batch: int = 16, seq: int | None 
         raise ValueError(f"unknown optimizer {optimizer!r} ({', '.join(OPTIMIZERS)})")
     mode = normalize_mode(spec, mode)
     tokens = spec.tokens_per_sample(seq)
-    graph = layer_graph(spec)
-    names = list(nx.topological_sort(graph))
-    trained = {name for name in names if _trains(layer_state(mode, name))}
+    trained = {name for name in layer_names(spec) if _trains(layer_state(mode, name))}
     layers = []
-    for name in names:
-        input_grad = any(a in trained for a in nx.ancestors(graph, name))
+    for name, ancestors in layer_ancestors(spec):
+        input_grad = not trained.isdisjoint(ancestors)
         cost = layer_cost(spec, name, layer_state(mode, name), input_grad, batch, tokens)
         layers.append(_with_optimizer(cost, optimizer))
     return _report(spec, mode, batch, tokens, optimizer, layers)
 
 
 def _with_optimizer(cost: LayerCost, optimizer: str) -> LayerCost:
-    out = LayerCost(**asdict(cost))
-    out.optimizer_bytes = optimizer_state_bytes(optimizer, cost.trained_param_bytes, cost.trained_tensors)
-    out.step_temp_bytes = optimizer_temp_bytes(optimizer, cost.largest_trained_tensor_bytes)
-    out.upload_bytes = cost.trained_param_bytes
-    return out
+    return replace(cost, optimizer_bytes=optimizer_state_bytes(optimizer, cost.trained_param_bytes, cost.trained_tensors),
+                   step_temp_bytes=optimizer_temp_bytes(optimizer, cost.largest_trained_tensor_bytes),
+                   upload_bytes=cost.trained_param_bytes)
 
 
 def _report(spec, mode, batch, tokens, optimizer, layers: list[LayerCost]) -> CostReport:

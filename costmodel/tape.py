@@ -294,48 +294,51 @@ class Tape:
 
     def _forward_peak(self, inputs, outputs, saved) -> int:
         last_use: dict[int, int] = {}
-        size: dict[int, int] = {}
         for index, op in enumerate(self.ops):
             for t in op.inputs:
                 last_use[t.storage] = index
-                size[t.storage] = t.storage_bytes
         keep = {t.storage for t in outputs} | set(saved)
         live = {t.storage: t.storage_bytes for t in inputs}
-        peak = sum(live.values())
+        total = peak = sum(live.values())
         for index, op in enumerate(self.ops):
-            for t in op.outputs:
-                live[t.storage] = t.storage_bytes
-            for t in op.saved:
-                live[t.storage] = t.storage_bytes
-            peak = max(peak, sum(live.values()))
-            for storage in [s for s in live if last_use.get(s, -1) <= index and s not in keep]:
-                del live[storage]
+            for t in (*op.outputs, *op.saved):
+                if t.storage not in live:
+                    live[t.storage] = t.storage_bytes
+                    total += t.storage_bytes
+            peak = max(peak, total)
+            for t in (*op.inputs, *op.outputs, *op.saved):
+                if t.storage in live and last_use.get(t.storage, -1) <= index and t.storage not in keep:
+                    total -= live.pop(t.storage)
         return peak
 
     def _backward_peak(self, outputs, saved, last_saved_by) -> int:
         # live gradients keyed by storage; the outputs' gradients arrive from above
         grads = {t.storage: t.storage_bytes for t in outputs if t.requires_grad}
-        held = dict(saved)
-        last_saved_by = {s: i for s, i in last_saved_by.items() if s in held}
-        param_grads = 0
-        peak = sum(held.values()) + sum(grads.values())
+        released_at: dict[int, list[int]] = {}
+        for storage, index in last_saved_by.items():
+            if storage in saved:
+                released_at.setdefault(index, []).append(storage)
+        held = sum(saved.values())
+        grad_total = sum(grads.values())
+        peak = held + grad_total
         for index in range(len(self.ops) - 1, -1, -1):
             op = self.ops[index]
             # an add hands its output's gradient to its first input without a copy; a gradient
             # arriving at a tensor that already has one is summed out of place (old, new, sum)
             passed = op.passes_grad and any(t.storage in grads for t in op.outputs)
-            extra = 0  # bytes live at this op beyond the entries of ``grads``
+            extra = op.param_grad_bytes  # bytes live at this op beyond ``held`` and ``grads``
             for position, t in enumerate(op.grad_inputs):
                 new_bytes = 0 if passed and position == 0 else t.storage_bytes
                 if t.storage in grads:
                     extra += new_bytes + t.storage_bytes  # the new gradient and the sum
                 else:
                     grads[t.storage] = t.storage_bytes
+                    grad_total += t.storage_bytes
                     extra += new_bytes - t.storage_bytes  # a passed gradient is not new memory
-            param_grads += op.param_grad_bytes
-            peak = max(peak, sum(held.values()) + sum(grads.values()) + param_grads + extra)
+            peak = max(peak, held + grad_total + extra)
+            held += op.param_grad_bytes  # parameter gradients stay for the optimizer
             for t in op.outputs:
-                grads.pop(t.storage, None)
-            for storage in [s for s, i in last_saved_by.items() if i == index]:
-                held.pop(storage, None)
+                grad_total -= grads.pop(t.storage, 0)
+            for storage in released_at.get(index, ()):
+                held -= saved[storage]
         return peak

@@ -42,6 +42,8 @@ import pulp
 from planner.budget import Budgets
 from planner.table import CostTable
 
+MiB = 2**20
+
 
 class DeviceIlp:
     """The ILP of one table under one device's budgets; `solve` returns the optimal option indices."""
@@ -72,20 +74,20 @@ class DeviceIlp:
                     problem += flags[False] <= 1 - g[l]
         _, phase_coef = table.phases
         for row in phase_coef:
-            problem += self.peak >= table.batch_bytes + self._sum(row)
-        problem += self.peak <= budgets.usable_memory_bytes
-        problem += budgets.local_steps * self._sum(table.step_flops) <= budgets.compute_flops
-        problem += self._sum(table.upload_bytes) <= budgets.upload_bytes
+            problem += self.peak >= (table.batch_bytes + self._sum(row)) / MiB
+        problem += self.peak <= budgets.usable_memory_bytes / MiB
+        problem += budgets.local_steps * self._sum(table.step_flops, 1e9) <= budgets.compute_flops / 1e9
+        problem += self._sum(table.upload_bytes, MiB) <= budgets.upload_bytes / MiB
         self.problem = problem
 
-    def _sum(self, per_option) -> pulp.LpAffineExpression:
-        return pulp.lpSum(float(c) * y for c, y in zip(per_option, self.y) if c)
+    def _sum(self, per_option, unit=1.0) -> pulp.LpAffineExpression:
+        return pulp.lpSum(float(c) / unit * y for c, y in zip(per_option, self.y) if c)
 
     def solve(self) -> list[int] | None:
         """Option indices of the lexicographic optimum, or None when no plan fits."""
         table = self.table
-        levels = [("primary", pulp.LpMaximize, self._sum(table.primary)),
-                  ("trained_bytes", pulp.LpMaximize, self._sum(table.trained_bytes)),
+        levels = [("primary", pulp.LpMaximize, self._sum(table.primary, MiB if table.objective.kind == "params" else 1)),
+                  ("trained_bytes", pulp.LpMaximize, self._sum(table.trained_bytes, MiB)),
                   ("peak_bytes", pulp.LpMinimize, self.peak)]
         if table.objective.kind == "params":
             del levels[1]  # the primary is already the trained bytes
@@ -96,9 +98,10 @@ class DeviceIlp:
             selection = self._solve_checked()
             if selection is None:
                 return None
-            reached = float(getattr(table.evaluate(selection), quantity)[0])
+            unit = 1 if quantity == "primary" and table.objective.kind != "params" else MiB
+            reached = float(getattr(table.evaluate(selection), quantity)[0]) / unit
             exact = quantity != "primary" or table.objective.integral
-            tolerance = 0.5 if exact else 1e-9 * max(1.0, abs(reached))
+            tolerance = 0.5 / unit if exact else 1e-9 * max(1.0, abs(reached))
             if sense == pulp.LpMaximize:
                 self.problem += expression >= reached - tolerance
             else:
@@ -108,7 +111,7 @@ class DeviceIlp:
     def _solve_checked(self) -> list[int] | None:
         """Solve; re-check the solution exactly and cut it off while it breaks a budget."""
         while True:
-            self.problem.solve(pulp.PULP_CBC_CMD(msg=False))
+            self.problem.solve(getattr(self, "solver", pulp.PULP_CBC_CMD(msg=False)))
             if self.problem.status != pulp.LpStatusOptimal:
                 return None
             states = {l: s for (l, s), var in self.x.items() if var.varValue > 0.5}

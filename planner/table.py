@@ -198,7 +198,7 @@ class CostTable:
             rows.append(base + below * (position < at) + fwd_peak * own)
             names.append(f"backward {layer}")
             rows.append(base + below * (position < at) + grad * (position > at)
-                        + np.where(own, np.where(in_backward, bwd_peak, -never), 0))
+                        + np.where(own, np.where(in_backward, bwd_peak, 0), 0))
         for at, layer in enumerate(self.layers):
             names.append(f"optimizer step ({layer})")
             rows.append(base + grad + temp * (position == at))
