@@ -1,0 +1,432 @@
+"""The planner: its linear forms are estimate's costs, the ILP and the frontier are optimal against
+brute force over every plan (through `estimate`), fleets, plan files and ``caff plan``."""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import itertools
+import json
+import os
+import random
+
+import networkx as nx
+import numpy as np
+import pulp
+import pytest
+from conftest import random_config
+
+from caff.cli import main
+from costmodel import ModelSpec, TrainMode, estimate
+from planner import (BUDGETS, Budgets, CostTable, DeviceIlp, Objective, PlanCosts, PlanSettings, compute_frontier, plan,
+                     read_plan_file, write_plan_file)
+from profiles import DeviceSpec
+
+pytestmark = pytest.mark.filterwarnings("ignore:PULP_CBC_CMD is deprecated:DeprecationWarning")
+estimate_module = importlib.import_module("costmodel.estimate")
+BATCH, SEQ = 4, 16
+SMALL = {  # name: (spec, LoRA rank menu, optimizer); at most 1024 plans each
+    "gpt10": (ModelSpec(name="gpt10", kind="gpt", n_blocks=10, d_model=32, n_heads=2, d_ff=64, max_seq_len=16,
+                        vocab_size=20), (), "sgd"),
+    "gpt5-lora": (ModelSpec(name="gpt5", kind="gpt", n_blocks=5, d_model=48, n_heads=2, d_ff=96, max_seq_len=16,
+                            vocab_size=20), (2, 4), "adam"),
+    "tied-lora": (ModelSpec(name="tied", kind="gpt", n_blocks=4, d_model=32, n_heads=2, d_ff=128, max_seq_len=16,
+                            vocab_size=40, tied_embeddings=True), (2,), "momentum"),
+    "encoder-lora": (ModelSpec(name="enc", kind="encoder", n_blocks=4, d_model=32, n_heads=4, d_ff=64, max_seq_len=16,
+                               vocab_size=30, norm="post", attention="sdpa"), (2, 4), "adam"),
+    "vit-lora": (ModelSpec(name="vit", kind="vit", n_blocks=3, d_model=32, n_heads=2, d_ff=64, image_size=8,
+                           patch_size=4, n_classes=5), (4,), "sgd"),
+}
+
+
+def all_modes(spec: ModelSpec, ranks) -> list[TrainMode]:
+    modes = []
+    for states in itertools.product(["frozen", "full", *ranks], repeat=spec.n_blocks):
+        modes.append(TrainMode(blocks=frozenset(b for b, s in enumerate(states) if s == "full"),
+                               lora={b: s for b, s in enumerate(states) if isinstance(s, int)}))
+    return modes
+
+
+@functools.cache
+def brute_force(name: str):
+    """Every plan of a small model and its costs, each from `estimate`."""
+    spec, ranks, optimizer = SMALL[name]
+    modes = all_modes(spec, ranks)
+    reports = [estimate(spec, mode, BATCH, SEQ, optimizer) for mode in modes]
+    column = lambda values: np.array(list(values), dtype=np.int64)  # noqa: E731
+    return modes, {"peak": column(r.peak_bytes for r in reports),
+                   "flops": column(r.totals["fwd_flops"] + r.totals["bwd_flops"] for r in reports),
+                   "upload": column(r.totals["upload_bytes"] for r in reports),
+                   "trained": column(r.totals["grad_bytes"] for r in reports)}
+
+
+def primary(objective: Objective, modes, trained) -> np.ndarray:
+    if objective.kind == "params":
+        return trained.astype(float)
+    weights = objective.weights or (1,) * 256
+    return np.array([sum(weights[b] for b in mode.blocks) for mode in modes], dtype=float)
+
+
+def random_budgets(rng: random.Random, costs: dict) -> Budgets:
+    """Budgets from a bit under the cheapest plan to a bit over the dearest; a third exactly at a plan's cost."""
+    steps = rng.randint(1, 3)
+    margin = rng.choice([0.0, 0.05, 0.2])
+
+    def draw(values):
+        if rng.random() < 1 / 3:
+            return int(rng.choice(values))
+        return rng.uniform(0.9 * values.min(), 1.02 * values.max())
+
+    exact_memory = rng.random() < 1 / 3
+    memory = int(rng.choice(costs["peak"])) if exact_memory else round(draw(costs["peak"]) / (1 - margin))
+    return Budgets(memory, steps * draw(costs["flops"]), round(draw(costs["upload"])), steps,
+                   0.0 if exact_memory else margin)
+
+
+def fits(budgets: Budgets, peak, flops, upload):
+    """The budget test written out, independent of `Budgets.fits`."""
+    return ((peak <= budgets.memory_bytes * (1 - budgets.margin)) & (budgets.local_steps * flops <= budgets.compute_flops)
+            & (upload <= budgets.upload_bytes))
+
+
+def brute_best(objective: Objective, name: str, budgets: Budgets):
+    """The optimum's key (primary, trained bytes, -peak) over every plan that fits, or None."""
+    modes, costs = brute_force(name)
+    keys = list(zip(primary(objective, modes, costs["trained"]), costs["trained"], -costs["peak"]))
+    ok = fits(budgets, costs["peak"], costs["flops"], costs["upload"])
+    return max((k for k, fit in zip(keys, ok) if fit), default=None)
+
+
+def key_of(objective: Objective, mode: TrainMode, report):
+    modes = [mode]
+    return (primary(objective, modes, np.array([report.totals["grad_bytes"]]))[0], report.totals["grad_bytes"],
+            -report.peak_bytes)
+
+
+def objectives(rng: random.Random, n_blocks: int) -> list[Objective]:
+    return [Objective("blocks"), Objective("params"),
+            Objective("weights", tuple(float(rng.randint(0, 3)) for _ in range(n_blocks)))]
+
+
+# -- the linear forms are the cost model ----------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(24))
+def test_linear_forms_equal_estimate_on_random_plans(seed):
+    rng = random.Random(seed)
+    spec, mode, batch, seq, optimizer = random_config(rng)
+    mode = mode.model_copy(update={"embeddings": False})  # the planner never trains untied embeddings
+    ranks = tuple(sorted({*mode.lora.values(), rng.choice([1, 8])}))
+    table = CostTable(spec, batch, seq, optimizer, ranks)
+    for _ in range(8):
+        report = estimate(spec, mode, batch, seq, optimizer)
+        costs = table.evaluate(np.array(table.selection(mode)))
+        assert int(costs.peak_bytes[0]) == report.peak_bytes
+        assert int(costs.step_flops[0]) == report.totals["fwd_flops"] + report.totals["bwd_flops"]
+        assert int(costs.upload_bytes[0]) == report.totals["upload_bytes"]
+        assert int(costs.trained_bytes[0]) == report.totals["grad_bytes"]
+        states = [rng.choice(["frozen", "full", *ranks]) for _ in range(spec.n_blocks)]
+        mode = TrainMode(blocks=frozenset(b for b, s in enumerate(states) if s == "full"),
+                         lora={b: s for b, s in enumerate(states) if isinstance(s, int)})
+
+
+@pytest.mark.parametrize("name", ["gpt5-lora", "tied-lora"])
+def test_ilp_with_a_fixed_plan_reproduces_estimate(name):
+    """The ILP's own variables: fix x to a plan; g, y and the peak must follow exactly."""
+    spec, ranks, optimizer = SMALL[name]
+    table = CostTable(spec, BATCH, SEQ, optimizer, ranks)
+    rng = random.Random(name)
+    for mode in rng.sample(all_modes(spec, ranks), 3):
+        ilp = DeviceIlp(table, Budgets(float("inf"), float("inf"), float("inf")))
+        states = {layer: s for layer, s in zip(table.layers, (table.options[i].state for i in table.selection(mode)))}
+        for (layer, state), x in ilp.x.items():
+            ilp.problem += x == int(states[layer] == state)
+        ilp.problem.sense = pulp.LpMinimize
+        ilp.problem.setObjective(ilp.peak)
+        ilp.problem.solve(pulp.PULP_CBC_CMD(msg=False))
+        chosen = [i for i, y in enumerate(ilp.y) if y.varValue > 0.5]
+        assert chosen == table.selection(mode)
+        expected = estimate(spec, mode, BATCH, SEQ, optimizer).peak_bytes
+        assert ilp.peak.varValue * 2**20 == pytest.approx(expected, rel=1e-7)  # CBC prints 8 digits
+
+
+def test_linear_forms_and_plans_on_a_branching_graph(monkeypatch):
+    """Written against the layer graph: block.0 and block.1 side by side, block.0 is no ancestor of
+    block.1, so a backward phase at block.1 needs its big-M coefficient."""
+    def branching(spec):
+        graph = nx.DiGraph()
+        graph.add_edges_from([("embed", "block.0"), ("embed", "block.1"), ("block.0", "block.2"),
+                              ("block.1", "block.2"), ("block.2", "head"), ("head", "loss")])
+        return graph
+
+    monkeypatch.setattr(estimate_module, "layer_graph", branching)
+    estimate_module.layer_ancestors.cache_clear()
+    try:
+        spec = ModelSpec(name="branch", kind="gpt", n_blocks=3, d_model=32, n_heads=2, d_ff=64, max_seq_len=16,
+                         vocab_size=20)
+        table = CostTable(spec, BATCH, SEQ, "adam", (2,))
+        modes = all_modes(spec, (2,))
+        reports = [estimate(spec, mode, BATCH, SEQ, "adam") for mode in modes]
+        costs = table.evaluate(np.array([table.selection(mode) for mode in modes]))
+        assert costs.peak_bytes.tolist() == [r.peak_bytes for r in reports]
+        frontier = compute_frontier(table)
+        rng = random.Random(0)
+        peaks = np.array([r.peak_bytes for r in reports])
+        flops = np.array([r.totals["fwd_flops"] + r.totals["bwd_flops"] for r in reports])
+        uploads = np.array([r.totals["upload_bytes"] for r in reports])
+        for trial in range(40):
+            budgets = Budgets(rng.uniform(peaks.min(), peaks.max()), rng.uniform(flops.min(), flops.max()),
+                              rng.uniform(uploads.min(), uploads.max()), 1, 0.0)
+            ok = fits(budgets, peaks, flops, uploads)
+            best = max((len(m.blocks), int(u), -int(p)) for m, u, p, f in zip(modes, uploads, peaks, ok) if f) \
+                if ok.any() else None
+            index = frontier.best(Budgets.stack([budgets]))[0]
+            got = None if index < 0 else (int(frontier.costs.primary[index]), int(frontier.costs.trained_bytes[index]),
+                                          -int(frontier.costs.peak_bytes[index]))
+            assert got == best
+            if trial < 4:
+                selection = DeviceIlp(table, budgets).solve()
+                by_ilp = None if selection is None else table.evaluate(np.array(selection))
+                assert got == (None if by_ilp is None else (int(by_ilp.primary[0]), int(by_ilp.trained_bytes[0]),
+                                                            -int(by_ilp.peak_bytes[0])))
+    finally:
+        estimate_module.layer_ancestors.cache_clear()
+
+
+# -- optimality against brute force ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name", SMALL)
+def test_ilp_optimum_equals_brute_force(name):
+    spec, ranks, optimizer = SMALL[name]
+    rng = random.Random(name)
+    choices = objectives(rng, spec.n_blocks)
+    for trial in range(12):
+        objective = choices[trial % 3]
+        table = CostTable(spec, BATCH, SEQ, optimizer, ranks, objective)
+        budgets = random_budgets(rng, brute_force(name)[1])
+        expected = brute_best(objective, name, budgets)
+        selection = DeviceIlp(table, budgets).solve()
+        if expected is None:
+            assert selection is None
+            continue
+        mode = table.mode(selection)
+        report = estimate(spec, mode, BATCH, SEQ, optimizer)
+        flops = report.totals["fwd_flops"] + report.totals["bwd_flops"]
+        assert fits(budgets, report.peak_bytes, flops, report.totals["upload_bytes"])
+        assert key_of(objective, mode, report) == expected
+
+
+@pytest.mark.parametrize("name", SMALL)
+def test_frontier_is_the_brute_force_pareto_set_and_finds_every_optimum(name):
+    spec, ranks, optimizer = SMALL[name]
+    rng = random.Random(name)
+    modes, costs = brute_force(name)
+    for objective in objectives(rng, spec.n_blocks):
+        table = CostTable(spec, BATCH, SEQ, optimizer, ranks, objective)
+        frontier = compute_frontier(table)
+        value = primary(objective, modes, costs["trained"])
+        vectors = np.column_stack([-value, -costs["trained"], costs["peak"], costs["flops"], costs["upload"]])
+        pareto = set()
+        for v in vectors:
+            better_key = (vectors[:, 0] < v[0]) | ((vectors[:, 0] == v[0]) & (vectors[:, 1] <= v[1]))
+            dominated = better_key & (vectors[:, 2:] <= v[2:]).all(axis=1) & (vectors != v).any(axis=1)
+            if not dominated.any():
+                pareto.add(tuple(v))
+        got = np.column_stack([-frontier.costs.primary, -frontier.costs.trained_bytes, frontier.costs.peak_bytes,
+                               frontier.costs.step_flops, frontier.costs.upload_bytes])
+        assert {tuple(v) for v in got} == pareto and len(got) == len(pareto)
+        for selection, peak in zip(frontier.selections, frontier.costs.peak_bytes):
+            assert estimate(spec, table.mode(selection), BATCH, SEQ, optimizer).peak_bytes == peak
+        budgets = [random_budgets(rng, costs) for _ in range(100)]
+        found = [frontier.best(Budgets.stack([b]))[0] for b in budgets]
+        for b, index in zip(budgets, found):
+            got_key = None if index < 0 else (frontier.costs.primary[index], frontier.costs.trained_bytes[index],
+                                              -frontier.costs.peak_bytes[index])
+            assert got_key == brute_best(objective, name, b)
+
+
+def test_infeasible_device_gets_the_head_only_needs():
+    spec, ranks, optimizer = SMALL["gpt10"]
+    head = estimate(spec, TrainMode(), BATCH, SEQ, optimizer)
+    flops = head.totals["fwd_flops"] + head.totals["bwd_flops"]
+    device = DeviceSpec(name="tiny", memory_bytes=head.peak_bytes // 2, compute_flops=1e15,
+                        upload_bytes=head.totals["upload_bytes"] - 1, local_steps=3, batch_size=BATCH)
+    for solver in ("frontier", "ilp"):
+        entry = plan([spec], [device], PlanSettings(seq=SEQ, optimizer=optimizer, solver=solver)).devices[0]
+        assert (entry.status, entry.mode, entry.peak_bytes) == ("infeasible", None, None)
+        assert entry.binding == ["memory", "upload"]
+        assert entry.needs.memory_bytes == pytest.approx(head.peak_bytes / 0.95)
+        assert (entry.needs.compute_flops, entry.needs.upload_bytes) == (3 * flops, head.totals["upload_bytes"])
+
+
+# -- fleets -------------------------------------------------------------------------------------
+
+def random_devices(rng: random.Random, name: str, n: int, batches=(BATCH, 2 * BATCH)) -> list[DeviceSpec]:
+    _, costs = brute_force(name)
+    devices = []
+    for i in range(n):
+        b = random_budgets(rng, costs)
+        devices.append(DeviceSpec(name=f"d{i}", memory_bytes=max(1, int(b.memory_bytes)),
+                                  compute_flops=max(1.0, b.compute_flops), upload_bytes=max(1, int(b.upload_bytes)),
+                                  local_steps=b.local_steps, batch_size=rng.choice(batches)))
+    return devices
+
+
+def test_fleet_frontier_plans_equal_per_device_ilp():
+    specs = [SMALL["gpt5-lora"][0], SMALL["gpt10"][0]]
+    devices = random_devices(random.Random(3), "gpt5-lora", 4)
+    settings = PlanSettings(lora_ranks=(2, 4), seq=SEQ, optimizer="adam")
+    by_frontier = plan(specs, devices, settings)
+    by_ilp = plan(specs, devices, PlanSettings(lora_ranks=(2, 4), seq=SEQ, optimizer="adam", solver="ilp"))
+    summary = lambda p: [(a.model, a.score, a.infeasible_devices) for a in p.architectures]  # noqa: E731
+    assert summary(by_frontier) == summary(by_ilp)
+    same = lambda e: (e.status, len(e.trained_blocks), e.upload_bytes, e.peak_bytes, e.binding, e.needs)  # noqa: E731
+    assert [same(e) for e in by_frontier.devices] == [same(e) for e in by_ilp.devices]
+
+
+def test_fleet_chooses_the_architecture_and_every_plan_fits():
+    rng = random.Random(7)
+    specs = [ModelSpec(name=f"gpt{n}", kind="gpt", n_blocks=n, d_model=32, n_heads=2, d_ff=64, max_seq_len=16,
+                       vocab_size=20) for n in (2, 4, 6)]
+    devices = random_devices(rng, "gpt10", 300)
+    result = plan(specs, devices, PlanSettings(seq=SEQ, optimizer="sgd", lora_ranks=(2,)))
+    scores = {a.model: a.score for a in result.architectures}
+    assert result.winner == max(scores, key=scores.get)
+    assert all(a.verdict.startswith("won" if a.model == result.winner else "lost") for a in result.architectures)
+    spec = result.spec(result.winner)
+    total = 0
+    for entry, device in zip(result.devices, devices):
+        assert entry.budgets.batch_size == device.batch_size
+        if entry.status == "infeasible":
+            continue
+        total += len(entry.trained_blocks)
+        report = estimate(spec, TrainMode.parse(entry.mode, spec.n_blocks), device.batch_size, SEQ, "sgd")
+        assert report.peak_bytes == entry.peak_bytes <= device.memory_bytes * 0.95
+        assert entry.flops_per_round == device.local_steps * (report.totals["fwd_flops"] + report.totals["bwd_flops"])
+        assert entry.flops_per_round <= device.compute_flops
+        assert entry.upload_bytes == report.totals["upload_bytes"] <= device.upload_bytes
+    assert total / len(devices) == pytest.approx(scores[result.winner])
+    winner = next(a for a in result.architectures if a.model == result.winner)
+    trained = [set(e.trained_blocks) | set(e.lora_ranks) for e in result.devices]
+    assert winner.coverage == pytest.approx([sum(b in t for t in trained) / len(trained) for b in range(spec.n_blocks)])
+
+
+def test_min_coverage_rules_out_architectures():
+    specs = [ModelSpec(name=f"gpt{n}", kind="gpt", n_blocks=n, d_model=32, n_heads=2, d_ff=64, max_seq_len=16,
+                       vocab_size=20) for n in (2, 6)]
+    devices = random_devices(random.Random(11), "gpt10", 200, batches=(BATCH,))
+    free = plan(specs, devices, PlanSettings(seq=SEQ))
+    coverage = {a.model: min(a.coverage) for a in free.architectures}
+    assert coverage["gpt6"] < coverage["gpt2"] < 1
+    between = (coverage["gpt6"] + coverage["gpt2"]) / 2
+    guarded = plan(specs, devices, PlanSettings(seq=SEQ, min_coverage=between))
+    assert guarded.winner == "gpt2"
+    loser = next(a for a in guarded.architectures if a.model == "gpt6")
+    assert not loser.meets_min_coverage and "below the minimum coverage" in loser.verdict
+    nobody = plan(specs, devices, PlanSettings(seq=SEQ, min_coverage=1.0))
+    assert nobody.winner is None and nobody.devices == []
+
+
+def test_batch_override_and_bad_settings():
+    spec = SMALL["gpt10"][0]
+    devices = random_devices(random.Random(5), "gpt10", 5)
+    result = plan([spec], devices, PlanSettings(seq=SEQ, batch=2))
+    assert {e.budgets.batch_size for e in result.devices} == {2}
+    with pytest.raises(ValueError, match="margin"):
+        PlanSettings(margin=1.0)
+    with pytest.raises(ValueError, match="objective"):
+        plan([spec], devices, PlanSettings(seq=SEQ, objective=Objective("weights", (1.0, 2.0))))
+    with pytest.raises(ValueError, match="seq"):
+        plan([spec], devices, PlanSettings(seq=SEQ + 1))
+    assert str(Objective.parse("1,2.5")) == "1,2.5" and Objective.parse("params").kind == "params"
+    with pytest.raises(ValueError, match="objective"):
+        Objective.parse("blocks,")
+
+
+def test_budgets_without_lifts_one_budget():
+    costs = PlanCosts(*(np.array([10]),) * 5)
+    budgets = Budgets(5, 5, 5)
+    assert not budgets.fits(costs)[0]
+    assert [bool(budgets.without(b).over(costs)[b][0]) for b in BUDGETS] == [False] * 3
+
+
+# -- plan files ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_plan():
+    spec = SMALL["tied-lora"][0]
+    devices = random_devices(random.Random(2), "tied-lora", 6)
+    return plan([spec, SMALL["gpt10"][0]], devices, PlanSettings(seq=SEQ, lora_ranks=(2,), optimizer="momentum"))
+
+
+def test_plan_file_round_trip_is_atomic(tmp_path, small_plan):
+    path = tmp_path / "plan.json"
+    write_plan_file(path, small_plan)
+    assert read_plan_file(path) == small_plan
+    assert os.listdir(tmp_path) == ["plan.json"]
+    assert json.loads(path.read_text())["version"] == 1
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(version=2), "version 2 is not supported"),
+    (lambda d: d.pop("devices"), "devices: Field required"),
+    (lambda d: d["devices"][0].update(model="nope"), "model 'nope' is not among the models"),
+    (lambda d: d["devices"][0].update(status="sometimes"), "devices[0].status"),
+    (lambda d: d["devices"][0]["budgets"].update(local_steps=0), "devices[0].budgets.local_steps"),
+])
+def test_bad_plan_files_fail_with_one_line(tmp_path, small_plan, edit, message):
+    data = json.loads(small_plan.model_dump_json())
+    edit(data)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError) as info:
+        read_plan_file(path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_plan_file_mode_must_match_its_blocks(tmp_path, small_plan):
+    data = json.loads(small_plan.model_dump_json())
+    entry = next(e for e in data["devices"] if e["status"] == "optimal")
+    entry["trained_blocks"] = [0, 1, 2, 3] if entry["trained_blocks"] != [0, 1, 2, 3] else []
+    (tmp_path / "p.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="disagrees"):
+        read_plan_file(tmp_path / "p.json")
+    (tmp_path / "q.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a JSON plan file"):
+        read_plan_file(tmp_path / "q.json")
+
+
+# -- caff plan ----------------------------------------------------------------------------------
+
+def test_cli_plans_a_device_as_json(capsys):
+    assert main(["plan", "char-gpt-xs", "--device", "rpi4-2gb", "--lora-ranks", "4,8", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    entry = out["devices"][0]
+    assert (entry["device"], entry["model"], entry["status"]) == ("rpi4-2gb", "char-gpt-xs", "optimal")
+
+
+def test_cli_plans_a_fleet_and_writes_the_plan(tmp_path, capsys):
+    path = tmp_path / "plan.json"
+    args = ["plan", "char-gpt-xs,char-gpt-s", "--fleet", "heterogeneous-mix", "--fleet-size", "40", "-o", str(path)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "winner:" in out and "Architectures" in out
+    assert len(read_plan_file(path).devices) == 40
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "rpi4-2gb", "--margin", "1.5"], "--margin: must be in [0, 1)"),
+    (["--device", "rpi4-2gb", "--lora-ranks", "4,x"], "--lora-ranks"),
+    (["--device", "rpi4-2gb", "--objective", "1,2"], "--objective: 2 weights"),
+    (["--device", "rpi4-2gb", "--fleet-size", "3"], "--fleet-size"),
+    (["--fleet", "heterogeneous-mix"], "--fleet-size"),
+    (["--device", "no-such-device"], "unknown device"),
+])
+def test_cli_bad_input_is_one_line_exit_2(capsys, args, message):
+    assert main(["plan", "char-gpt-xs", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("caff: error: ") and message in err and err.count("\n") == 1
+
+
+def test_cli_without_a_winner_exits_1(capsys):
+    assert main(["plan", "char-gpt-s", "--fleet", "iot-edge", "--min-coverage", "1"]) == 1
+    assert "no architecture meets the minimum coverage" in capsys.readouterr().out
