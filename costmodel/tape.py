@@ -116,11 +116,12 @@ class Tape:
                             [i for i in inputs if i.requires_grad] if grad else [],
                             param_grad_bytes if grad else 0, passes_grad))
 
-    def _matmul_flops(self, flops: int, a_grad: bool, b_grad: bool, out_grad: bool) -> None:
+    def _matmul_flops(self, flops: int, a_grad: bool, b_grad: bool, out_grad: bool, b_is_weight: bool) -> None:
+        """A matmul of a (an activation) and b: forward FLOPs, and backward FLOPs per operand needing grad."""
         self.cost.fwd_flops += flops
         if out_grad:
-            self.cost.bwd_input_flops += flops * a_grad
-            self.cost.bwd_weight_flops += flops * b_grad
+            self.cost.bwd_input_flops += flops * (a_grad + (b_grad and not b_is_weight))
+            self.cost.bwd_weight_flops += flops * (b_grad and b_is_weight)
 
     def hold(self, *tensors: Sym) -> None:
         """Keep tensors alive up to here: a module's arguments live until it returns."""
@@ -156,7 +157,7 @@ class Tape:
             self.cost.grad_bytes += sum(sizes) * self.itemsize
         out = self.tensor(*x.shape[:-1], d_out, requires_grad=x.requires_grad or trained)
         rows = x.numel // d_in
-        self._matmul_flops(2 * rows * d_in * d_out, x.requires_grad, trained, out.requires_grad)
+        self._matmul_flops(2 * rows * d_in * d_out, x.requires_grad, trained, out.requires_grad, True)
         self._record([x], [out], [x] if trained else [], sum(sizes) * self.itemsize if trained else 0)
         return out
 
@@ -172,7 +173,7 @@ class Tape:
         """Batched matmul of 3-d activations; saves each operand the other's gradient needs."""
         out = self.tensor(*out_shape, requires_grad=a.requires_grad or b.requires_grad)
         self._matmul_flops(2 * math.prod(out_shape) * contraction, a.requires_grad, b.requires_grad,
-                           out.requires_grad)
+                           out.requires_grad, False)
         saved = ([a] if b.requires_grad else []) + ([b] if a.requires_grad else [])
         self._record([a, b], [out], saved)
         return out
@@ -183,7 +184,7 @@ class Tape:
         batch, heads, seq, head_dim = q.shape
         out = self.tensor(*q.shape, requires_grad=q.requires_grad or k.requires_grad or v.requires_grad)
         flops = 2 * batch * heads * seq * seq * head_dim
-        self._matmul_flops(2 * flops, True, True, out.requires_grad)
+        self._matmul_flops(2 * flops, True, True, out.requires_grad, False)
         self.cost.elementwise_flops += 5 * batch * heads * seq * seq
         logsumexp = self.tensor(batch, heads, seq, itemsize=4)
         self._record([q, k, v], [out], [q, k, v, out, logsumexp])
@@ -254,7 +255,7 @@ class Tape:
         batch, channels, height, width = image.shape
         nbytes = self.params(out_channels * channels * patch * patch, out_channels, trained=trained)
         out = self.tensor(batch, out_channels, height // patch, width // patch, requires_grad=trained)
-        self._matmul_flops(2 * out.numel * channels * patch * patch, False, trained, trained)
+        self._matmul_flops(2 * out.numel * channels * patch * patch, False, trained, trained, True)
         self._record([image], [out], [image], nbytes if trained else 0)
         return out
 

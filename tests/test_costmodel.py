@@ -87,3 +87,31 @@ def test_train_mode_rejects_bad_text(text):
 def test_spec_rejects_heads_not_dividing_width():
     with pytest.raises(ValueError, match="does not divide"):
         ModelSpec(kind="gpt", n_blocks=2, d_model=30, n_heads=4, d_ff=64)
+
+
+@pytest.mark.parametrize("text, optimizer", [("all", "adam"), ("lora:4", "sgd"), ("blocks:1", "momentum")])
+def test_live_bytes_tracker_agrees_with_torch_memtracker(text, optimizer):
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from costmodel import apply_mode, build_model, make_batch, make_optimizer
+    from costmodel.measure import LiveBytes, _state_tensors
+
+    class FrozenFriendlyMemTracker(MemTracker):  # MemTracker hooks every parameter's grad
+        def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
+            return super()._track_module_params_and_buffers(module, install_grad_hooks=False)
+
+    spec = ZOO["char-gpt-xs"]
+    model = apply_mode(build_model(spec), TrainMode.parse(text, spec.n_blocks))
+    inputs, targets = make_batch(spec, 4, 32)
+    opt = make_optimizer(model.parameters(), optimizer)
+    peaks = []
+    for _ in range(3):
+        theirs, ours = FrozenFriendlyMemTracker(), LiveBytes()
+        theirs.track_external(model, opt, inputs, targets)
+        ours.track([*_state_tensors(model, opt), inputs, targets])
+        with theirs, ours:
+            model(inputs, targets).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        peaks.append((ours.peak, theirs.get_tracker_snapshot("peak")[inputs.device]["Total"]))
+    assert peaks[-1][0] == peaks[-1][1], peaks
