@@ -7,7 +7,7 @@ from torch import nn
 
 from costmodel.estimate import normalize_mode
 from costmodel.mode import TrainMode
-from costmodel.modules import LORA_TARGETS, TinyTransformer
+from costmodel.modules import TinyTransformer, lora_targets
 from costmodel.spec import ModelSpec
 
 
@@ -33,7 +33,7 @@ def apply_mode(model: TinyTransformer, mode: TrainMode) -> TinyTransformer:
     """Freeze what ``mode`` does not train, inject its LoRA adapters, and set where autograd starts."""
     spec = model.spec
     mode = normalize_mode(spec, mode)
-    inject_lora(model, {f"blocks.{b}.{t}": r for b, r in mode.lora.items() for t in LORA_TARGETS})
+    inject_lora(model, {f"blocks.{b}.{t}": r for b, r in mode.lora.items() for t in lora_targets(spec)})
     model.requires_grad_(False)
     for block in mode.blocks:
         model.blocks[block].requires_grad_(True)

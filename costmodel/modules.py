@@ -17,7 +17,12 @@ from torch import nn
 from costmodel.spec import ModelSpec
 from costmodel.tape import Sym, Tape
 
-LORA_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.fc", "mlp.proj")
+
+
+def lora_targets(spec: ModelSpec) -> tuple[str, ...]:
+    """The linears LoRA adapts in a block: every attention and MLP projection."""
+    qkv = ("attn.qkv",) if spec.fused_qkv else ("attn.q", "attn.k", "attn.v")
+    return (*qkv, "attn.o", "mlp.fc", "mlp.proj")
 
 
 def _reshape(tape: Tape, x: Sym, shape: tuple[int, ...], is_view: bool) -> Sym:
@@ -35,7 +40,11 @@ class Attention(nn.Module):
     def __init__(self, spec: ModelSpec, causal: bool):
         super().__init__()
         d = spec.d_model
-        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        if spec.fused_qkv:
+            self.qkv = nn.Linear(d, 3 * d)
+        else:
+            self.q, self.k, self.v = (nn.Linear(d, d) for _ in range(3))
+        self.o = nn.Linear(d, d)
         self.n_heads, self.causal, self.kernel = spec.n_heads, causal, spec.attention
         self.dropout = spec.dropout
         if causal and spec.attention == "matmul":
@@ -45,7 +54,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, seq, width = x.shape
         heads = lambda t: t.view(batch, seq, self.n_heads, width // self.n_heads).transpose(1, 2)  # noqa: E731
-        y = self.attend(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)))
+        if hasattr(self, "qkv"):
+            y = self.attend(*map(heads, self.qkv(x).split(width, dim=2)))
+        else:
+            y = self.attend(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)))
         return self.o(y.transpose(1, 2).reshape(batch, seq, width))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -66,7 +78,11 @@ class Attention(nn.Module):
         heads, head_dim = spec.n_heads, spec.head_dim
         if spec.kind == "gpt" and spec.attention == "matmul":
             tape.buffers(spec.max_seq_len ** 2)  # the causal mask, one bool per position pair
-        q, k, v = (_linear_cost(tape, x, width, state).view(batch, heads, seq, head_dim) for _ in range(3))
+        if spec.fused_qkv:
+            qkv = _linear_cost(tape, x, 3 * width, state)
+            q, k, v = (qkv.view(batch, heads, seq, head_dim) for _ in range(3))
+        else:
+            q, k, v = (_linear_cost(tape, x, width, state).view(batch, heads, seq, head_dim) for _ in range(3))
         if spec.attention == "sdpa":
             y = tape.sdpa(q, k, v)
             tape.hold(q, k, v)  # attend()'s arguments
@@ -90,12 +106,19 @@ class Attention(nn.Module):
         return out
 
 
+class GeluTanhFormula(nn.Module):
+    """GPT-2's ``gelu_new``, written out as transformers writes it (so it saves what theirs saves)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
 class MLP(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.fc = nn.Linear(spec.d_model, spec.d_ff)
         self.proj = nn.Linear(spec.d_ff, spec.d_model)
-        self.act = nn.GELU() if spec.activation == "gelu" else nn.ReLU()
+        self.act = {"gelu": nn.GELU, "relu": nn.ReLU, "gelu_new": GeluTanhFormula}[spec.activation]()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj(self.act(self.fc(x)))

@@ -40,11 +40,12 @@ class ModelSpec(BaseModel):
     channels: int = Field(default=1, ge=1, description="image channels (vit)")
     type_vocab_size: int = Field(default=2, ge=1, description="token types (encoder)")
     norm: Literal["pre", "post"] = "pre"
-    activation: Literal["gelu", "relu"] = "gelu"
+    activation: Literal["gelu", "relu", "gelu_new"] = "gelu"
     attention: Literal["matmul", "sdpa"] = "matmul"
     dtype: Literal["fp32", "bf16"] = "fp32"
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     tied_embeddings: bool = False
+    fused_qkv: bool = Field(default=False, description="one query-key-value projection (GPT-2's c_attn)")
     layer_norm_eps: float = Field(default=1e-5, gt=0)
 
     @model_validator(mode="after")

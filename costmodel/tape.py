@@ -207,8 +207,24 @@ class Tape:
         return out
 
     def activation(self, x: Sym, kind: str) -> Sym:
+        if kind == "gelu_new":
+            return self._gelu_tanh_formula(x)
         return self.pointwise(x, {"gelu": 8, "relu": 1, "tanh": 4}[kind],
                               save="input" if kind == "gelu" else "output")
+
+    def _gelu_tanh_formula(self, x: Sym) -> Sym:
+        """GPT-2's gelu_new written out: 0.5*x * (1 + tanh(sqrt(2/pi) * (x + 0.044715*x**3)))."""
+        half = self.pointwise(x, 1)
+        inner = self.pointwise(self.pointwise(x, 2, save="input"), 1)  # x**3 (saves x), * 0.044715
+        inner = self.pointwise(self.add(x, inner), 1)  # * sqrt(2/pi)
+        return self.mul(half, self.pointwise(self.pointwise(inner, 4, save="output"), 1))  # tanh, 1 +
+
+    def mul(self, a: Sym, b: Sym) -> Sym:
+        """Elementwise product of two activations; saves each operand the other's gradient needs."""
+        out = self.tensor(*a.shape, requires_grad=a.requires_grad or b.requires_grad)
+        self.cost.elementwise_flops += a.numel
+        self._record([a, b], [out], ([a] if b.requires_grad else []) + ([b] if a.requires_grad else []))
+        return out
 
     def softmax(self, x: Sym) -> Sym:
         return self.pointwise(x, 5, save="output")

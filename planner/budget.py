@@ -1,7 +1,9 @@
-"""A device's per-round budgets and the test every planned quantity must pass."""
+"""Per-round budgets of one device, or of many at once, and the test every planned quantity must pass."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,31 +11,45 @@ import numpy as np
 from planner.table import PlanCosts
 
 BUDGETS = ("memory", "compute", "upload")
+_FIELD = {"memory": "memory_bytes", "compute": "compute_flops", "upload": "upload_bytes"}
 
 
 @dataclass(frozen=True)
 class Budgets:
-    """Per round: memory in bytes (of which ``margin`` stays free), FLOPs, upload bytes; steps per round."""
+    """Per round: memory in bytes (of which ``margin`` stays free), FLOPs, upload bytes; steps per round.
 
-    memory_bytes: int
-    compute_flops: float
-    upload_bytes: int
-    local_steps: int = 1
+    Fields are numbers for one device or column arrays, shape (devices, 1), for many (`stack`):
+    then `over` and `fits` compare every device with every plan. ``math.inf`` lifts a budget.
+    """
+
+    memory_bytes: float | np.ndarray
+    compute_flops: float | np.ndarray
+    upload_bytes: float | np.ndarray
+    local_steps: int | np.ndarray = 1
     margin: float = 0.05
 
     def __post_init__(self):
         if not 0 <= self.margin < 1:
             raise ValueError(f"margin: must be in [0, 1), got {self.margin}")
-        if self.local_steps < 1:
-            raise ValueError(f"local_steps: must be >= 1, got {self.local_steps}")
 
     @classmethod
     def of_device(cls, device, margin: float = 0.05) -> "Budgets":
         """The budgets of a `profiles.DeviceSpec`."""
         return cls(device.memory_bytes, device.compute_flops, device.upload_bytes, device.local_steps, margin)
 
+    @classmethod
+    def stack(cls, budgets: list["Budgets"]) -> "Budgets":
+        """Many devices' budgets (sharing one margin) as column arrays."""
+        column = lambda name: np.array([getattr(b, name) for b in budgets])[:, None]  # noqa: E731
+        return cls(column("memory_bytes"), column("compute_flops").astype(float), column("upload_bytes"),
+                   column("local_steps"), budgets[0].margin)
+
+    def without(self, budget: str) -> "Budgets":
+        """The same budgets with ``budget`` ('memory', 'compute' or 'upload') lifted."""
+        return dataclasses.replace(self, **{_FIELD[budget]: math.inf})
+
     @property
-    def usable_memory_bytes(self) -> float:
+    def usable_memory_bytes(self) -> float | np.ndarray:
         return self.memory_bytes * (1 - self.margin)
 
     def over(self, costs: PlanCosts) -> dict[str, np.ndarray]:

@@ -37,26 +37,30 @@ solver tolerance is cut off (``sum of its y <= |L| - 1``) and the level is solve
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import pulp
 
 from planner.budget import Budgets
 from planner.table import CostTable
 
-MiB = 2**20
+MiB = 2**20  # the ILP counts bytes in MiB and FLOPs in GFLOP: CBC is better scaled so
+GFLOP = 1e9
 
 
 class DeviceIlp:
     """The ILP of one table under one device's budgets; `solve` returns the optimal option indices."""
 
-    def __init__(self, table: CostTable, budgets: Budgets):
-        self.table, self.budgets = table, budgets
+    def __init__(self, table: CostTable, budgets: Budgets, time_limit: float = 120.0):
+        self.table, self.budgets, self.time_limit = table, budgets, time_limit
         problem = pulp.LpProblem("caff_plan", pulp.LpMaximize)
         layers = table.layers
-        self.x = {(l, s): pulp.LpVariable(f"x_{i}_{k}", cat="Binary")
-                  for i, l in enumerate(layers) for k, s in enumerate(table.states[l])}
-        g = {l: pulp.LpVariable(f"g_{i}", cat="Binary") for i, l in enumerate(layers)}
-        self.y = [pulp.LpVariable(f"y_{i}", cat="Binary") for i in range(len(table.options))]
-        self.peak = pulp.LpVariable("peak", lowBound=0)
+        binary = lambda name: problem.add_variable(name, cat=pulp.LpBinary)  # noqa: E731
+        self.x = {(l, s): binary(f"x_{i}_{k}") for i, l in enumerate(layers) for k, s in enumerate(table.states[l])}
+        g = {l: binary(f"g_{i}") for i, l in enumerate(layers)}
+        self.y = [binary(f"y_{i}") for i in range(len(table.options))]  # y[l,s,f], one per option of the table
+        self.peak = problem.add_variable("peak", lowBound=0)
         for l in layers:
             problem += pulp.lpSum(self.x[l, s] for s in table.states[l]) == 1
             trained_above = [self.x[j, s] for j in table.ancestors[l] for s in table.states[j]
@@ -75,47 +79,90 @@ class DeviceIlp:
         _, phase_coef = table.phases
         for row in phase_coef:
             problem += self.peak >= (table.batch_bytes + self._sum(row)) / MiB
-        problem += self.peak <= budgets.usable_memory_bytes / MiB
-        problem += budgets.local_steps * self._sum(table.step_flops, 1e9) <= budgets.compute_flops / 1e9
-        problem += self._sum(table.upload_bytes, MiB) <= budgets.upload_bytes / MiB
+        if math.isfinite(budgets.memory_bytes):
+            problem += self.peak <= budgets.usable_memory_bytes / MiB
+        if math.isfinite(budgets.compute_flops):
+            problem += budgets.local_steps * self._sum(table.step_flops, GFLOP) <= budgets.compute_flops / GFLOP
+        if math.isfinite(budgets.upload_bytes):
+            problem += self._sum(table.upload_bytes, MiB) <= budgets.upload_bytes / MiB
         self.problem = problem
 
     def _sum(self, per_option, unit=1.0) -> pulp.LpAffineExpression:
         return pulp.lpSum(float(c) / unit * y for c, y in zip(per_option, self.y) if c)
 
-    def solve(self) -> list[int] | None:
-        """Option indices of the lexicographic optimum, or None when no plan fits."""
+    def solve(self, least_peak: bool = True) -> list[int] | None:
+        """Option indices of the lexicographic optimum, or None when no plan fits.
+
+        Without ``least_peak`` the last level (least peak among plans of the best key) is skipped."""
         table = self.table
-        levels = [("primary", pulp.LpMaximize, self._sum(table.primary, MiB if table.objective.kind == "params" else 1)),
-                  ("trained_bytes", pulp.LpMaximize, self._sum(table.trained_bytes, MiB)),
-                  ("peak_bytes", pulp.LpMinimize, self.peak)]
-        if table.objective.kind == "params":
+        params = table.objective.kind == "params"
+        levels = [(table.primary, MiB if params else 1.0, pulp.LpMaximize),  # (per-option values, unit, sense)
+                  (table.trained_bytes, MiB, pulp.LpMaximize),
+                  (None, MiB, pulp.LpMinimize)]  # None: the peak
+        if params:
             del levels[1]  # the primary is already the trained bytes
-        selection = None
-        for quantity, sense, expression in levels:
+        if not least_peak:
+            del levels[-1]
+        selection, fixed = None, []
+        for level, (values, unit, sense) in enumerate(levels):
+            expression = self.peak if values is None else self._sum(values, unit)
             self.problem.sense = sense
             self.problem.setObjective(expression)
-            selection = self._solve_checked()
+            step = 0.0 if values is None else objective_step(table, values, fixed) / unit
+            selection = self._solve_checked(step)
             if selection is None:
                 return None
-            unit = 1 if quantity == "primary" and table.objective.kind != "params" else MiB
-            reached = float(getattr(table.evaluate(selection), quantity)[0]) / unit
-            exact = quantity != "primary" or table.objective.integral
-            tolerance = 0.5 / unit if exact else 1e-9 * max(1.0, abs(reached))
-            if sense == pulp.LpMaximize:
-                self.problem += expression >= reached - tolerance
-            else:
-                self.problem += expression <= reached + tolerance
+            if level < len(levels) - 1:  # keep this level's optimum in the next levels
+                reached = float(values[selection].sum())
+                tolerance = 0.5 if _integral(values) else 1e-9 * max(1.0, abs(reached))
+                self.problem += expression >= (reached - tolerance) / unit
+                fixed.append(values)
         return selection
 
-    def _solve_checked(self) -> list[int] | None:
-        """Solve; re-check the solution exactly and cut it off while it breaks a budget."""
+    def _solve_checked(self, step: float) -> list[int] | None:
+        """Solve; re-check the solution exactly and cut it off while it breaks a budget. ``step``: the
+        objective's granularity, which lets CBC prune nodes that cannot beat the incumbent by a step."""
+        options = [f"increment {0.999 * step!r}"] if step else []
         while True:
-            self.problem.solve(getattr(self, "solver", pulp.PULP_CBC_CMD(msg=False)))
-            if self.problem.status != pulp.LpStatusOptimal:
+            self.problem.solve(pulp.PULP_CBC_CMD(msg=False, warmStart=True, timeLimit=self.time_limit,
+                                                 options=options))
+            if self.problem.status == pulp.LpStatusInfeasible:
                 return None
+            if self.problem.status != pulp.LpStatusOptimal or self.problem.sol_status != pulp.LpSolutionOptimal:
+                raise RuntimeError(f"CBC did not prove an optimum within {self.time_limit} s (status "
+                                   f"{pulp.LpStatus[self.problem.status]}); the frontier solver is exact and fast")
             states = {l: s for (l, s), var in self.x.items() if var.varValue > 0.5}
             selection = self.table.selection(self.table.mode_of(states))
             if self.budgets.fits(self.table.evaluate(selection))[0]:
                 return selection
             self.problem += pulp.lpSum(self.y[i] for i in selection) <= len(selection) - 1
+
+
+def _integral(values: np.ndarray) -> bool:
+    return bool(np.all(values == np.round(values)))
+
+
+def objective_step(table: CostTable, values: np.ndarray, fixed: list[np.ndarray]) -> int:
+    """The largest g found such that any two plans alike in each ``fixed`` per-option sum differ in the sum
+    of ``values`` by a multiple of g; 0 when the values are not integers.
+
+    Plans alike in a fixed sum E rank alike by ``values - mu * E`` for any mu; each mu that cancels the
+    difference between two options of one layer is tried (with ``mu = 0``), and for each the gcd of
+    the differences between options of the same layer bounds the step (one option per layer)."""
+    if not _integral(values):
+        return 0
+    shifts = [(0, np.zeros_like(values))]
+    for e in filter(_integral, fixed):
+        for options in table.layer_options.values():
+            for o in options[1:]:
+                de, dc = int(e[o] - e[options[0]]), int(values[o] - values[options[0]])
+                if de and dc % de == 0:
+                    shifts.append((dc // de, e))
+    best = 0
+    for mu, e in shifts:
+        shifted = (values - mu * e).astype(np.int64)
+        step = 0
+        for options in table.layer_options.values():
+            step = math.gcd(step, *(int(shifted[o] - shifted[options[0]]) for o in options[1:]))
+        best = max(best, step)
+    return best

@@ -2,7 +2,8 @@
 
 A plan gives each layer one state (``layer_state``: 'full', 'frozen' or a LoRA rank for blocks;
 the embeddings' fixed flag; True for the head; False for the loss). A layer's cost depends on its
-state and on whether its input requires grad, which holds iff an ancestor in `layer_graph` trains.
+state and on whether its input requires grad, which holds iff an ancestor in `layer_graph` trains
+(`layer_ancestors`).
 An *option* is one such (layer, state, flag) triple; a plan selects exactly one option per layer,
 so every quantity of `costmodel.estimate` is a sum over layers of a number per selected option:
 
@@ -16,8 +17,11 @@ so every quantity of `costmodel.estimate` is a sum over layers of a number per s
 
   (``j<l``: before l in topological order, as estimate sums). The optimizer step's max over
   temporaries ``S = max_l S_l`` becomes one phase per layer. A backward phase exists only where
-  layer l is in the backward pass: its other options get the coefficient ``-M``, M larger than any
-  phase can reach, so that phase never attains the max.
+  layer l is in the backward pass. Where it is not, no ancestor of l trains, so none saves
+  anything; if every layer before l is an ancestor (a chain), the row then sums to
+  ``X + sum_j base_j + sum_j grad_j``, which the optimizer rows bound, and its coefficient 0 keeps
+  the ILP well scaled. Otherwise l's options outside the backward pass get ``-M``, M above any
+  phase, so that row never attains the max.
 
 Then peak = max over phases, exactly `estimate(...).peak_bytes` (tests compare on random plans).
 Quantities are bytes and FLOPs (2 per multiply-add), as Python/NumPy integers.
@@ -29,10 +33,9 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 
-import networkx as nx
 import numpy as np
 
-from costmodel.estimate import (_with_optimizer, batch_syms, estimate, layer_cost, layer_graph, layer_state,
+from costmodel.estimate import (OPTIMIZERS, _with_optimizer, batch_syms, layer_ancestors, layer_cost, layer_state,
                                 normalize_mode)
 from costmodel.mode import TrainMode
 from costmodel.spec import ModelSpec
@@ -69,6 +72,15 @@ class Objective:
             return cls("weights", tuple(float(w) for w in text.split(",")))
         except ValueError:
             raise ValueError(f"objective: expected blocks, params or weights like 1,1,2, got {text!r}") from None
+
+    def __str__(self) -> str:
+        return ",".join(f"{w:g}" for w in self.weights) if self.weights else self.kind
+
+    @property
+    def meaning(self) -> str:
+        """What the primary value counts, for people."""
+        return {"blocks": "fully trained blocks", "params": "trained parameter bytes",
+                "weights": "weight of the fully trained blocks"}[self.kind]
 
     @property
     def integral(self) -> bool:
@@ -120,16 +132,21 @@ class CostTable:
 
     def __init__(self, spec: ModelSpec, batch: int, seq: int | None, optimizer: str,
                  lora_ranks: tuple[int, ...] = (), objective: Objective = Objective()):
-        estimate(spec, TrainMode(), batch, seq, optimizer)  # validates batch, seq and optimizer
+        if batch < 1:
+            raise ValueError(f"batch: must be >= 1, got {batch}")
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer: unknown {optimizer!r} ({', '.join(OPTIMIZERS)})")
         if any(r < 1 for r in lora_ranks):
-            raise ValueError(f"lora ranks must be >= 1, got {list(lora_ranks)}")
+            raise ValueError(f"lora ranks: must be >= 1, got {list(lora_ranks)}")
+        try:
+            self.tokens = spec.tokens_per_sample(seq)
+        except ValueError as exc:
+            raise ValueError(f"seq: {exc} ({spec.name})") from None
         self.spec, self.batch, self.seq, self.optimizer = spec, batch, seq, optimizer
         self.lora_ranks = tuple(sorted(set(lora_ranks)))
         self.objective = objective
-        self.tokens = spec.tokens_per_sample(seq)
-        graph = layer_graph(spec)
-        self.layers: list[str] = list(nx.topological_sort(graph))
-        self.ancestors = {name: nx.ancestors(graph, name) for name in self.layers}
+        self.ancestors: dict[str, frozenset[str]] = dict(layer_ancestors(spec))
+        self.layers = list(self.ancestors)  # topological order, as estimate sums
         fixed = normalize_mode(spec, TrainMode())
         self.states = {name: ["frozen", "full", *self.lora_ranks] if name.startswith("block.")
                        else [layer_state(fixed, name)] for name in self.layers}
@@ -197,8 +214,9 @@ class CostTable:
             names.append(f"forward {layer}")
             rows.append(base + below * (position < at) + fwd_peak * own)
             names.append(f"backward {layer}")
+            absent = 0 if set(self.layers[:at]) <= self.ancestors[layer] else -never
             rows.append(base + below * (position < at) + grad * (position > at)
-                        + np.where(own, np.where(in_backward, bwd_peak, 0), 0))
+                        + np.where(own, np.where(in_backward, bwd_peak, absent), 0))
         for at, layer in enumerate(self.layers):
             names.append(f"optimizer step ({layer})")
             rows.append(base + grad + temp * (position == at))
@@ -208,12 +226,26 @@ class CostTable:
     def selection(self, mode: TrainMode) -> list[int]:
         """The option index of each layer (in ``layers`` order) for ``mode``."""
         mode = normalize_mode(self.spec, mode)
+        if layer_state(mode, "embed") not in self.states["embed"]:
+            raise ValueError(f"{mode}: the planner keeps untied embeddings frozen")
         for block, rank in mode.lora.items():
             if rank not in self.lora_ranks:
                 raise ValueError(f"LoRA rank {rank} of block {block} is not in the menu {list(self.lora_ranks)}")
         trained = {name for name in self.layers if layer_state(mode, name) not in (False, "frozen")}
         return [self.index[name, layer_state(mode, name), bool(self.ancestors[name] & trained)]
                 for name in self.layers]
+
+    def head_only(self) -> np.ndarray:
+        """The smallest plan: only the head trains (and tied embeddings)."""
+        return np.array(self.selection(TrainMode()))
+
+    def block_training(self, selections: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per plan (rows of option indices; a row of -1 is no plan) and block: whether the block
+        trains fully, and whether it trains with LoRA."""
+        blocks = selections[:, [self.layers.index(f"block.{b}") for b in range(self.spec.n_blocks)]]
+        full = np.array([o.state == "full" for o in self.options])
+        lora = np.array([o.layer.startswith("block.") and o.state not in ("full", "frozen") for o in self.options])
+        return full[blocks] & (blocks >= 0), lora[blocks] & (blocks >= 0)
 
     def mode(self, selection) -> TrainMode:
         """The TrainMode of a selection (option indices, one per layer)."""

@@ -25,10 +25,10 @@ def random_config(rng: random.Random):
         fields = dict(kind=kind, n_blocks=n_blocks, d_model=width, n_heads=heads,
                       d_ff=rng.choice([width, 2 * width, 4 * width]), max_seq_len=256,
                       vocab_size=rng.choice([65, 80, 300]), n_classes=rng.choice([2, 10]),
-                      norm=rng.choice(["pre", "post"]), activation=rng.choice(["gelu", "relu"]),
+                      norm=rng.choice(["pre", "post"]), activation=rng.choice(["gelu", "relu", "gelu_new"]),
                       attention=rng.choice(["matmul", "sdpa"]), dtype=rng.choice(["fp32", "fp32", "bf16"]),
                       dropout=rng.choice([0.0, 0.0, 0.1]),
-                      tied_embeddings=kind == "gpt" and rng.random() < 0.25)
+                      tied_embeddings=kind == "gpt" and rng.random() < 0.25, fused_qkv=rng.random() < 0.3)
         if kind == "vit":
             patch = rng.choice([4, 7])
             fields.update(image_size=patch * rng.choice([1, 2, 4]), patch_size=patch, channels=rng.choice([1, 3]))

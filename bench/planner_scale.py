@@ -1,0 +1,101 @@
+"""Planner at fleet scale: 10,000 devices with distinct budgets x 4 twelve-block architectures, one device
+alone, and the fleet's plans checked against the per-device ILP on a random sample.
+
+    python bench/planner_scale.py [--devices 10000] [--sample 50] [--seed 0]
+
+Prints wall times (seconds) and how many sampled plans equal the ILP's optimum; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from costmodel import ModelSpec  # noqa: E402
+from planner import Budgets, CostTable, DeviceIlp, PlanSettings, plan  # noqa: E402
+from planner.frontier import compute_frontier  # noqa: E402
+from profiles import DeviceSpec  # noqa: E402
+
+SEQ = 128
+ARCHITECTURES = [ModelSpec(name=f"char-gpt-12x{width}", kind="gpt", n_blocks=12, d_model=width, n_heads=heads,
+                           d_ff=4 * width, max_seq_len=SEQ, vocab_size=80)
+                 for width, heads in ((128, 4), (192, 6), (256, 8), (320, 10))]
+
+
+def random_devices(n: int, seed: int) -> list[DeviceSpec]:
+    """Budgets drawn log-uniformly: memory 32 MiB-4 GiB, 2 GFLOP-5 TFLOP per round, upload 0.5-80 MiB."""
+    rng = random.Random(seed)
+    log_uniform = lambda lo, hi: math.exp(rng.uniform(math.log(lo), math.log(hi)))  # noqa: E731
+    return [DeviceSpec(name=f"device-{i}", memory_bytes=int(log_uniform(32 * 2**20, 4 * 2**30)),
+                       compute_flops=log_uniform(2e9, 5e12), upload_bytes=int(log_uniform(2**19, 80 * 2**20)),
+                       local_steps=rng.randint(1, 4), batch_size=rng.choice([4, 8, 16]))
+            for i in range(n)]
+
+
+def timed(function, *args):
+    started = time.perf_counter()
+    result = function(*args)
+    return result, time.perf_counter() - started
+
+
+def check_against_ilp(result, devices, settings: PlanSettings, sample: int, rng: random.Random) -> None:
+    """Solve sampled devices of the winning architecture by the per-device ILP; compare keys and peak."""
+    spec = result.spec(result.winner)
+    tables = {}
+    agree, seconds = 0, []
+    for i in rng.sample(range(len(devices)), sample):
+        device, entry = devices[i], result.devices[i]
+        table = tables.get(device.batch_size) or tables.setdefault(device.batch_size, CostTable(
+            spec, device.batch_size, settings.seq, settings.optimizer, settings.lora_ranks, settings.objective))
+        selection, elapsed = timed(DeviceIlp(table, Budgets.of_device(device, settings.margin)).solve)
+        seconds.append(elapsed)
+        if selection is None:
+            agree += entry.status == "infeasible"
+            continue
+        costs = table.evaluate(np.array(selection))
+        agree += (entry.status == "optimal" and len(entry.trained_blocks) == costs.primary[0]
+                  and entry.upload_bytes == costs.trained_bytes[0] and entry.peak_bytes == costs.peak_bytes[0])
+    print(f"  ILP check on {sample} sampled devices of {spec.name}: {agree}/{sample} optimal keys and peaks equal; "
+          f"ILP {np.mean(seconds) * 1e3:.0f} ms per device (median {np.median(seconds) * 1e3:.0f} ms)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=10_000)
+    parser.add_argument("--sample", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    devices = random_devices(args.devices, args.seed)
+    print(f"{len(devices)} devices with distinct budgets, batch sizes 4/8/16, "
+          f"{len(ARCHITECTURES)} architectures of 12 blocks (width {', '.join(str(s.d_model) for s in ARCHITECTURES)}), "
+          f"seq {SEQ}")
+    for ranks in ((), (4, 8, 16)):
+        settings = PlanSettings(lora_ranks=ranks, seq=SEQ, optimizer="adam")
+        print(f"\nLoRA menu {list(ranks) or 'none'} (adam):")
+        sizes = [len(compute_frontier(CostTable(spec, 8, SEQ, "adam", ranks))) for spec in ARCHITECTURES]
+        _, one_frontier = timed(compute_frontier, CostTable(ARCHITECTURES[-1], 8, SEQ, "adam", ranks))
+        print(f"  frontier sizes at batch 8: {sizes}; one frontier: {one_frontier * 1e3:.1f} ms")
+        result, fleet_seconds = timed(plan, ARCHITECTURES, devices, settings)
+        print(f"  fleet: {fleet_seconds:.2f} s for {len(devices)} devices x {len(ARCHITECTURES)} architectures "
+              f"({fleet_seconds / len(devices) / len(ARCHITECTURES) * 1e6:.1f} us per device-architecture); "
+              f"winner {result.winner}")
+        for arch in result.architectures:
+            print(f"    {arch.model}: {arch.mean_trained_blocks:.2f} blocks, {arch.mean_lora_blocks:.2f} LoRA blocks, "
+                  f"{arch.infeasible_devices} infeasible; {arch.verdict}")
+        _, single_one = timed(plan, ARCHITECTURES[-1:], devices[:1], settings)
+        _, single_all = timed(plan, ARCHITECTURES, devices[:1], settings)
+        print(f"  single device: {single_one * 1e3:.1f} ms with one architecture, "
+              f"{single_all * 1e3:.1f} ms choosing among {len(ARCHITECTURES)}")
+        check_against_ilp(result, devices, settings, args.sample, random.Random(args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Plan many devices at once, under each candidate architecture, and choose the architecture.
+
+For each architecture and each batch size in the fleet (peak memory and FLOPs per step depend on
+the batch; local steps only scale the compute test), `compute_frontier` gives the exact Pareto
+frontier of plans, best first; every device's optimum is the first frontier plan within its
+budgets, found for all devices at once by comparing arrays (devices x frontier plans). A budget
+is binding for a device when lifting it alone reaches a frontier plan of larger key. With
+``solver='ilp'`` each device is solved by its own `DeviceIlp` instead (the slow reference).
+
+An architecture's score is the mean objective per device (by default the mean number of fully
+trained blocks; an infeasible device scores 0); the highest score wins, ties going to fewer
+infeasible devices, then to the earlier candidate. ``min_coverage`` is a check, not an
+optimization: with every device on its own optimum, each block must be trained (fully or with
+LoRA) by at least that share of the devices; an architecture short in any block loses whatever
+its score, and is reported so; if none meets it there is no winner. (Raising coverage by moving
+devices off their optima is a fleet-wide assignment problem this planner does not attempt.)
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from costmodel.mode import TrainMode
+from costmodel.spec import ModelSpec
+from planner.budget import BUDGETS, Budgets
+from planner.frontier import compute_frontier
+from planner.ilp import DeviceIlp
+from planner.planfile import ArchitectureSummary, DeviceBudgets, DevicePlan, Needs, PlanFile
+from planner.table import CostTable, Objective, PlanCosts
+
+SOLVERS = ("frontier", "ilp")
+
+
+@dataclass(frozen=True)
+class PlanSettings:
+    """How to plan: objective, LoRA rank menu, memory margin, coverage, step shape and solver.
+
+    ``batch`` overrides every device's batch size; ``seq`` None is each model's maximum."""
+
+    objective: Objective = Objective()
+    lora_ranks: tuple[int, ...] = ()
+    margin: float = 0.05
+    min_coverage: float | None = None
+    batch: int | None = None
+    seq: int | None = None
+    optimizer: str = "sgd"
+    solver: str = "frontier"
+
+    def __post_init__(self):
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver: unknown {self.solver!r} ({', '.join(SOLVERS)})")
+        if not 0 <= self.margin < 1:
+            raise ValueError(f"margin: must be in [0, 1), got {self.margin}")
+        if self.min_coverage is not None and not 0 <= self.min_coverage <= 1:
+            raise ValueError(f"min_coverage: must be in [0, 1], got {self.min_coverage}")
+
+
+@dataclass
+class _Solved:
+    """One architecture's plans for every device, in fleet order. ``rows``: option indices per device,
+    -1 where infeasible; ``costs``: of the plan, or of the head-only plan where infeasible."""
+
+    spec: ModelSpec
+    tables: list[CostTable]
+    rows: np.ndarray
+    costs: PlanCosts
+    binding: np.ndarray  # (devices, budgets) bool
+    seconds: np.ndarray
+    full: np.ndarray  # (devices, blocks) bool
+    lora: np.ndarray
+
+    @property
+    def feasible(self) -> np.ndarray:
+        return self.rows[:, 0] >= 0
+
+
+def plan(specs: list[ModelSpec], devices: list, settings: PlanSettings = PlanSettings()) -> PlanFile:
+    """Plan ``devices`` (`profiles.DeviceSpec`) under each architecture in ``specs``; the plan file holds
+    every architecture's summary and the winner's per-device plans."""
+    if not specs or not devices:
+        raise ValueError("plan: need at least one model and one device")
+    if len({spec.name for spec in specs}) < len(specs):
+        raise ValueError("models: two candidate models share a name")
+    solved = [_solve_architecture(spec, devices, settings) for spec in specs]
+    summaries, winner = _summaries(solved, settings)
+    return PlanFile(objective=str(settings.objective), lora_ranks=list(settings.lora_ranks), margin=settings.margin,
+                    min_coverage=settings.min_coverage, seq=settings.seq, optimizer=settings.optimizer,
+                    solver=settings.solver, models=specs, architectures=summaries,
+                    winner=winner.spec.name if winner else None,
+                    devices=_entries(winner, devices, settings) if winner else [])
+
+
+def _solve_architecture(spec: ModelSpec, devices: list, settings: PlanSettings) -> _Solved:
+    n = len(devices)
+    batches = np.array([settings.batch or d.batch_size for d in devices])
+    budgets = [Budgets.of_device(d, settings.margin) for d in devices]
+    rows = np.full((n, spec.n_blocks + 3), -1)
+    costs = PlanCosts(*(np.zeros(n, dtype=dtype) for dtype in (np.int64,) * 4 + (float,)))
+    binding = np.zeros((n, len(BUDGETS)), dtype=bool)
+    seconds = np.zeros(n)
+    full = np.zeros((n, spec.n_blocks), dtype=bool)
+    lora = np.zeros((n, spec.n_blocks), dtype=bool)
+    tables: list[CostTable] = [None] * n
+    for batch in np.unique(batches):
+        members = np.flatnonzero(batches == batch)
+        started = time.perf_counter()
+        table = CostTable(spec, int(batch), settings.seq, settings.optimizer, settings.lora_ranks, settings.objective)
+        solve = _solve_by_frontier if settings.solver == "frontier" else _solve_by_ilp
+        rows[members], binding[members], seconds[members] = solve(table, [budgets[i] for i in members], started)
+        group_costs = _costs(table, rows[members])
+        for field in ("peak_bytes", "step_flops", "upload_bytes", "trained_bytes", "primary"):
+            getattr(costs, field)[members] = getattr(group_costs, field)
+        infeasible = members[rows[members, 0] < 0]
+        if len(infeasible):  # binding: the budgets the head-only plan breaks
+            over = Budgets.stack([budgets[i] for i in infeasible]).over(table.evaluate(table.head_only()))
+            binding[infeasible] = np.column_stack([over[budget][:, 0] for budget in BUDGETS])
+        full[members], lora[members] = table.block_training(rows[members])
+        for i in members:
+            tables[i] = table
+    return _Solved(spec, tables, rows, costs, binding, seconds, full, lora)
+
+
+def _solve_by_frontier(table: CostTable, budgets: list[Budgets], started: float):
+    """Option rows, binding budgets and seconds per device, from one frontier for all of them."""
+    frontier = compute_frontier(table)
+    stacked = Budgets.stack(budgets)
+    best = frontier.best(stacked)
+    binding = np.column_stack([_better(frontier.costs, frontier.best(stacked.without(b)), best) for b in BUDGETS])
+    rows = np.where(best[:, None] >= 0, frontier.selections[best], -1)
+    return rows, binding & (best >= 0)[:, None], (time.perf_counter() - started) / len(budgets)
+
+
+def _solve_by_ilp(table: CostTable, budgets: list[Budgets], started: float):
+    """Option rows, binding budgets and seconds per device, one ILP (and one per lifted budget) each."""
+    rows = np.full((len(budgets), len(table.layers)), -1)
+    binding = np.zeros((len(budgets), len(BUDGETS)), dtype=bool)
+    seconds = np.zeros(len(budgets))
+    for i, device_budgets in enumerate(budgets):
+        selection = DeviceIlp(table, device_budgets).solve()
+        if selection is not None:
+            rows[i] = selection
+            for k, budget in enumerate(BUDGETS):
+                lifted = DeviceIlp(table, device_budgets.without(budget)).solve(least_peak=False)
+                binding[i, k] = _better(table.evaluate(np.array([lifted, selection])), np.array([0]), np.array([1]))[0]
+        seconds[i] = time.perf_counter() - started
+        started = time.perf_counter()
+    return rows, binding, seconds
+
+
+def _better(costs: PlanCosts, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Whether plan a[i] has a larger key (primary, then trained bytes) than plan b[i]; -1 is no plan."""
+    primary_a, primary_b = costs.primary[a], costs.primary[b]
+    larger = (primary_a > primary_b) | ((primary_a == primary_b) & (costs.trained_bytes[a] > costs.trained_bytes[b]))
+    return larger & (a >= 0) & (b >= 0)
+
+
+def _costs(table: CostTable, rows: np.ndarray) -> PlanCosts:
+    """Costs of each row's plan, or of the head-only plan where the row is -1."""
+    plans, inverse = np.unique(np.where(rows[:, :1] >= 0, rows, table.head_only()), axis=0, return_inverse=True)
+    costs = table.evaluate(plans)
+    return PlanCosts(*(getattr(costs, f)[inverse.ravel()] for f in
+                       ("peak_bytes", "step_flops", "upload_bytes", "trained_bytes", "primary")))
+
+
+def _summaries(solved: list[_Solved], settings: PlanSettings) -> tuple[list[ArchitectureSummary], _Solved | None]:
+    scored = []
+    for result in solved:
+        feasible = result.feasible
+        coverage = (result.full | result.lora).mean(axis=0)
+        scored.append(dict(model=result.spec.name, score=float(np.where(feasible, result.costs.primary, 0).mean()),
+                           mean_trained_blocks=float(result.full.sum(axis=1).mean()),
+                           mean_lora_blocks=float(result.lora.sum(axis=1).mean()),
+                           infeasible_devices=int((~feasible).sum()), coverage=[float(c) for c in coverage],
+                           meets_min_coverage=settings.min_coverage is None
+                           or bool((coverage >= settings.min_coverage - 1e-12).all())))
+    eligible = [i for i, s in enumerate(scored) if s["meets_min_coverage"]]
+    best = max(eligible, key=lambda i: (scored[i]["score"], -scored[i]["infeasible_devices"], -i), default=None)
+    for i, summary in enumerate(scored):
+        summary["verdict"] = _verdict(summary, scored[best] if best is not None else None, i == best, settings)
+    return [ArchitectureSummary(**s) for s in scored], solved[best] if best is not None else None
+
+
+def _verdict(summary: dict, winner: dict | None, won: bool, settings: PlanSettings) -> str:
+    if won:
+        return "won: highest score" + (" meeting the minimum coverage" if settings.min_coverage is not None else "")
+    if not summary["meets_min_coverage"]:
+        block = int(np.argmin(summary["coverage"]))
+        return (f"lost: block {block} is trained by {summary['coverage'][block]:.1%} of devices, "
+                f"below the minimum coverage {settings.min_coverage:.1%}")
+    if summary["score"] < winner["score"]:
+        return f"lost: score {summary['score']:.4g} is below {winner['model']}'s {winner['score']:.4g}"
+    if summary["infeasible_devices"] > winner["infeasible_devices"]:
+        return (f"lost: ties {winner['model']} on score but has {summary['infeasible_devices']} infeasible "
+                f"devices to its {winner['infeasible_devices']}")
+    return f"lost: ties {winner['model']} on score and infeasible devices; {winner['model']} is listed first"
+
+
+def _entries(solved: _Solved, devices: list, settings: PlanSettings) -> list[DevicePlan]:
+    modes: dict[tuple, TrainMode] = {}
+    entries = []
+    for i, device in enumerate(devices):
+        table, row, costs = solved.tables[i], solved.rows[i], solved.costs
+        steps = device.local_steps
+        budgets = DeviceBudgets(memory_bytes=device.memory_bytes,
+                                usable_memory_bytes=device.memory_bytes * (1 - settings.margin),
+                                compute_flops=device.compute_flops, upload_bytes=device.upload_bytes,
+                                local_steps=steps, batch_size=table.batch)
+        binding = [budget for budget, bound in zip(BUDGETS, solved.binding[i]) if bound]
+        common = dict(device=device.name, model=solved.spec.name, budgets=budgets, binding=binding,
+                      solver_seconds=float(solved.seconds[i]))
+        if row[0] < 0:
+            needs = Needs(memory_bytes=float(costs.peak_bytes[i]) / (1 - settings.margin),
+                          compute_flops=steps * int(costs.step_flops[i]), upload_bytes=int(costs.upload_bytes[i]))
+            entries.append(DevicePlan(status="infeasible", mode=None, needs=needs, **common))
+            continue
+        key = (table.batch, tuple(row))
+        mode = modes[key] if key in modes else modes.setdefault(key, table.mode(row))
+        entries.append(DevicePlan(status="optimal", mode=str(mode), trained_blocks=sorted(mode.blocks),
+                                  lora_ranks=mode.lora, peak_bytes=int(costs.peak_bytes[i]),
+                                  flops_per_round=steps * int(costs.step_flops[i]),
+                                  upload_bytes=int(costs.upload_bytes[i]), **common))
+    return entries

@@ -1,0 +1,156 @@
+"""The plan file: versioned JSON that ``caff plan`` writes and ``caff validate`` / ``caff train`` read.
+
+One entry per device (what it trains, the predicted costs, its budgets, the binding budgets), the
+candidate architectures' summaries and the model specs, with the batch/seq/optimizer the costs
+were predicted for, so that a reader can rebuild every estimate. Sizes in bytes, work in FLOPs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from costmodel.estimate import OPTIMIZERS
+from costmodel.mode import TrainMode
+from costmodel.spec import ModelSpec
+from profiles import one_line_validation_error
+
+PLAN_FILE_VERSION = 1
+Budget = Literal["memory", "compute", "upload"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DeviceBudgets(_Strict):
+    """A device's per-round budgets as planned; usable memory is memory * (1 - margin)."""
+
+    memory_bytes: int
+    usable_memory_bytes: float
+    compute_flops: float
+    upload_bytes: int
+    local_steps: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+
+
+class Needs(_Strict):
+    """What the smallest plan (head only) needs: memory before the margin, FLOPs per round, upload bytes."""
+
+    memory_bytes: float
+    compute_flops: int
+    upload_bytes: int
+
+
+class DevicePlan(_Strict):
+    """One device's plan. ``binding``: for an optimal plan, the budgets that alone stop a better plan
+    (relaxing any one of them would allow a better one); for an infeasible device, the budgets the
+    head-only plan breaks."""
+
+    device: str
+    model: str
+    status: Literal["optimal", "infeasible"]
+    mode: str | None
+    trained_blocks: list[int] = []
+    lora_ranks: dict[int, int] = {}
+    peak_bytes: int | None = None
+    flops_per_round: int | None = None
+    upload_bytes: int | None = None
+    budgets: DeviceBudgets
+    binding: list[Budget] = []
+    needs: Needs | None = None
+    solver_seconds: float = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _status_fields(self) -> "DevicePlan":
+        planned = (self.mode, self.peak_bytes, self.flops_per_round, self.upload_bytes)
+        if self.status == "optimal" and (None in planned or self.needs is not None):
+            raise ValueError(f"device {self.device!r}: an optimal plan has mode and costs and no needs")
+        if self.status == "infeasible" and (planned != (None,) * 4 or self.needs is None):
+            raise ValueError(f"device {self.device!r}: an infeasible device has needs and no mode or costs")
+        return self
+
+
+class ArchitectureSummary(_Strict):
+    """How one candidate architecture did over the fleet; ``score`` is the mean objective per device
+    (0 for an infeasible device), ``coverage[b]`` the share of devices training block b (fully or LoRA)."""
+
+    model: str
+    score: float
+    mean_trained_blocks: float
+    mean_lora_blocks: float
+    infeasible_devices: int
+    coverage: list[float]
+    meets_min_coverage: bool
+    verdict: str
+
+
+class PlanFile(_Strict):
+    version: Literal[1] = PLAN_FILE_VERSION
+    objective: str
+    lora_ranks: list[int]
+    margin: float = Field(ge=0, lt=1)
+    min_coverage: float | None = Field(default=None, ge=0, le=1)
+    seq: int | None = Field(default=None, ge=1, description="tokens per sample; null: each model's maximum")
+    optimizer: Literal[OPTIMIZERS]
+    solver: Literal["frontier", "ilp"]
+    models: list[ModelSpec]
+    architectures: list[ArchitectureSummary]
+    winner: str | None
+    devices: list[DevicePlan]
+
+    @model_validator(mode="after")
+    def _references(self) -> "PlanFile":
+        specs = {spec.name: spec for spec in self.models}
+        if self.winner is not None and self.winner not in specs:
+            raise ValueError(f"winner {self.winner!r} is not among the models")
+        for entry in self.devices:
+            if entry.model not in specs:
+                raise ValueError(f"device {entry.device!r}: model {entry.model!r} is not among the models")
+            if entry.mode is not None:
+                mode = TrainMode.parse(entry.mode, specs[entry.model].n_blocks)
+                if sorted(mode.blocks) != entry.trained_blocks or mode.lora != entry.lora_ranks:
+                    raise ValueError(f"device {entry.device!r}: mode {entry.mode!r} disagrees with "
+                                     "trained_blocks/lora_ranks")
+        return self
+
+    def spec(self, name: str) -> ModelSpec:
+        return next(spec for spec in self.models if spec.name == name)
+
+
+def write_plan_file(path: str | Path, plan: PlanFile) -> None:
+    """Write ``plan`` as JSON, atomically (a temporary file in the same folder, then os.replace)."""
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(plan.model_dump_json(indent=1))
+            out.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def read_plan_file(path: str | Path) -> PlanFile:
+    """Read and check a plan file; ValueError with one line naming the file and the bad field."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"cannot read plan file {path}: {exc.strerror}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a JSON plan file ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a plan file is a JSON object")
+    if data.get("version") != PLAN_FILE_VERSION:
+        raise ValueError(f"{path}: plan file version {data.get('version')!r} is not supported "
+                         f"(this caff reads version {PLAN_FILE_VERSION})")
+    try:
+        return PlanFile.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(f"{path}: {one_line_validation_error(exc)}") from None

