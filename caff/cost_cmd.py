@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from costmodel import TrainMode, estimate, load_spec, measure
+from costmodel.hf import measure_hf
 
 
 def add_parser(subparsers) -> dict:
@@ -28,7 +30,10 @@ def run(args) -> int:
     report = estimate(spec, mode, args.batch, args.seq, args.optimizer)
     out = report.to_json()
     if args.measure:
-        measured = measure(spec, mode, args.batch, args.seq, args.optimizer)
+        if Path(args.model).is_dir():  # the real transformers model, pretrained weights and all
+            measured = measure_hf(spec, mode, args.batch, args.seq, args.optimizer, model_dir=args.model)
+        else:
+            measured = measure(spec, mode, args.batch, args.seq, args.optimizer)
         out["measured"] = {"total": measured.total(), "layers": measured.layers,
                            "relative_error": {k: _relative(out["total"][k], v) for k, v in measured.total().items()
                                               if k in out["total"]}}
@@ -67,7 +72,7 @@ def _print_table(out: dict) -> None:
         table.add_row(layer["name"], *row)
     total = out["total"]
     table.add_row("total", *[fmt(total[key]) for key, fmt in columns], style="bold")
-    console = Console()
+    console = Console(width=max(Console().width, 150))
     console.print(table)
     console.print(f"peak memory of one step: {format_bytes(total['peak_bytes'])} (at {out['peak_phase']}); "
                   f"elementwise FLOPs not counted above: {format_flops(total['elementwise_flops'])}")

@@ -16,7 +16,9 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from profiles import one_line_validation_error
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 
@@ -114,7 +116,10 @@ def load_spec(model: str) -> ModelSpec:
             raise ValueError(f"{model}: directory has no config.json")
         return spec_from_hf_config(_read_json(config), name=path.name)
     if path.is_file():
-        return ModelSpec(**_read_json(path))
+        try:
+            return ModelSpec(**_read_json(path))
+        except ValidationError as exc:
+            raise ValueError(f"{path}: {one_line_validation_error(exc)}") from None
     raise ValueError(f"unknown model {model!r}: not a zoo name ({', '.join(ZOO)}), spec file or model directory")
 
 

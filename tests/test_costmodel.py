@@ -6,8 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import random_config
 from costmodel import ZOO, ModelSpec, TrainMode, estimate, measure
+from costmodel.sampling import random_config
 
 PER_LAYER = ("fwd_flops", "bwd_flops", "activation_bytes")
 
