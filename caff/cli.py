@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from caff import cost_cmd
+import importlib
+import importlib.util
 
 
 class _Parser(argparse.ArgumentParser):
@@ -14,14 +15,12 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+SUBCOMMANDS = ("cost_cmd", "plan_cmd", "train_cmd", "pretrain_cmd")
+
+
 def _subcommands():
-    commands = [cost_cmd]
-    try:
-        from caff import plan_cmd
-        commands.append(plan_cmd)
-    except ImportError:  # the planner's optional pieces are missing
-        pass
-    return commands
+    return [importlib.import_module(f"caff.{name}") for name in SUBCOMMANDS
+            if importlib.util.find_spec(f"caff.{name}") is not None]
 
 
 def main(argv: list[str] | None = None) -> int:

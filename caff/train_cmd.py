@@ -1,0 +1,159 @@
+"""``caff validate``, ``caff train``, ``caff report`` and ``caff demo``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from profiles import format_bytes, format_flops
+
+
+def add_parser(subparsers) -> dict:
+    validate = subparsers.add_parser("validate", help="run each distinct plan of a plan file for real and compare")
+    validate.add_argument("plan", help="plan file written by caff plan")
+    validate.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present, and cpu)")
+
+    train = subparsers.add_parser("train", help="federated rounds in which every device executes its plan")
+    train.add_argument("--config", help="JSON file with the fields below (flags override it)")
+    train.add_argument("--task", choices=["shakespeare", "fashion-mnist"])
+    train.add_argument("--method", choices=["caff", "lora", "full", "head", "fedra", "smallest"])
+    train.add_argument("--plan", help="plan file (caff plan); or give --fleet and --model to plan here")
+    train.add_argument("--fleet", help="fleet name or file, planned with --model")
+    train.add_argument("--model", help="candidate architectures, comma-separated (with --fleet)")
+    train.add_argument("--fleet-size", type=int, default=100, help="devices drawn from a fleet given by shares")
+    train.add_argument("--rounds", type=int)
+    train.add_argument("--clients-per-round", type=int)
+    train.add_argument("--local-steps", type=int, help="default: each device's planned local steps")
+    train.add_argument("--lr", type=float)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--drop-rate", type=float, help="chance that a sampled device fails mid-round")
+    train.add_argument("--no-pretrained", action="store_true", help="start from random weights")
+    train.add_argument("--out", required=True, help="run directory (metrics.jsonl, checkpoints)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out")
+
+    report = subparsers.add_parser("report", help="compare runs: a table and accuracy plots (PNG)")
+    report.add_argument("runs", nargs="+", help="run directories")
+    report.add_argument("-o", "--output", default="report.png", help="plot file (default report.png)")
+
+    demo = subparsers.add_parser("demo", help="plan the edge-mix fleet and compare caff with lora on Shakespeare")
+    demo.add_argument("--rounds", type=int, default=8)
+    demo.add_argument("--out", default="demo-runs")
+    return {"validate": run_validate, "train": run_train, "report": run_report, "demo": run_demo}
+
+
+def run_validate(args) -> int:
+    from planner.planfile import read_plan_file
+    from trainer.validate import validate_plan
+
+    plan = read_plan_file(args.plan)
+    rows = validate_plan(plan, args.device)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{args.plan}: predicted, measured and budget, per distinct plan")
+    for column in ("model", "mode", "batch", "devices", "peak predicted", "peak measured", "memory budget",
+                   "FLOPs/round predicted", "FLOPs/round measured", "upload", "verdict"):
+        table.add_column(column, justify="left" if column in ("model", "mode", "verdict") else "right")
+    for row in rows:
+        table.add_row(row["model"], row["mode"], str(row["batch"]), str(row["devices"]),
+                      format_bytes(row["peak_predicted"]), format_bytes(row["peak_measured"]),
+                      format_bytes(row["memory_budget"]), format_flops(row["flops_predicted"]),
+                      format_flops(row["flops_measured"]), format_bytes(row["upload"]),
+                      "ok" if row["within_budget"] else "OVER BUDGET")
+    Console(width=200).print(table)
+    return 0 if all(row["within_budget"] for row in rows) else 1
+
+
+def _train_config(args):
+    from trainer.engine import TrainConfig
+
+    fields = {}
+    if args.config:
+        try:
+            fields = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{args.config}: unreadable config ({exc})") from None
+    for key in ("task", "method", "rounds", "clients_per_round", "local_steps", "lr", "seed", "drop_rate"):
+        if getattr(args, key) is not None:
+            fields[key] = getattr(args, key)
+    if args.no_pretrained:
+        fields["pretrained"] = False
+    plan_source = {k: fields.pop(k, None) for k in ("plan", "fleet", "model")}
+    for key in plan_source:
+        plan_source[key] = getattr(args, key) or plan_source[key]
+    from pydantic import ValidationError
+
+    from profiles import one_line_validation_error
+    try:
+        return TrainConfig(**fields), plan_source
+    except ValidationError as exc:
+        raise ValueError(one_line_validation_error(exc)) from None
+
+
+def _plan_for(source: dict, fleet_size: int, seed: int):
+    from planner.planfile import read_plan_file
+
+    if source["plan"]:
+        return read_plan_file(source["plan"])
+    if not (source["fleet"] and source["model"]):
+        raise ValueError("give --plan, or --fleet with --model")
+    from costmodel import load_spec
+    from planner.fleet import PlanSettings, plan
+    from profiles import load_fleet
+
+    fleet = load_fleet(source["fleet"])
+    devices = fleet.expand(fleet_size if fleet.uses_shares else None, seed=seed)
+    return plan([load_spec(m) for m in source["model"].split(",")], devices,
+                PlanSettings(seq=80, lora_ranks=(2, 4, 8, 16)))
+
+
+def run_train(args) -> int:
+    from rich.progress import Progress
+
+    from trainer.engine import run
+
+    config, source = _train_config(args)
+    plan = _plan_for(source, args.fleet_size, config.seed)
+    with Progress(transient=True) as bar:
+        task = bar.add_task(f"{config.method}: rounds x clients", total=config.rounds * config.clients_per_round)
+        metrics = run(config, plan, args.out, resume=args.resume, progress=lambda: bar.advance(task))
+    _print_rounds(metrics)
+    return 0
+
+
+def _print_rounds(metrics: list[dict]) -> None:
+    for m in metrics:
+        trained = [c for c in m["clients"] if c["status"] == "trained"]
+        over = [c["device"] for c in trained if c["peak_bytes"] > c["memory_budget_bytes"]]
+        print(f"round {m['round']:3d}  {m['method']:8s} test loss {m['test_loss']:.3f}  accuracy "
+              f"{m['test_accuracy']:.3f}  trained {len(trained)}/{len(m['clients'])}  upload "
+              f"{format_bytes(m['uploaded_bytes'])}  {format_flops(m['flops'])}  {m['seconds']:.1f} s"
+              + (f"  OVER MEMORY BUDGET: {', '.join(over)}" if over else ""))
+
+
+def run_report(args) -> int:
+    from trainer.report import load_runs, plot_runs, summary_rows
+
+    runs = load_runs(args.runs)
+    for row in summary_rows(runs):
+        print(row)
+    plot_runs(runs, args.output)
+    print(f"plot written to {args.output}", file=sys.stderr)
+    return 0
+
+
+def run_demo(args) -> int:
+    """Plan the shipped edge-mix fleet and run caff and lora under the same budgets."""
+    from types import SimpleNamespace
+
+    out = Path(args.out)
+    for method in ("caff", "lora"):
+        run_args = SimpleNamespace(
+            config=None, task="shakespeare", method=method, plan=None, fleet="edge-mix",
+            model="char-gpt-xs,char-gpt-s,char-gpt-m", fleet_size=40, rounds=args.rounds, clients_per_round=10,
+            local_steps=None, lr=None, seed=0, drop_rate=None, no_pretrained=False, out=str(out / method),
+            resume=(out / method / "state.json").exists())
+        print(f"== {method}")
+        run_train(run_args)
+    return run_report(SimpleNamespace(runs=[str(out / "caff"), str(out / "lora")], output=str(out / "demo.png")))

@@ -1,0 +1,112 @@
+"""Local training that executes a plan: the one function every engine calls on a device.
+
+`local_train` builds the model from the global weights, makes it train what the `TrainMode`
+says (frozen parameters have ``requires_grad=False``, blocks below the lowest trained one run
+under ``torch.no_grad()``, LoRA via peft, the optimizer holds only trained parameters), runs
+``steps`` steps and returns the update a device uploads: only what it trained. LoRA adapters
+are sent as their A and B factors (that is the upload); `lora_deltas` turns them into the dense
+change B A * scale of each adapted weight, so the server averages changes, whatever the ranks.
+
+One step is measured: FLOPs with ``FlopCounterMode`` (math SDPA), the peak of live
+tensor bytes with `costmodel.measure.LiveBytes` (on CUDA also ``max_memory_allocated``). All
+steps have the same shapes, so FLOPs per round are steps x that step's FLOPs. The measured step is
+the second when there are two or more, so that the optimizer state exists, as in the estimate.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from costmodel import ModelSpec, TrainMode, apply_mode, build_model, make_optimizer
+from costmodel.measure import LiveBytes, _state_tensors
+
+
+@dataclass
+class LocalResult:
+    """What a device sends back, and what it measured. Bytes, FLOPs, seconds."""
+
+    update: dict[str, torch.Tensor]  # parameter name -> new value or, for LoRA factors, the factor
+    n_samples: int
+    loss: float
+    upload_bytes: int
+    flops: int
+    peak_bytes: int
+    seconds: float
+    lora_scales: dict[str, float] = field(default_factory=dict)  # adapted weight name -> alpha / r
+
+
+def _trained_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trained tensors by the name the global (LoRA-free) model uses, or peft's name for factors."""
+    out = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            out[name.replace(".base_layer.", ".")] = param.detach().clone()
+    return out
+
+
+def _lora_scales(model: torch.nn.Module) -> dict[str, float]:
+    return {f"{name}.weight": module.scaling["default"] for name, module in model.named_modules()
+            if hasattr(module, "lora_A") and "default" in getattr(module, "scaling", {})}
+
+
+def local_train(global_state: dict[str, torch.Tensor], spec: ModelSpec, mode: TrainMode,
+                batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, optimizer: str = "sgd",
+                lr: float = 0.1, seed: int = 0, device: str = "cpu", measure: bool = True) -> LocalResult:
+    """Train ``mode`` of ``spec`` from ``global_state`` for ``steps`` batches; return the update.
+
+    ``measure=False`` skips the measured step (FLOPs and peak are then 0): an engine that has
+    measured the same mode at the same shapes already can reuse those figures."""
+    started = time.perf_counter()
+    torch.manual_seed(seed)  # LoRA's A initialisation
+    model = build_model(spec)
+    model.load_state_dict(global_state)
+    model = apply_mode(model, mode).to(device).train()
+    opt = make_optimizer(model.parameters(), optimizer, lr=lr)
+    measured_step = min(1, steps - 1) if measure else -1
+    flops = peak = 0
+    losses, n_samples = [], 0
+    for step in range(steps):
+        inputs, targets = (t.to(device) for t in next(batches))
+        n_samples += len(inputs)
+        if step == measured_step:
+            counter, tracker = FlopCounterMode(display=False), LiveBytes()
+            tracker.track([*_state_tensors(model, opt), inputs, targets])
+            with sdpa_kernel(SDPBackend.MATH), counter, tracker:
+                loss = _step(model, opt, inputs, targets)
+            flops, peak = counter.get_total_flops() * steps, tracker.peak
+        else:
+            loss = _step(model, opt, inputs, targets)
+        losses.append(loss)
+    update = _trained_state(model)
+    return LocalResult(update=update, n_samples=n_samples, loss=sum(losses) / len(losses),
+                       upload_bytes=sum(t.numel() * t.element_size() for t in update.values()),
+                       flops=flops, peak_bytes=peak, seconds=time.perf_counter() - started,
+                       lora_scales=_lora_scales(model))
+
+
+def _step(model, opt, inputs, targets) -> float:
+    loss = model(inputs, targets)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def lora_deltas(result: LocalResult, global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The update as changes of global tensors: new - old for trained tensors, B A * scale for LoRA."""
+    deltas = {}
+    for name, value in result.update.items():
+        if ".lora_A." in name or ".lora_B." in name:
+            continue
+        deltas[name] = value - global_state[name]
+    for weight, scale in result.lora_scales.items():
+        base = weight[: -len(".weight")]
+        down, up = result.update[f"{base}.lora_A.default.weight"], result.update[f"{base}.lora_B.default.weight"]
+        deltas[weight] = (up @ down) * scale
+    return deltas

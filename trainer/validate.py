@@ -1,0 +1,36 @@
+"""``caff validate``: run each distinct plan of a plan file for real; predicted, measured, budget."""
+
+from __future__ import annotations
+
+import torch
+
+from costmodel import TrainMode, estimate, measure
+from planner.planfile import PlanFile
+
+
+def validate_plan(plan: PlanFile, device: str | None = None) -> list[dict]:
+    """One row per distinct (model, mode, batch, local steps): predictions, CPU measurement (and CUDA's
+    ``max_memory_allocated`` when a GPU is present or asked for), and the tightest memory budget."""
+    devices = [device] if device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    groups: dict[tuple, list] = {}
+    for entry in plan.devices:
+        if entry.status == "optimal":
+            key = (entry.model, entry.mode, entry.budgets.batch_size, entry.budgets.local_steps)
+            groups.setdefault(key, []).append(entry)
+    rows = []
+    for (model, text, batch, steps), entries in groups.items():
+        spec = plan.spec(model)
+        mode = TrainMode.parse(text, spec.n_blocks)
+        predicted = estimate(spec, mode, batch, plan.seq, plan.optimizer)
+        budget = min(e.budgets.memory_bytes for e in entries)
+        for where in devices:
+            seen = measure(spec, mode, batch, plan.seq, plan.optimizer, device=where)
+            peak = seen.cuda_peak_bytes if where == "cuda" else seen.peak_bytes
+            rows.append({
+                "model": model, "mode": text + ("" if where == "cpu" else f" [{where}]"), "batch": batch,
+                "devices": len(entries), "peak_predicted": predicted.peak_bytes, "peak_measured": peak,
+                "memory_budget": budget,
+                "flops_predicted": steps * (predicted.totals["fwd_flops"] + predicted.totals["bwd_flops"]),
+                "flops_measured": steps * (seen.fwd_flops + seen.bwd_flops),
+                "upload": predicted.totals["upload_bytes"], "within_budget": peak <= budget})
+    return rows
