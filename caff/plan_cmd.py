@@ -7,7 +7,7 @@ from collections import Counter
 
 from costmodel.estimate import OPTIMIZERS
 from costmodel.spec import load_spec
-from planner import SOLVERS, Objective, PlanFile, PlanSettings, plan, write_plan_file
+from planner import SOLVERS, Objective, PlanFile, PlanSettings, SolverError, plan, write_plan_file
 from profiles import format_bytes, format_flops, load_device, load_fleet
 
 MAX_ROWS = 30  # device rows printed; the plan file holds them all
@@ -59,7 +59,10 @@ def run(args) -> int:
         if fleet.uses_shares and args.fleet_size is None:
             raise ValueError(f"--fleet-size: fleet {fleet.name!r} is given by shares; say how many devices to draw")
         devices = fleet.expand(args.fleet_size, args.seed)
-    result = plan(specs, devices, settings)
+    try:
+        result = plan(specs, devices, settings)
+    except SolverError as exc:
+        raise ValueError(f"--solver ilp: {exc}") from None
     if args.output:
         write_plan_file(args.output, result)
     if args.json:
@@ -99,7 +102,8 @@ def _print(result: PlanFile, args, n_devices: int) -> None:
     if result.winner:
         _print_devices(console, Table, result, where)
     if len(result.architectures) > 1 or result.min_coverage is not None:
-        table = Table(title=f"Architectures for {where}; score: mean {Objective.parse(result.objective).meaning} per device")
+        meaning = Objective.parse(result.objective).meaning
+        table = Table(title=f"Architectures for {where}; score: mean {meaning} per device")
         for column in ("model", "score", "fully trained blocks", "LoRA blocks", "infeasible", "least coverage",
                        "verdict"):
             table.add_column(column, justify="left" if column in ("model", "verdict") else "right")

@@ -153,11 +153,11 @@ def estimate(spec: ModelSpec, mode: TrainMode, batch: int = 16, seq: int | None 
     for name, ancestors in layer_ancestors(spec):
         input_grad = not trained.isdisjoint(ancestors)
         cost = layer_cost(spec, name, layer_state(mode, name), input_grad, batch, tokens)
-        layers.append(_with_optimizer(cost, optimizer))
+        layers.append(with_optimizer(cost, optimizer))
     return _report(spec, mode, batch, tokens, optimizer, layers)
 
 
-def _with_optimizer(cost: LayerCost, optimizer: str) -> LayerCost:
+def with_optimizer(cost: LayerCost, optimizer: str) -> LayerCost:
     return replace(cost, optimizer_bytes=optimizer_state_bytes(optimizer, cost.trained_param_bytes, cost.trained_tensors),
                    step_temp_bytes=optimizer_temp_bytes(optimizer, cost.largest_trained_tensor_bytes),
                    upload_bytes=cost.trained_param_bytes)

@@ -19,11 +19,11 @@ devices off their optima is a fleet-wide assignment problem this planner does no
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
-from costmodel.mode import TrainMode
+from costmodel.estimate import layer_names
 from costmodel.spec import ModelSpec
 from planner.budget import BUDGETS, Budgets
 from planner.frontier import compute_frontier
@@ -97,7 +97,7 @@ def _solve_architecture(spec: ModelSpec, devices: list, settings: PlanSettings) 
     n = len(devices)
     batches = np.array([settings.batch or d.batch_size for d in devices])
     budgets = [Budgets.of_device(d, settings.margin) for d in devices]
-    rows = np.full((n, spec.n_blocks + 3), -1)
+    rows = np.full((n, len(layer_names(spec))), -1)
     costs = PlanCosts(*(np.zeros(n, dtype=dtype) for dtype in (np.int64,) * 4 + (float,)))
     binding = np.zeros((n, len(BUDGETS)), dtype=bool)
     seconds = np.zeros(n)
@@ -111,8 +111,8 @@ def _solve_architecture(spec: ModelSpec, devices: list, settings: PlanSettings) 
         solve = _solve_by_frontier if settings.solver == "frontier" else _solve_by_ilp
         rows[members], binding[members], seconds[members] = solve(table, [budgets[i] for i in members], started)
         group_costs = _costs(table, rows[members])
-        for field in ("peak_bytes", "step_flops", "upload_bytes", "trained_bytes", "primary"):
-            getattr(costs, field)[members] = getattr(group_costs, field)
+        for field in fields(PlanCosts):
+            getattr(costs, field.name)[members] = getattr(group_costs, field.name)
         infeasible = members[rows[members, 0] < 0]
         if len(infeasible):  # binding: the budgets the head-only plan breaks
             over = Budgets.stack([budgets[i] for i in infeasible]).over(table.evaluate(table.head_only()))
@@ -160,9 +160,7 @@ def _better(costs: PlanCosts, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _costs(table: CostTable, rows: np.ndarray) -> PlanCosts:
     """Costs of each row's plan, or of the head-only plan where the row is -1."""
     plans, inverse = np.unique(np.where(rows[:, :1] >= 0, rows, table.head_only()), axis=0, return_inverse=True)
-    costs = table.evaluate(plans)
-    return PlanCosts(*(getattr(costs, f)[inverse.ravel()] for f in
-                       ("peak_bytes", "step_flops", "upload_bytes", "trained_bytes", "primary")))
+    return table.evaluate(plans).take(inverse.ravel())
 
 
 def _summaries(solved: list[_Solved], settings: PlanSettings) -> tuple[list[ArchitectureSummary], _Solved | None]:
@@ -199,27 +197,28 @@ def _verdict(summary: dict, winner: dict | None, won: bool, settings: PlanSettin
 
 
 def _entries(solved: _Solved, devices: list, settings: PlanSettings) -> list[DevicePlan]:
-    modes: dict[tuple, TrainMode] = {}
+    planned: dict[tuple, dict] = {}  # (batch, option row) -> the entry fields of that plan
+    peaks, step_flops, uploads = (getattr(solved.costs, f).tolist() for f in ("peak_bytes", "step_flops",
+                                                                              "upload_bytes"))
     entries = []
-    for i, device in enumerate(devices):
-        table, row, costs = solved.tables[i], solved.rows[i], solved.costs
-        steps = device.local_steps
+    for i, (device, row, bound, seconds) in enumerate(zip(devices, solved.rows.tolist(), solved.binding.tolist(),
+                                                          solved.seconds.tolist())):
+        table, steps = solved.tables[i], device.local_steps
         budgets = DeviceBudgets(memory_bytes=device.memory_bytes,
                                 usable_memory_bytes=device.memory_bytes * (1 - settings.margin),
                                 compute_flops=device.compute_flops, upload_bytes=device.upload_bytes,
                                 local_steps=steps, batch_size=table.batch)
-        binding = [budget for budget, bound in zip(BUDGETS, solved.binding[i]) if bound]
-        common = dict(device=device.name, model=solved.spec.name, budgets=budgets, binding=binding,
-                      solver_seconds=float(solved.seconds[i]))
+        common = dict(device=device.name, model=solved.spec.name, budgets=budgets, solver_seconds=seconds,
+                      binding=[budget for budget, is_bound in zip(BUDGETS, bound) if is_bound])
         if row[0] < 0:
-            needs = Needs(memory_bytes=float(costs.peak_bytes[i]) / (1 - settings.margin),
-                          compute_flops=steps * int(costs.step_flops[i]), upload_bytes=int(costs.upload_bytes[i]))
+            needs = Needs(memory_bytes=peaks[i] / (1 - settings.margin), compute_flops=steps * step_flops[i],
+                          upload_bytes=uploads[i])
             entries.append(DevicePlan(status="infeasible", mode=None, needs=needs, **common))
             continue
         key = (table.batch, tuple(row))
-        mode = modes[key] if key in modes else modes.setdefault(key, table.mode(row))
-        entries.append(DevicePlan(status="optimal", mode=str(mode), trained_blocks=sorted(mode.blocks),
-                                  lora_ranks=mode.lora, peak_bytes=int(costs.peak_bytes[i]),
-                                  flops_per_round=steps * int(costs.step_flops[i]),
-                                  upload_bytes=int(costs.upload_bytes[i]), **common))
+        if key not in planned:
+            mode = table.mode(row)
+            planned[key] = dict(mode=str(mode), trained_blocks=sorted(mode.blocks), lora_ranks=mode.lora)
+        entries.append(DevicePlan(status="optimal", peak_bytes=peaks[i], flops_per_round=steps * step_flops[i],
+                                  upload_bytes=uploads[i], **planned[key], **common))
     return entries

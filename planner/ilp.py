@@ -33,6 +33,14 @@ The linearization is exact: every feasible (x, g, y) is one plan, its y the plan
 ``max_p`` of the phase sums is `estimate`'s peak (tests compare them on random plans). CBC works
 in floating point, so each solution is re-checked in integers; a plan that breaks a budget by a
 solver tolerance is cut off (``sum of its y <= |L| - 1``) and the level is solved again.
+
+Ties make levels hard: with a LoRA menu, maximizing trained bytes among plans of equally many full
+blocks is a subset-sum over look-alike blocks, whose LP bound sits just above the optimum. Any two
+plans of the same earlier levels differ in a level's objective by a multiple of its *step* (a gcd,
+`objective_step`), so CBC is told to prune nodes that cannot beat the incumbent by a step
+(``-increment``); that closes most such gaps at the root. What stays unproven within
+``time_limit`` seconds raises `SolverError`. The costs are in MiB and GFLOP in the ILP (better
+scaled for CBC); the plan's exact integers always come from `CostTable`.
 """
 
 from __future__ import annotations
@@ -43,14 +51,19 @@ import numpy as np
 import pulp
 
 from planner.budget import Budgets
-from planner.table import CostTable
+from planner.table import CostTable, trains
 
-MiB = 2**20  # the ILP counts bytes in MiB and FLOPs in GFLOP: CBC is better scaled so
+MiB = 2**20
 GFLOP = 1e9
 
 
+class SolverError(RuntimeError):
+    """CBC stopped without proving an optimum (time limit or numerical trouble)."""
+
+
 class DeviceIlp:
-    """The ILP of one table under one device's budgets; `solve` returns the optimal option indices."""
+    """The ILP of one table under one device's budgets; `solve` returns the optimal option indices.
+    ``time_limit``: seconds per CBC solve."""
 
     def __init__(self, table: CostTable, budgets: Budgets, time_limit: float = 120.0):
         self.table, self.budgets, self.time_limit = table, budgets, time_limit
@@ -63,8 +76,7 @@ class DeviceIlp:
         self.peak = problem.add_variable("peak", lowBound=0)
         for l in layers:
             problem += pulp.lpSum(self.x[l, s] for s in table.states[l]) == 1
-            trained_above = [self.x[j, s] for j in table.ancestors[l] for s in table.states[j]
-                             if s not in (False, "frozen")]
+            trained_above = [self.x[j, s] for j in table.ancestors[l] for s in table.states[j] if trains(s)]
             for x_js in trained_above:
                 problem += g[l] >= x_js
             problem += g[l] <= pulp.lpSum(trained_above)
@@ -76,8 +88,7 @@ class DeviceIlp:
                     problem += flags[True] <= g[l]
                 if False in flags:
                     problem += flags[False] <= 1 - g[l]
-        _, phase_coef = table.phases
-        for row in phase_coef:
+        for row in table.phase_coefficients:
             problem += self.peak >= (table.batch_bytes + self._sum(row)) / MiB
         if math.isfinite(budgets.memory_bytes):
             problem += self.peak <= budgets.usable_memory_bytes / MiB
@@ -129,8 +140,8 @@ class DeviceIlp:
             if self.problem.status == pulp.LpStatusInfeasible:
                 return None
             if self.problem.status != pulp.LpStatusOptimal or self.problem.sol_status != pulp.LpSolutionOptimal:
-                raise RuntimeError(f"CBC did not prove an optimum within {self.time_limit} s (status "
-                                   f"{pulp.LpStatus[self.problem.status]}); the frontier solver is exact and fast")
+                raise SolverError(f"CBC proved no optimum within {self.time_limit:g} s (status "
+                                  f"{pulp.LpStatus[self.problem.status]}); the frontier solver is exact and fast")
             states = {l: s for (l, s), var in self.x.items() if var.varValue > 0.5}
             selection = self.table.selection(self.table.mode_of(states))
             if self.budgets.fits(self.table.evaluate(selection))[0]:

@@ -109,11 +109,13 @@ class PlanFile(_Strict):
         specs = {spec.name: spec for spec in self.models}
         if self.winner is not None and self.winner not in specs:
             raise ValueError(f"winner {self.winner!r} is not among the models")
+        modes = {}  # (model, mode text) -> TrainMode: fleets repeat a few modes many times
         for entry in self.devices:
             if entry.model not in specs:
                 raise ValueError(f"device {entry.device!r}: model {entry.model!r} is not among the models")
             if entry.mode is not None:
-                mode = TrainMode.parse(entry.mode, specs[entry.model].n_blocks)
+                key = (entry.model, entry.mode)
+                mode = modes.get(key) or modes.setdefault(key, TrainMode.parse(entry.mode, specs[entry.model].n_blocks))
                 if sorted(mode.blocks) != entry.trained_blocks or mode.lora != entry.lora_ranks:
                     raise ValueError(f"device {entry.device!r}: mode {entry.mode!r} disagrees with "
                                      "trained_blocks/lora_ranks")

@@ -30,18 +30,23 @@ Quantities are bytes and FLOPs (2 per multiply-add), as Python/NumPy integers.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cached_property
 
 import numpy as np
 
-from costmodel.estimate import (OPTIMIZERS, _with_optimizer, batch_syms, layer_ancestors, layer_cost, layer_state,
+from costmodel.estimate import (OPTIMIZERS, with_optimizer, batch_syms, layer_ancestors, layer_cost, layer_state,
                                 normalize_mode)
 from costmodel.mode import TrainMode
 from costmodel.spec import ModelSpec
 from costmodel.tape import LayerCost
 
 OBJECTIVES = ("blocks", "params")
+
+
+def trains(state) -> bool:
+    """Whether a layer state (see `layer_state`) holds trained parameters."""
+    return state not in (False, "frozen")
 
 
 @dataclass(frozen=True)
@@ -110,7 +115,7 @@ class Option:
 
     @property
     def trains(self) -> bool:
-        return self.state not in (False, "frozen")
+        return trains(self.state)
 
 
 @dataclass
@@ -122,6 +127,10 @@ class PlanCosts:
     upload_bytes: np.ndarray
     trained_bytes: np.ndarray
     primary: np.ndarray
+
+    def take(self, index) -> "PlanCosts":
+        """The quantities of the plans at ``index``."""
+        return PlanCosts(*(getattr(self, f.name)[index] for f in fields(self)))
 
 
 class CostTable:
@@ -158,15 +167,15 @@ class CostTable:
                 for state in self.states[name]:
                     cost = layer_cost(spec, name, state, flag, batch, self.tokens)
                     self.layer_options[name].append(len(self.options))
-                    self.options.append(Option(name, state, flag, _with_optimizer(cost, optimizer)))
+                    self.options.append(Option(name, state, flag, with_optimizer(cost, optimizer)))
         self.index = {(o.layer, o.state, o.input_grad): i for i, o in enumerate(self.options)}
         inputs, targets = batch_syms(spec, batch, self.tokens)
         self.batch_bytes = inputs.nbytes + targets.nbytes
 
     def _input_grad_flags(self, name: str) -> list[bool]:
         """The values 'input requires grad' can take: fixed where an ancestor always or never trains."""
-        trainable = [a for a in self.ancestors[name] if any(s not in (False, "frozen") for s in self.states[a])]
-        if any(all(s not in (False, "frozen") for s in self.states[a]) for a in trainable):
+        trainable = [a for a in self.ancestors[name] if any(map(trains, self.states[a]))]
+        if any(all(map(trains, self.states[a])) for a in trainable):
             return [True]
         return [False, True] if trainable else [False]
 
@@ -195,32 +204,39 @@ class CostTable:
                         dtype=float)
 
     @cached_property
-    def phases(self) -> tuple[list[str], np.ndarray]:
-        """Phase names and their coefficients, shape (phases, options); a phase's bytes are
-        ``batch_bytes + coefficients @ selection``."""
-        base = self._vector(lambda o: o.cost.param_bytes + o.cost.optimizer_bytes + o.cost.buffer_bytes)
-        below = self._vector(lambda o: o.cost.activation_bytes - o.cost.external_saved_bytes)
-        grad = self._vector(lambda o: o.cost.grad_bytes)
-        fwd_peak = self._vector(lambda o: o.cost.fwd_peak_bytes)
-        bwd_peak = self._vector(lambda o: o.cost.bwd_peak_bytes)
-        in_backward = self._vector(lambda o: o.cost.in_backward).astype(bool)
-        temp = self._vector(lambda o: o.cost.step_temp_bytes)
+    def memory_terms(self) -> dict[str, np.ndarray]:
+        """Per option, the bytes each memory phase adds up: base (parameters, optimizer state, buffers),
+        below (saved activations the caller does not hold), grad, fwd (F), bwd (B), temp (S), and
+        in_backward (bool)."""
+        c = [o.cost for o in self.options]
+        vector = lambda values: np.array(list(values), dtype=np.int64)  # noqa: E731
+        return {"base": vector(x.param_bytes + x.optimizer_bytes + x.buffer_bytes for x in c),
+                "below": vector(x.activation_bytes - x.external_saved_bytes for x in c),
+                "grad": vector(x.grad_bytes for x in c),
+                "fwd": vector(x.fwd_peak_bytes for x in c),
+                "bwd": vector(x.bwd_peak_bytes for x in c),
+                "temp": vector(x.step_temp_bytes for x in c),
+                "in_backward": np.array([x.in_backward for x in c], dtype=bool)}
+
+    @cached_property
+    def phase_coefficients(self) -> np.ndarray:
+        """Coefficients of every memory phase, shape (phases, options): forward at each layer, backward at
+        each layer, optimizer step at each layer; a phase's bytes are ``batch_bytes + coefficients @ z``
+        for the plan's 0/1 option vector z."""
+        t = self.memory_terms
+        base, below, grad = t["base"], t["below"], t["grad"]
         position = np.array([self.layers.index(o.layer) for o in self.options])
-        never = int(sum(max(base[i] + below[i] + grad[i] + fwd_peak[i] + bwd_peak[i] + temp[i] for i in opts)
+        never = int(sum(max(sum(int(t[k][i]) for k in ("base", "below", "grad", "fwd", "bwd", "temp")) for i in opts)
                         for opts in self.layer_options.values())) + self.batch_bytes + 1
-        names, rows = [], []
+        forward, backward, step = [], [], []
         for at, layer in enumerate(self.layers):
             own = position == at
-            names.append(f"forward {layer}")
-            rows.append(base + below * (position < at) + fwd_peak * own)
-            names.append(f"backward {layer}")
+            forward.append(base + below * (position < at) + t["fwd"] * own)
             absent = 0 if set(self.layers[:at]) <= self.ancestors[layer] else -never
-            rows.append(base + below * (position < at) + grad * (position > at)
-                        + np.where(own, np.where(in_backward, bwd_peak, absent), 0))
-        for at, layer in enumerate(self.layers):
-            names.append(f"optimizer step ({layer})")
-            rows.append(base + grad + temp * (position == at))
-        return names, np.stack(rows)
+            backward.append(base + below * (position < at) + grad * (position > at)
+                            + np.where(own, np.where(t["in_backward"], t["bwd"], absent), 0))
+            step.append(base + grad + t["temp"] * own)
+        return np.stack(forward + backward + step)
 
     # -- plans ----------------------------------------------------------------------------------
     def selection(self, mode: TrainMode) -> list[int]:
@@ -231,7 +247,7 @@ class CostTable:
         for block, rank in mode.lora.items():
             if rank not in self.lora_ranks:
                 raise ValueError(f"LoRA rank {rank} of block {block} is not in the menu {list(self.lora_ranks)}")
-        trained = {name for name in self.layers if layer_state(mode, name) not in (False, "frozen")}
+        trained = {name for name in self.layers if trains(layer_state(mode, name))}
         return [self.index[name, layer_state(mode, name), bool(self.ancestors[name] & trained)]
                 for name in self.layers]
 
@@ -244,7 +260,7 @@ class CostTable:
         trains fully, and whether it trains with LoRA."""
         blocks = selections[:, [self.layers.index(f"block.{b}") for b in range(self.spec.n_blocks)]]
         full = np.array([o.state == "full" for o in self.options])
-        lora = np.array([o.layer.startswith("block.") and o.state not in ("full", "frozen") for o in self.options])
+        lora = np.array([o.layer.startswith("block.") and o.trains and o.state != "full" for o in self.options])
         return full[blocks] & (blocks >= 0), lora[blocks] & (blocks >= 0)
 
     def mode(self, selection) -> TrainMode:
@@ -256,33 +272,11 @@ class CostTable:
         blocks = [states[f"block.{b}"] for b in range(self.spec.n_blocks)]
         return normalize_mode(self.spec, TrainMode(
             blocks=frozenset(b for b, state in enumerate(blocks) if state == "full"),
-            lora={b: state for b, state in enumerate(blocks) if state not in ("full", "frozen")}))
+            lora={b: state for b, state in enumerate(blocks) if trains(state) and state != "full"}))
 
     def evaluate(self, selections: np.ndarray) -> PlanCosts:
         """Quantities of plans given as option indices, shape (plans, layers)."""
         selections = np.atleast_2d(selections)
-        _, coef = self.phases
-        peak = self.batch_bytes + coef[:, selections].sum(axis=2).max(axis=0)
+        peak = self.batch_bytes + self.phase_coefficients[:, selections].sum(axis=2).max(axis=0)
         return PlanCosts(peak, self.step_flops[selections].sum(axis=1), self.upload_bytes[selections].sum(axis=1),
                          self.trained_bytes[selections].sum(axis=1), self.primary[selections].sum(axis=1))
-
-    def all_selections(self, limit: int = 1 << 20) -> np.ndarray:
-        """Every valid plan as option indices, shape (plans, layers); ValueError beyond ``limit`` plans."""
-        n_plans = math.prod(len(self.states[name]) for name in self.layers)
-        if n_plans > limit:
-            raise ValueError(f"{n_plans} plans exceed the enumeration limit {limit}")
-        grids = np.meshgrid(*(np.arange(len(self.states[name])) for name in self.layers), indexing="ij")
-        state_index = np.stack([g.ravel() for g in grids], axis=1)
-        trains = [np.array([s not in (False, "frozen") for s in self.states[name]]) for name in self.layers]
-        columns = []
-        for at, name in enumerate(self.layers):
-            ancestors = [self.layers.index(a) for a in self.ancestors[name]]
-            flag = np.zeros(len(state_index), dtype=bool)
-            for a in ancestors:
-                flag |= trains[a][state_index[:, a]]
-            lookup = np.full((2, len(self.states[name])), -1)
-            for i in self.layer_options[name]:
-                option = self.options[i]
-                lookup[int(option.input_grad), self.states[name].index(option.state)] = i
-            columns.append(lookup[flag.astype(int), state_index[:, at]])
-        return np.stack(columns, axis=1)

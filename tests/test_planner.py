@@ -14,7 +14,7 @@ import networkx as nx
 import numpy as np
 import pulp
 import pytest
-from conftest import random_config
+from costmodel.sampling import random_config
 
 from caff.cli import main
 from costmodel import ModelSpec, TrainMode, estimate
@@ -85,8 +85,8 @@ def random_budgets(rng: random.Random, costs: dict) -> Budgets:
 
 def fits(budgets: Budgets, peak, flops, upload):
     """The budget test written out, independent of `Budgets.fits`."""
-    return ((peak <= budgets.memory_bytes * (1 - budgets.margin)) & (budgets.local_steps * flops <= budgets.compute_flops)
-            & (upload <= budgets.upload_bytes))
+    return ((peak <= budgets.memory_bytes * (1 - budgets.margin)) & (upload <= budgets.upload_bytes)
+            & (budgets.local_steps * flops <= budgets.compute_flops))
 
 
 def brute_best(objective: Objective, name: str, budgets: Budgets):

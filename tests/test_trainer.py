@@ -1,0 +1,135 @@
+"""Local training, aggregation and the engine against independent references."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from costmodel import ZOO, TrainMode, apply_mode, build_model, estimate
+from planner.fleet import PlanSettings, plan
+from planner.planfile import write_plan_file
+from profiles import DeviceSpec
+from trainer.engine import TrainConfig, run
+from trainer.local import local_train, lora_deltas
+from trainer.methods import METHODS
+from trainer.server import aggregate, collect
+
+SPEC = ZOO["char-gpt-xs"]
+TIMING = {"seconds", "client_seconds", "total_seconds"}
+
+
+def _batches(batch=2, seq=16, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        ids = torch.randint(0, SPEC.vocab_size, (batch, seq + 1), generator=generator)
+        yield ids[:, :-1].contiguous(), ids[:, 1:].contiguous()
+
+
+def test_layerwise_weighted_average_matches_a_hand_computed_reference():
+    state = {"a": torch.zeros(2), "b": torch.ones(2), "c": torch.full((2,), 5.0)}
+    updates = [("d1", {"a": torch.tensor([1.0, 2.0]), "b": torch.tensor([3.0, 3.0])}, 1),
+               ("d2", {"a": torch.tensor([4.0, 8.0])}, 3),
+               ("bad-shape", {"a": torch.zeros(3)}, 100),
+               ("bad-nan", {"b": torch.tensor([float("nan"), 0.0])}, 100),
+               ("bad-key", {"z": torch.zeros(2)}, 100)]
+    contributions, rejected = collect(updates, state)
+    new = aggregate(state, contributions)
+    assert torch.equal(new["a"], torch.tensor([(1 * 1 + 4 * 3) / 4, (2 * 1 + 8 * 3) / 4]))
+    assert torch.equal(new["b"], torch.tensor([4.0, 4.0]))  # only d1 trained b
+    assert torch.equal(new["c"], state["c"])  # nobody trained c
+    assert [r.split(":")[0] for r in rejected] == ["bad-shape", "bad-nan", "bad-key"]
+
+
+def test_local_training_uploads_only_what_it_trained_and_measures_what_was_predicted():
+    state = build_model(SPEC).state_dict()
+    mode = TrainMode.parse("blocks:2+lora:3=4", SPEC.n_blocks)
+    result = local_train(state, SPEC, mode, _batches(), steps=3, lr=0.05)
+    assert {k.split(".")[1] for k in result.update if k.startswith("blocks.")} == {"2", "3"}
+    assert not any(k.startswith(("embed", "blocks.0", "blocks.1")) for k in result.update)
+    assert not any("blocks.3" in k and "lora_" not in k for k in result.update)  # LoRA block: factors only
+    predicted = estimate(SPEC, mode, 2, 16)
+    assert result.flops == 3 * (predicted.totals["fwd_flops"] + predicted.totals["bwd_flops"])
+    assert result.upload_bytes == predicted.totals["upload_bytes"]
+    assert abs(result.peak_bytes / predicted.peak_bytes - 1) < 0.05
+
+
+def test_lora_deltas_equal_peft_merged_weights_minus_base():
+    state = build_model(SPEC).state_dict()
+    mode = TrainMode.parse("lora:4", SPEC.n_blocks)
+    result = local_train(state, SPEC, mode, _batches(), steps=2, lr=0.5)
+    deltas = lora_deltas(result, state)
+    model = apply_mode(build_model(SPEC), mode)
+    model.load_state_dict({**state, **{k: v for k, v in result.update.items()}}, strict=False)
+    own = dict(model.named_parameters())
+    for name, param in own.items():  # load the trained factors under peft's names
+        if "lora_" in name:
+            param.data.copy_(result.update[name])
+    for module in model.modules():
+        if hasattr(module, "merge") and hasattr(module, "lora_A"):
+            module.merge()
+    merged = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
+    weight = "blocks.1.attn.q.weight"
+    assert torch.allclose(merged[weight] - state[weight], deltas[weight], atol=1e-6)
+    assert deltas[weight].abs().sum() > 0
+
+
+def _plan_file(tmp_path, memory_fractions=(0.3, 0.6, 1.2)):
+    full = estimate(SPEC, TrainMode.parse("all", SPEC.n_blocks), 2, 80).peak_bytes
+    devices = [DeviceSpec(name=f"d{i}", memory_bytes=int(f * full), compute_flops=1e12, upload_bytes=10**8,
+                          local_steps=2, batch_size=2) for i, f in enumerate(memory_fractions)]
+    path = tmp_path / "plan.json"
+    write_plan_file(path, plan([SPEC], devices, PlanSettings(seq=80, lora_ranks=(2, 4))))
+    return path
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "smallest"])
+def test_every_client_of_every_method_stays_within_its_memory_budget(tmp_path, method):
+    from planner.planfile import read_plan_file
+
+    config = TrainConfig(task="shakespeare", method=method, rounds=1, clients_per_round=3, pretrained=False,
+                         eval_samples=16)
+    metrics = run(config, read_plan_file(_plan_file(tmp_path)), tmp_path / "run")
+    trained = [c for c in metrics[0]["clients"] if c["status"] == "trained"]
+    assert trained or method == "full"
+    for client in trained:
+        assert client["peak_bytes"] <= client["memory_budget_bytes"], client
+        assert client["flops"] == client["predicted_flops"], client
+        assert client["upload_bytes"] == client["predicted_upload_bytes"], client
+
+
+def _strip(metrics):
+    return [{k: v for k, v in m.items() if k not in TIMING} | {"clients": [
+        {k: v for k, v in c.items() if k not in TIMING} for c in m["clients"]]} for m in metrics]
+
+
+def test_a_killed_run_resumes_to_identical_metrics(tmp_path):
+    plan_path = _plan_file(tmp_path)
+    args = ["train", "--task", "shakespeare", "--method", "caff", "--plan", str(plan_path), "--rounds", "4",
+            "--clients-per-round", "2", "--seed", "3", "--no-pretrained"]
+    from caff.cli import main
+
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    whole = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "caff.cli", *args, "--out", str(killed)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ})
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and process.poll() is None:
+            state = killed / "state.json"
+            if state.exists() and json.loads(state.read_text())["round"] >= 2:
+                break
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert json.loads((killed / "state.json").read_text())["round"] < 4, "the run ended before it was killed"
+    assert main([*args, "--out", str(killed), "--resume"]) == 0
+    resumed = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert _strip(resumed) == _strip(whole)
