@@ -29,18 +29,26 @@ def _labels(config: dict) -> int:
     return config.get("num_labels") or len(config.get("id2label") or {}) or 2
 
 
+def _bert_like(config: dict) -> dict:
+    """Fields BERT and ViT configs name alike."""
+    return dict(n_blocks=config["num_hidden_layers"], d_model=config["hidden_size"],
+                n_heads=config["num_attention_heads"], d_ff=config["intermediate_size"], n_classes=_labels(config),
+                activation=_activation(config.get("hidden_act", "gelu")), attention="sdpa",
+                dropout=config.get("hidden_dropout_prob", 0.0), layer_norm_eps=config.get("layer_norm_eps", 1e-12))
+
+
 def spec_from_hf_config(config: dict, name: str = "hf") -> ModelSpec:
     """A `ModelSpec` from a ``config.json`` of the BERT, GPT-2 or ViT family."""
     family = config.get("model_type")
     try:
         if family == "bert":
-            return ModelSpec(
-                name=name, kind="encoder", n_blocks=config["num_hidden_layers"], d_model=config["hidden_size"],
-                n_heads=config["num_attention_heads"], d_ff=config["intermediate_size"],
-                max_seq_len=config["max_position_embeddings"], vocab_size=config["vocab_size"],
-                type_vocab_size=config.get("type_vocab_size", 2), n_classes=_labels(config), norm="post",
-                activation=_activation(config.get("hidden_act", "gelu")), attention="sdpa",
-                dropout=config.get("hidden_dropout_prob", 0.1), layer_norm_eps=config.get("layer_norm_eps", 1e-12))
+            return ModelSpec(name=name, kind="encoder", norm="post", max_seq_len=config["max_position_embeddings"],
+                             vocab_size=config["vocab_size"], type_vocab_size=config.get("type_vocab_size", 2),
+                             **_bert_like(config))
+        if family == "vit":
+            return ModelSpec(name=name, kind="vit", norm="pre", image_size=config["image_size"],
+                             patch_size=config["patch_size"], channels=config.get("num_channels", 3),
+                             **_bert_like(config))
         if family == "gpt2":
             width = config["n_embd"]
             return ModelSpec(
@@ -50,14 +58,6 @@ def spec_from_hf_config(config: dict, name: str = "hf") -> ModelSpec:
                 activation=_activation(config.get("activation_function", "gelu_new")), attention="sdpa",
                 dropout=config.get("resid_pdrop", 0.1), tied_embeddings=config.get("tie_word_embeddings", True),
                 fused_qkv=True, layer_norm_eps=config.get("layer_norm_epsilon", 1e-5))
-        if family == "vit":
-            return ModelSpec(
-                name=name, kind="vit", n_blocks=config["num_hidden_layers"], d_model=config["hidden_size"],
-                n_heads=config["num_attention_heads"], d_ff=config["intermediate_size"],
-                image_size=config["image_size"], patch_size=config["patch_size"],
-                channels=config.get("num_channels", 3), n_classes=_labels(config), norm="pre",
-                activation=_activation(config.get("hidden_act", "gelu")), attention="sdpa",
-                dropout=config.get("hidden_dropout_prob", 0.0), layer_norm_eps=config.get("layer_norm_eps", 1e-12))
     except KeyError as missing:
         raise ValueError(f"config.json of a {family} model lacks {missing}") from None
     raise ValueError(f"unsupported model_type {family!r} (bert, gpt2, vit)")
