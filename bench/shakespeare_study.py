@@ -1,0 +1,76 @@
+"""Every method on Shakespeare under the same memory budgets, several seeds (the README's table).
+
+Fleets: three homogeneous fleets whose memory is 1/8, 1/4 and 1/2 of what full fine-tuning of
+char-gpt-s needs (batch 8 x 80 characters, sgd), with compute and upload generous so memory
+binds; and the shipped heterogeneous `edge-mix` fleet. Each fleet is planned over the pretrained
+char-GPT zoo (xs, s, m); every method then runs the same rounds with the same seeds.
+
+    python bench/shakespeare_study.py [--rounds 6] [--clients 5] [--steps 4] [--seeds 0,1] [--out study]
+"""
+
+import argparse
+import statistics
+from pathlib import Path
+
+from costmodel import ZOO, TrainMode, estimate
+from planner.fleet import PlanSettings, plan
+from profiles import DeviceSpec, format_bytes, format_flops, load_fleet
+from trainer.engine import TrainConfig, run
+from trainer.methods import METHODS
+
+CANDIDATES = [ZOO["char-gpt-xs"], ZOO["char-gpt-s"], ZOO["char-gpt-m"]]
+
+
+def fleets(n_devices: int) -> dict[str, list[DeviceSpec]]:
+    full = estimate(ZOO["char-gpt-s"], TrainMode.parse("all", 6), 8, 80).peak_bytes
+    out = {}
+    for label, share in (("1/8", 8), ("1/4", 4), ("1/2", 2)):
+        device = DeviceSpec(name=f"mem-{share}", memory_bytes=full // share, compute_flops=1e13, upload_bytes=10**9,
+                            local_steps=4, batch_size=8)
+        out[f"memory {label} of full"] = [device.model_copy(update={"name": f"mem-{share}#{i}"})
+                                          for i in range(n_devices)]
+    out["edge-mix"] = load_fleet("edge-mix").expand(n_devices, seed=0)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--clients", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--devices", type=int, default=20)
+    parser.add_argument("--out", default="study")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    print(f"{args.rounds} rounds x {args.clients} clients x {args.steps} local steps, seeds {seeds}; "
+          "final test accuracy and loss: mean (min..max over seeds)\n")
+    print("| fleet | method | model | trained clients/round | accuracy | loss | uploaded | client FLOPs |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for fleet_name, devices in fleets(args.devices).items():
+        planned = plan(CANDIDATES, devices, PlanSettings(seq=80, lora_ranks=(2, 4, 8, 16)))
+        for method in METHODS:
+            finals = []
+            for seed in seeds:
+                out = Path(args.out) / fleet_name.replace(" ", "_").replace("/", "-") / f"{method}-{seed}"
+                config = TrainConfig(task="shakespeare", method=method, rounds=args.rounds,
+                                     clients_per_round=args.clients, local_steps=args.steps, seed=seed)
+                try:
+                    finals.append(run(config, planned, out, resume=(out / "state.json").exists()))
+                except ValueError as why:  # e.g. smallest: no architecture every device can train
+                    print(f"| {fleet_name} | {method} | - | - | {why} | | | |")
+                    break
+            if len(finals) < len(seeds):
+                continue
+            acc = [m[-1]["test_accuracy"] for m in finals]
+            loss = [m[-1]["test_loss"] for m in finals]
+            trained = statistics.mean(sum(c["status"] == "trained" for c in r["clients"]) for m in finals for r in m)
+            print(f"| {fleet_name} | {method} | {finals[0][0]['model']} | {trained:.1f} | "
+                  f"{statistics.mean(acc):.3f} ({min(acc):.3f}..{max(acc):.3f}) | "
+                  f"{statistics.mean(loss):.3f} ({min(loss):.3f}..{max(loss):.3f}) | "
+                  f"{format_bytes(statistics.mean(sum(r['uploaded_bytes'] for r in m) for m in finals))} | "
+                  f"{format_flops(statistics.mean(sum(r['flops'] for r in m) for m in finals))} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
