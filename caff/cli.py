@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-import importlib
-import importlib.util
+from caff import cost_cmd, plan_cmd, pretrain_cmd, train_cmd
+
+SUBCOMMANDS = (cost_cmd, plan_cmd, train_cmd, pretrain_cmd)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -15,19 +16,11 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-SUBCOMMANDS = ("cost_cmd", "plan_cmd", "train_cmd", "pretrain_cmd")
-
-
-def _subcommands():
-    return [importlib.import_module(f"caff.{name}") for name in SUBCOMMANDS
-            if importlib.util.find_spec(f"caff.{name}") is not None]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="caff", description="Plan, validate and run federated fine-tuning of tiny Transformers.")
     subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     runners = {}
-    for module in _subcommands():
+    for module in SUBCOMMANDS:
         runners.update(module.add_parser(subparsers))
     args = parser.parse_args(argv)
     try:
