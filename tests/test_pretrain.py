@@ -20,6 +20,15 @@ TINY_VIT = ModelSpec(name="tiny-vit", kind="vit", n_blocks=1, d_model=16, n_head
 COMMITTED = ["char-gpt-xs", "char-gpt-s", "char-gpt-m", "vit-tiny"]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a busy 2-core machine two threads are several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_a_few_steps_reduce_the_loss():
     model, stats = pretrain(TINY, steps=40, batch=8, lr=3e-3, seed=0, progress=False)
     losses = stats["losses"]
