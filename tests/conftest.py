@@ -1,5 +1,23 @@
 import os
 import warnings
+from types import SimpleNamespace
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*torch.distributed._tools.*")
+
+
+@pytest.fixture
+def caff(capsys):
+    """Run the CLI in this process; returns (returncode, stdout, stderr) like a subprocess would."""
+    from caff.cli import main
+
+    def run(*args):
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:
+            code = exit_.code
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+    return run

@@ -3,25 +3,10 @@
 import json
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 
-from caff.cli import main
 from costmodel import ZOO, TrainMode, estimate
-
-
-@pytest.fixture
-def caff(capsys):
-    """Run the CLI in this process; returns (returncode, stdout, stderr) like a subprocess."""
-    def run(*args):
-        try:
-            code = main(list(args))
-        except SystemExit as exit_:
-            code = exit_.code
-        out, err = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
-    return run
 
 
 def test_console_script_runs_as_a_process():

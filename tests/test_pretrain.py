@@ -2,7 +2,6 @@
 
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -155,31 +154,6 @@ def test_checkpoint_of_another_spec_or_other_tensors_is_refused(tmp_path):
     assert "not a readable safetensors file" in _one_line(exc)
 
 
-@pytest.fixture
-def caff(capsys):
-    """``caff ...`` in this process; through caff.cli once it registers pretrain, else a stand-in."""
-    from caff import cli, pretrain_cmd
-
-    def run(*args):
-        try:
-            if pretrain_cmd in cli._subcommands():
-                code = cli.main(list(args))
-            else:
-                parser = cli._Parser(prog="caff")
-                runners = pretrain_cmd.add_parser(parser.add_subparsers(dest="command", parser_class=cli._Parser))
-                parsed = parser.parse_args(list(args))
-                try:
-                    code = runners[parsed.command](parsed)
-                except (ValueError, OSError) as exc:
-                    print(f"caff: error: {' '.join(str(exc).split())}", file=__import__('sys').stderr)
-                    code = 2
-        except SystemExit as exit_:
-            code = exit_.code
-        out, err = capsys.readouterr()
-        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
-    return run
-
-
 def test_cli_pretrains_and_writes_a_loadable_checkpoint(caff, tmp_path):
     spec_file = tmp_path / "tiny.json"
     spec_file.write_text(TINY.model_dump_json())
@@ -190,7 +164,8 @@ def test_cli_pretrains_and_writes_a_loadable_checkpoint(caff, tmp_path):
     assert result.stdout.startswith("tiny-gpt: 3 steps (batch 2, lr 0.002, seed 5)")
     assert "held-out loss" in result.stdout and "bits/char" in result.stdout and str(path) in result.stdout
     _, meta = load_weights(path)
-    assert meta["command"] == f"caff pretrain {spec_file} --steps 3 --batch 2 --lr 0.002 --seed 5 --out {tmp_path / 'ck'}"
+    assert meta["command"] == (f"caff pretrain {spec_file} --steps 3 --batch 2 --lr 0.002 --seed 5 "
+                               f"--out {tmp_path / 'ck'}")
     assert meta["steps"] == "3" and meta["seed"] == "5" and len(json.loads(meta["loss_curve"])) == 3
     load_pretrained(TINY, path)
 

@@ -15,7 +15,6 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
