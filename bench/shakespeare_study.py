@@ -5,7 +5,7 @@ char-gpt-s needs (batch 8 x 80 characters, sgd), with compute and upload generou
 binds; and the shipped heterogeneous `edge-mix` fleet. Each fleet is planned over the pretrained
 char-GPT zoo (xs, s, m); every method then runs the same rounds with the same seeds.
 
-    python bench/shakespeare_study.py [--rounds 6] [--clients 5] [--steps 4] [--seeds 0,1] [--out study]
+    python bench/shakespeare_study.py [--rounds 6] [--clients 5] [--steps 8] [--lr 0.3] [--seeds 0,1] [--out study]
 """
 
 import argparse
@@ -37,13 +37,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--clients", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=0.3)
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--devices", type=int, default=20)
     parser.add_argument("--out", default="study")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    print(f"{args.rounds} rounds x {args.clients} clients x {args.steps} local steps, seeds {seeds}; "
+    print(f"{args.rounds} rounds x {args.clients} clients x {args.steps} local steps (sgd, lr {args.lr}), seeds {seeds}; "
           "final test accuracy and loss: mean (min..max over seeds)\n")
     print("| fleet | method | model | trained clients/round | accuracy | loss | uploaded | client FLOPs |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
@@ -54,7 +55,8 @@ def main() -> None:
             for seed in seeds:
                 out = Path(args.out) / fleet_name.replace(" ", "_").replace("/", "-") / f"{method}-{seed}"
                 config = TrainConfig(task="shakespeare", method=method, rounds=args.rounds,
-                                     clients_per_round=args.clients, local_steps=args.steps, seed=seed)
+                                     clients_per_round=args.clients, local_steps=args.steps, lr=args.lr,
+                                     seed=seed)
                 try:
                     finals.append(run(config, planned, out, resume=(out / "state.json").exists()))
                 except ValueError as why:  # e.g. smallest: no architecture every device can train
