@@ -3,6 +3,10 @@ import warnings
 from types import SimpleNamespace
 
 import pytest
+import torch
+
+# one intra-op thread per test process: pytest -n 2 on two cores would otherwise oversubscribe them
+torch.set_num_threads(1)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", message=".*torch.distributed._tools.*")

@@ -265,10 +265,11 @@ def test_load_task_fashion_mnist():
     need_fmnist()
     clients, info = D.load_task("fashion-mnist", n_clients=5, seed=0, alpha=0.5)
     assert len(clients) == 5
-    assert sum(c.n_train + c.n_test for c in clients) == 60000
+    federated = 60000 - D.FMNIST_PRETRAIN_IMAGES  # the pretraining images stay out
+    assert sum(c.n_train + c.n_test for c in clients) == federated
     xt, yt = info["test"]
     assert xt.shape[1:] == (1, 28, 28) and xt.shape[0] == yt.shape[0] == sum(c.n_test for c in clients)
-    assert 0.15 < xt.shape[0] / 60000 < 0.25
+    assert 0.15 < xt.shape[0] / federated < 0.25
     assert info["official_test"][0].shape == (10000, 1, 28, 28)
 
 

@@ -668,6 +668,9 @@ def _read_idx(path: str, magic: int, header: int) -> tuple[tuple[int, ...], byte
     return dims, body
 
 
+FMNIST_PRETRAIN_IMAGES = 30_000  # training images 0..29,999 belong to vit-tiny's pretraining
+
+
 def fashion_mnist(
     split: str = "train", root: str | None = None, normalize: bool = True
 ) -> tuple[Tensor, Tensor]:
@@ -863,7 +866,8 @@ def load_task(task: str, n_clients: int | None = None, seed: int = 0, **kw):
       ``test_frac=0.2, max_len=64, min_per_class=20, min_size=10``):
       ``n_clients`` defaults to 10; info has ``class_names``, ``pad_id``.
     * fashion-mnist (kw: ``alpha=0.5, test_frac=0.2, min_size=10``): the
-      60,000 training images are partitioned; info has ``class_names`` and
+      training images from ``FMNIST_PRETRAIN_IMAGES`` on are partitioned (the
+      pretrained vit-tiny saw the ones before); info has ``class_names`` and
       ``official_test`` (the 10,000 t10k images).
     """
     t0 = time.perf_counter()
@@ -922,6 +926,7 @@ def load_task(task: str, n_clients: int | None = None, seed: int = 0, **kw):
     elif name == "fashion-mnist":
         _check_kw(name, kw, {"alpha", "test_frac", "min_size", "root"})
         x, y = fashion_mnist("train", root=kw.get("root"))
+        x, y = x[FMNIST_PRETRAIN_IMAGES:], y[FMNIST_PRETRAIN_IMAGES:]  # vit-tiny was pretrained on the first ones
         n_clients = n_clients or 10
         parts, how = _partition(y, n_clients, kw.get("alpha", 0.5), seed, kw.get("min_size", 10))
         clients = _clients_from_parts(x, y, parts, kw.get("test_frac", 0.2), seed, "fmnist")
