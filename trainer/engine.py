@@ -39,7 +39,7 @@ class TrainConfig(BaseModel):
     rounds: int = Field(default=10, ge=1)
     clients_per_round: int = Field(default=10, ge=1)
     local_steps: int | None = Field(default=None, ge=1, description="None: each device's planned steps")
-    lr: float = Field(default=0.1, gt=0)
+    lr: float = Field(default=0.05, gt=0)
     seed: int = 0
     drop_rate: float = Field(default=0.0, ge=0, lt=1, description="chance a sampled device fails mid-round")
     eval_samples: int = Field(default=256, ge=1, description="test samples the server evaluates on")
