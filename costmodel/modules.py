@@ -79,8 +79,8 @@ class Attention(nn.Module):
         if spec.kind == "gpt" and spec.attention == "matmul":
             tape.buffers(spec.max_seq_len ** 2)  # the causal mask, one bool per position pair
         if spec.fused_qkv:
-            qkv = _linear_cost(tape, x, 3 * width, state)
-            q, k, v = (qkv.view(batch, heads, seq, head_dim) for _ in range(3))
+            q, k, v = (t.view(batch, heads, seq, head_dim)
+                       for t in tape.split(_linear_cost(tape, x, 3 * width, state), 3))
         else:
             q, k, v = (_linear_cost(tape, x, width, state).view(batch, heads, seq, head_dim) for _ in range(3))
         if spec.attention == "sdpa":

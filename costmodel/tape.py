@@ -253,6 +253,14 @@ class Tape:
         self._record([a, b], [out], passes_grad=True)
         return out
 
+    def split(self, x: Sym, parts: int) -> list[Sym]:
+        """Equal slices of the last dimension: views in forward, but each gets its own gradient,
+        which backward concatenates into one for ``x``; modelled as separate tensors."""
+        shape = (*x.shape[:-1], x.shape[-1] // parts)
+        slices = [self.tensor(*shape, requires_grad=x.requires_grad) for _ in range(parts)]
+        self._record([x], slices)
+        return slices
+
     def copy(self, x: Sym, *shape: int) -> Sym:
         """A reshape that must copy (e.g. heads back to width); no FLOPs, saves nothing."""
         out = self.tensor(*shape, requires_grad=x.requires_grad)
