@@ -18,10 +18,10 @@ def build_model(spec: ModelSpec, seed: int = 0) -> TinyTransformer:
 
 def inject_lora(model: nn.Module, targets: dict[str, int]) -> None:
     """Inject peft LoRA adapters: module name -> rank (alpha = 2 x rank, no dropout)."""
-    from peft import LoraConfig, inject_adapter_in_model
-
     if not targets:
         return
+    from peft import LoraConfig, inject_adapter_in_model
+
     rank = max(targets.values())
     config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(targets),
                         rank_pattern={f"^{name}$": r for name, r in targets.items()},

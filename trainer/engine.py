@@ -117,12 +117,14 @@ def run(config: TrainConfig, plan: PlanFile, out: str | Path, resume: bool = Fal
                 progress()
         contributions, rejected = collect(updates, state)
         state = aggregate(state, contributions)
+        evaluated = time.perf_counter()
         loss, accuracy = evaluate(spec, state, info["test"], config.eval_samples)
+        evaluated = time.perf_counter() - evaluated
         metrics.append({
             "round": round_index, "method": config.method, "model": spec.name, "test_loss": loss,
             "test_accuracy": accuracy, "uploaded_bytes": sum(r.get("upload_bytes", 0) for r in records),
             "flops": sum(r.get("flops", 0) for r in records), "clients": records, "rejected": rejected,
-            "trained_tensors": len(contributions), "seconds": time.perf_counter() - started,
+            "trained_tensors": len(contributions), "eval_seconds": evaluated, "seconds": time.perf_counter() - started,
             "client_seconds": sum(r.get("seconds", 0.0) for r in records)})
         _save(out, config, plan, state, metrics)
     metrics[-1]["total_seconds"] = time.perf_counter() - total_seconds
