@@ -20,7 +20,7 @@ from trainer.methods import METHODS
 from trainer.server import aggregate, collect
 
 SPEC = ZOO["char-gpt-xs"]
-TIMING = {"seconds", "client_seconds", "total_seconds"}
+TIMING = {"seconds", "client_seconds", "total_seconds", "eval_seconds"}
 
 
 def _batches(batch=2, seq=16, seed=0):
