@@ -138,7 +138,7 @@ def test_client_train_and_test_do_not_overlap():
         clients = D.shakespeare_clients(["hamlet", "macbeth"], seq_len=seq_len, stride=stride)
         assert clients
         for c in clients:
-            (xtr, ytr), (xte, yte) = c.train, c.test
+            (xtr, ytr), (xte, _) = c.train, c.test
             assert c.n_train >= 10
             # LEAF's split by time: the first 90% of the role's windows train.
             n_all = (D.encode_tensor(roles[c.name]).numel() - seq_len - 1) // stride + 1
