@@ -16,7 +16,7 @@ def add_parser(subparsers) -> dict:
 
     train = subparsers.add_parser("train", help="federated rounds in which every device executes its plan")
     train.add_argument("--config", help="JSON file with the fields below (flags override it)")
-    train.add_argument("--task", choices=["shakespeare", "fashion-mnist"])
+    train.add_argument("--task", choices=["shakespeare", "fortunes", "fashion-mnist"])
     train.add_argument("--method", choices=["caff", "lora", "full", "head", "fedra", "smallest"])
     train.add_argument("--plan", help="plan file (caff plan); or give --fleet and --model to plan here")
     train.add_argument("--fleet", help="fleet name or file, planned with --model")
@@ -91,7 +91,7 @@ def _train_config(args):
         raise ValueError(one_line_validation_error(exc)) from None
 
 
-def _plan_for(source: dict, fleet_size: int, seed: int):
+def _plan_for(source: dict, fleet_size: int, seed: int, task: str):
     from planner.planfile import read_plan_file
 
     if source["plan"]:
@@ -101,11 +101,12 @@ def _plan_for(source: dict, fleet_size: int, seed: int):
     from costmodel import load_spec
     from planner.fleet import PlanSettings, plan
     from profiles import load_fleet
+    from trainer.engine import TASK_SEQ
 
     fleet = load_fleet(source["fleet"])
     devices = fleet.expand(fleet_size if fleet.uses_shares else None, seed=seed)
     return plan([load_spec(m) for m in source["model"].split(",")], devices,
-                PlanSettings(seq=80, lora_ranks=(2, 4, 8, 16)))
+                PlanSettings(seq=TASK_SEQ[task], lora_ranks=(2, 4, 8, 16)))
 
 
 def run_train(args) -> int:
@@ -114,7 +115,7 @@ def run_train(args) -> int:
     from trainer.engine import run
 
     config, source = _train_config(args)
-    plan = _plan_for(source, args.fleet_size, config.seed)
+    plan = _plan_for(source, args.fleet_size, config.seed, config.task)
     with Progress(transient=True) as bar:
         task = bar.add_task(f"{config.method}: rounds x clients", total=config.rounds * config.clients_per_round)
         metrics = run(config, plan, args.out, resume=args.resume, progress=lambda: bar.advance(task))

@@ -177,3 +177,24 @@ def measure_hf(spec: ModelSpec, mode: TrainMode, batch: int = 16, seq: int | Non
     inputs, targets = make_batch(spec, batch, seq, seed)
     opt = make_optimizer(model.parameters(), optimizer)
     return measure_step(model, hf_layers(model), hf_step_loss(model, spec, inputs, targets), opt, (inputs, targets))
+
+
+def tiny_state_from_bert(bert_state: dict, spec: ModelSpec) -> dict:
+    """A `BertForSequenceClassification` state dict renamed for our ``encoder`` `TinyTransformer`."""
+    names = {"bert.embeddings.word_embeddings.weight": "embed.tok.weight",
+             "bert.embeddings.position_embeddings.weight": "embed.pos",
+             "bert.embeddings.token_type_embeddings.weight": "embed.token_type",
+             "bert.embeddings.LayerNorm.weight": "embed.norm.weight", "bert.embeddings.LayerNorm.bias": "embed.norm.bias",
+             "bert.pooler.dense.weight": "head.pooler.weight", "bert.pooler.dense.bias": "head.pooler.bias",
+             "classifier.weight": "head.out.weight", "classifier.bias": "head.out.bias"}
+    per_block = {"attention.self.query": "attn.q", "attention.self.key": "attn.k", "attention.self.value": "attn.v",
+                 "attention.output.dense": "attn.o", "attention.output.LayerNorm": "ln1",
+                 "intermediate.dense": "mlp.fc", "output.dense": "mlp.proj", "output.LayerNorm": "ln2"}
+    for block in range(spec.n_blocks):
+        for theirs, ours in per_block.items():
+            for kind in ("weight", "bias"):
+                names[f"bert.encoder.layer.{block}.{theirs}.{kind}"] = f"blocks.{block}.{ours}.{kind}"
+    missing = sorted(set(names) - set(bert_state))
+    if missing:
+        raise ValueError(f"not a BERT classifier of this shape: no {missing[0]}")
+    return {ours: bert_state[theirs] for theirs, ours in names.items()}

