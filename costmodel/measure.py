@@ -128,7 +128,7 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def _state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+def state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     tensors = [*model.parameters(), *model.buffers()]
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
     tensors += [t for state in optimizer.state.values() for t in tree_flatten(state)[0]
@@ -168,7 +168,7 @@ def measure_step(model: nn.Module, layers: dict[str, list[nn.Module]], step_loss
         return tensor
 
     tracker = LiveBytes()
-    tracker.track([*_state_tensors(model, optimizer), *batch])
+    tracker.track([*state_tensors(model, optimizer), *batch])
     cuda = next(model.parameters()).is_cuda
     if cuda:
         torch.cuda.synchronize()

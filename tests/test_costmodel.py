@@ -94,7 +94,7 @@ def test_live_bytes_tracker_agrees_with_torch_memtracker(text, optimizer):
     from torch.distributed._tools.mem_tracker import MemTracker
 
     from costmodel import apply_mode, build_model, make_batch, make_optimizer
-    from costmodel.measure import LiveBytes, _state_tensors
+    from costmodel.measure import LiveBytes, state_tensors
 
     class FrozenFriendlyMemTracker(MemTracker):  # MemTracker hooks every parameter's grad
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
@@ -108,7 +108,7 @@ def test_live_bytes_tracker_agrees_with_torch_memtracker(text, optimizer):
     for _ in range(3):
         theirs, ours = FrozenFriendlyMemTracker(), LiveBytes()
         theirs.track_external(model, opt, inputs, targets)
-        ours.track([*_state_tensors(model, opt), inputs, targets])
+        ours.track([*state_tensors(model, opt), inputs, targets])
         with theirs, ours:
             model(inputs, targets).backward()
             opt.step()

