@@ -28,6 +28,8 @@ def add_parser(subparsers) -> dict:
     train.add_argument("--lr", type=float)
     train.add_argument("--seed", type=int)
     train.add_argument("--drop-rate", type=float, help="chance that a sampled device fails mid-round")
+    train.add_argument("--eval-every", type=int, help="evaluate the global model every N rounds (and after the last)")
+    train.add_argument("--eval-samples", type=int, help="test samples the server evaluates on (default 256)")
     train.add_argument("--no-pretrained", action="store_true", help="start from random weights")
     train.add_argument("--out", required=True, help="run directory (metrics.jsonl, checkpoints)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -74,7 +76,8 @@ def _train_config(args):
             fields = json.loads(Path(args.config).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(f"{args.config}: unreadable config ({exc})") from None
-    for key in ("task", "method", "rounds", "clients_per_round", "local_steps", "lr", "seed", "drop_rate"):
+    for key in ("task", "method", "rounds", "clients_per_round", "local_steps", "lr", "seed", "drop_rate",
+                "eval_every", "eval_samples"):
         if getattr(args, key) is not None:
             fields[key] = getattr(args, key)
     if args.no_pretrained:
@@ -118,7 +121,7 @@ def run_train(args) -> int:
     plan = _plan_for(source, args.fleet_size, config.seed, config.task)
     with Progress(transient=True) as bar:
         task = bar.add_task(f"{config.method}: rounds x clients", total=config.rounds * config.clients_per_round)
-        metrics = run(config, plan, args.out, resume=args.resume, progress=lambda: bar.advance(task))
+        metrics = run(config, plan, args.out, resume=args.resume, progress=lambda n: bar.advance(task, n))
     _print_rounds(metrics)
     return 0
 
@@ -127,8 +130,9 @@ def _print_rounds(metrics: list[dict]) -> None:
     for m in metrics:
         trained = [c for c in m["clients"] if c["status"] == "trained"]
         over = [c["device"] for c in trained if c["peak_bytes"] > c["memory_budget_bytes"]]
-        print(f"round {m['round']:3d}  {m['method']:8s} test loss {m['test_loss']:.3f}  accuracy "
-              f"{m['test_accuracy']:.3f}  trained {len(trained)}/{len(m['clients'])}  upload "
+        tested = (f"test loss {m['test_loss']:.3f}  accuracy {m['test_accuracy']:.3f}" if m["test_loss"] is not None
+                  else "(not evaluated this round)")
+        print(f"round {m['round']:3d}  {m['method']:8s} {tested}  trained {len(trained)}/{len(m['clients'])}  upload "
               f"{format_bytes(m['uploaded_bytes'])}  {format_flops(m['flops'])}  {m['seconds']:.1f} s"
               + (f"  OVER MEMORY BUDGET: {', '.join(over)}" if over else ""))
 
@@ -153,7 +157,7 @@ def run_demo(args) -> int:
         run_args = SimpleNamespace(
             config=None, task="shakespeare", method=method, plan=None, fleet="edge-mix",
             model="char-gpt-xs,char-gpt-s,char-gpt-m", fleet_size=40, rounds=args.rounds, clients_per_round=10,
-            local_steps=None, lr=None, seed=0, drop_rate=None, no_pretrained=False, out=str(out / method),
+            local_steps=None, lr=None, seed=0, drop_rate=None, eval_every=None, eval_samples=None, no_pretrained=False, out=str(out / method),
             resume=(out / method / "state.json").exists())
         print(f"== {method}")
         run_train(run_args)

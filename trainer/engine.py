@@ -1,15 +1,23 @@
-"""The in-process federated engine: rounds of client sampling, local training, aggregation.
+"""The federated engine: the server of a run, the client step, and the in-process loop over rounds.
+
+Every engine (this in-process loop, and Flower's ServerApp and ClientApp in `trainer.flower`)
+is the same two pieces. `Server` samples the round, decides each device's training mode and
+turns them into tasks (plain JSON-able dicts, which Flower carries as a ``ConfigRecord``); it
+aggregates the replies layer-wise (`trainer.server`), evaluates, and checkpoints. `train_client`
+runs one task on a device: it reads the device's own data and calls `trainer.local.local_train`.
 
 Every random choice of round r (which devices, which batches, who drops out, FedRA's blocks)
 is drawn from generators seeded by (seed, r, device), so a run resumed from the checkpoint of
-round r continues exactly as the uninterrupted run would. After each round the engine appends
-one JSON line to ``metrics.jsonl`` and then writes the checkpoint atomically: the global weights
-(safetensors, one file per round), then ``state.json`` naming them with the round and the
-configuration, which is the commit point. On resume the metrics file is cut back to its round.
+round r continues exactly as the uninterrupted run would, whatever engine ran it. After each
+round the server appends one JSON line to ``metrics.jsonl`` and then writes the checkpoint
+atomically: the global weights (safetensors, one file per round), then ``state.json`` naming
+them with the round and the configuration, which is the commit point. On resume the metrics
+file is cut back to its round.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -20,8 +28,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
-from costmodel import ModelSpec, build_model, estimate
-from planner.planfile import DevicePlan, PlanFile
+from costmodel import ModelSpec, TrainMode, build_model, estimate
+from planner.planfile import PlanFile
 from trainer.local import local_train, lora_deltas
 from trainer.methods import METHODS, device_mode, smallest_common_architecture
 from trainer.server import aggregate, collect
@@ -44,6 +52,7 @@ class TrainConfig(BaseModel):
     seed: int = 0
     drop_rate: float = Field(default=0.0, ge=0, lt=1, description="chance a sampled device fails mid-round")
     eval_samples: int = Field(default=256, ge=1, description="test samples the server evaluates on")
+    eval_every: int = Field(default=1, ge=1, description="evaluate every this many rounds, and after the last")
     pretrained: bool = True
 
 
@@ -56,6 +65,14 @@ def _batch_stream(x, y, batch: int, seed: int):
     while True:
         rows = torch.randint(0, len(x), (batch,), generator=generator)
         yield x[rows], y[rows]
+
+
+@functools.lru_cache(maxsize=2)
+def task_data(task: str, n_devices: int, seed: int):
+    """(clients, info) of a task as every engine splits it: Shakespeare by role, others one per device."""
+    from trainer.data import load_task
+
+    return load_task(task, n_clients=None if task == "shakespeare" else n_devices, seed=seed)
 
 
 def evaluate(spec: ModelSpec, state: dict[str, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
@@ -94,48 +111,117 @@ def initial_state(spec: ModelSpec, pretrained: bool) -> dict[str, torch.Tensor]:
     return build_model(spec).state_dict()
 
 
-def run(config: TrainConfig, plan: PlanFile, out: str | Path, resume: bool = False, progress=None) -> list[dict]:
-    """Run (or resume) a federated run and return its per-round metrics."""
-    from trainer.data import load_task
+class Server:
+    """The server of a run, whatever engine carries its messages.
 
-    if config.method not in METHODS:
-        raise ValueError(f"method: unknown {config.method!r} ({', '.join(METHODS)})")
-    out = Path(out)
-    spec = _architecture(config, plan)
-    devices = plan.devices
-    clients, info = load_task(config.task, n_clients=None if config.task == "shakespeare" else len(devices),
-                              seed=config.seed)
-    state, first_round, metrics = _start(config, spec, out, resume)
-    measured: dict[tuple, tuple[int, int]] = {}  # (model, mode, batch, steps) -> (FLOPs, peak bytes)
-    total_seconds = time.perf_counter()
-    for round_index in range(first_round, config.rounds + 1):
-        started = time.perf_counter()
+    ``tasks(r)`` samples round r and returns what each training device must do (one dict per
+    device) and the records of sampled devices that sit out or drop; ``finish(r, replies)``
+    aggregates the replies, evaluates, appends the round's metrics and checkpoints."""
+
+    def __init__(self, config: TrainConfig, plan: PlanFile, out: str | Path, resume: bool = False):
+        if config.method not in METHODS:
+            raise ValueError(f"method: unknown {config.method!r} ({', '.join(METHODS)})")
+        self.config, self.plan, self.out = config, plan, Path(out)
+        self.spec = _architecture(config, plan)
+        self.clients, info = task_data(config.task, len(plan.devices), config.seed)
+        self.test = info["test"]
+        self.state, self.first_round, self.metrics = _start(config, self.spec, self.out, resume)
+
+    def tasks(self, round_index: int) -> tuple[list[dict], list[dict]]:
+        """(tasks for the devices that train, records of those that sit out or drop), in sampling order."""
+        config, plan, spec = self.config, self.plan, self.spec
         sampler = random.Random(_seed(config.seed, round_index, "sample"))
-        chosen = sampler.sample(range(len(devices)), min(config.clients_per_round, len(devices)))
-        updates, records = [], []
-        for index in chosen:
-            device = devices[index]
-            record = _client_round(config, plan, spec, device, clients[index % len(clients)], state, round_index,
-                                   measured)
-            records.append(record)
-            if record.pop("result", None) is not None:
-                updates.append((device.device, record.pop("deltas"), record["samples"]))
-            if progress:
-                progress()
-        contributions, rejected = collect(updates, state)
-        state = aggregate(state, contributions)
+        chosen = sampler.sample(range(len(plan.devices)), min(config.clients_per_round, len(plan.devices)))
+        tasks, idle = [], []
+        for order, index in enumerate(chosen):
+            device = plan.devices[index]
+            record = {"device": device.device, "order": order, "memory_budget_bytes": device.budgets.memory_bytes}
+            mode = device_mode(config.method, spec, device, plan, _seed(config.seed, round_index, "modes"))
+            if mode is None or self.clients[index % len(self.clients)].n_train == 0:
+                idle.append({**record, "status": "sat out"})
+            elif random.Random(_seed(config.seed, round_index, device.device, "drop")).random() < config.drop_rate:
+                idle.append({**record, "status": "dropped", "mode": str(mode)})
+            else:
+                tasks.append({**record, "index": index, "mode": str(mode), "round": round_index, "task": config.task,
+                              "n_devices": len(plan.devices), "seed": config.seed, "spec": spec.model_dump_json(),
+                              "steps": config.local_steps or device.budgets.local_steps,
+                              "batch": device.budgets.batch_size, "optimizer": plan.optimizer, "lr": config.lr})
+        return tasks, idle
+
+    def finish(self, round_index: int, records: list[dict], updates: dict[str, dict[str, torch.Tensor]],
+               started: float) -> dict:
+        """Aggregate this round's updates (device -> deltas), evaluate, record and checkpoint; the metrics row.
+
+        ``records`` holds one record per sampled device (trained, sat out, dropped or failed)."""
+        records = sorted(records, key=lambda r: r["order"])
+        samples = {r["device"]: r["samples"] for r in records if r["status"] == "trained"}
+        contributions, rejected = collect([(r["device"], updates[r["device"]], samples[r["device"]])
+                                           for r in records if r["device"] in updates], self.state)
+        self.state = aggregate(self.state, contributions)
         evaluated = time.perf_counter()
-        loss, accuracy = evaluate(spec, state, info["test"], config.eval_samples)
+        if round_index % self.config.eval_every == 0 or round_index == self.config.rounds:
+            loss, accuracy = evaluate(self.spec, self.state, self.test, self.config.eval_samples)
+        else:
+            loss = accuracy = None
         evaluated = time.perf_counter() - evaluated
-        metrics.append({
-            "round": round_index, "method": config.method, "model": spec.name, "test_loss": loss,
+        self.metrics.append({
+            "round": round_index, "method": self.config.method, "model": self.spec.name, "test_loss": loss,
             "test_accuracy": accuracy, "uploaded_bytes": sum(r.get("upload_bytes", 0) for r in records),
             "flops": sum(r.get("flops", 0) for r in records), "clients": records, "rejected": rejected,
             "trained_tensors": len(contributions), "eval_seconds": evaluated, "seconds": time.perf_counter() - started,
             "client_seconds": sum(r.get("seconds", 0.0) for r in records)})
-        _save(out, config, plan, state, metrics)
-    metrics[-1]["total_seconds"] = time.perf_counter() - total_seconds
-    return metrics
+        _save(self.out, self.config, self.plan, self.state, self.metrics)
+        return self.metrics[-1]
+
+
+_MEASURED: dict[tuple, tuple[int, int]] = {}  # (spec, mode, batch, steps) -> (FLOPs, peak bytes), per process
+
+
+def train_client(task: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Run one device's task on its own data from the global ``state``: (its record, its deltas).
+
+    A mode is measured the first time this process trains it at given shapes; the same mode at
+    the same shapes has the same FLOPs and live bytes, so later runs reuse those figures."""
+    spec = ModelSpec.model_validate_json(task["spec"])
+    mode = TrainMode.parse(task["mode"], spec.n_blocks)
+    clients, _ = task_data(task["task"], task["n_devices"], task["seed"])
+    client = clients[task["index"] % len(clients)]
+    seed, round_index, name = task["seed"], task["round"], task["device"]
+    stream = _batch_stream(*client.train, task["batch"], _seed(seed, round_index, name, "batches"))
+    key = (task["spec"], task["mode"], task["batch"], task["steps"])
+    result = local_train(state, spec, mode, stream, task["steps"], task["optimizer"], task["lr"],
+                         seed=_seed(seed, round_index, name, "init"), measure=key not in _MEASURED)
+    result.flops, result.peak_bytes = _MEASURED.setdefault(key, (result.flops, result.peak_bytes))
+    predicted = estimate(spec, mode, task["batch"], TASK_SEQ[task["task"]], task["optimizer"])
+    totals = predicted.totals
+    record = {"device": name, "order": task["order"], "memory_budget_bytes": task["memory_budget_bytes"],
+              "status": "trained", "mode": task["mode"], "samples": result.n_samples, "loss": result.loss,
+              "upload_bytes": result.upload_bytes, "predicted_upload_bytes": totals["upload_bytes"],
+              "flops": result.flops, "predicted_flops": task["steps"] * (totals["fwd_flops"] + totals["bwd_flops"]),
+              "peak_bytes": result.peak_bytes, "predicted_peak_bytes": predicted.peak_bytes,
+              "seconds": result.seconds}
+    return record, lora_deltas(result, state)
+
+
+def run(config: TrainConfig, plan: PlanFile, out: str | Path, resume: bool = False,
+        progress=lambda clients: None) -> list[dict]:
+    """Run (or resume) a federated run in this process and return its per-round metrics.
+
+    ``progress(n)`` is called as n more sampled devices are done (trained, sat out or dropped)."""
+    server = Server(config, plan, out, resume)
+    total_seconds = time.perf_counter()
+    for round_index in range(server.first_round, config.rounds + 1):
+        started = time.perf_counter()
+        tasks, records = server.tasks(round_index)
+        progress(len(records))
+        updates = {}
+        for task in tasks:
+            record, updates[task["device"]] = train_client(task, server.state)
+            records.append(record)
+            progress(1)
+        server.finish(round_index, records, updates, started)
+    server.metrics[-1]["total_seconds"] = time.perf_counter() - total_seconds
+    return server.metrics
 
 
 def _architecture(config: TrainConfig, plan: PlanFile) -> ModelSpec:
@@ -150,33 +236,6 @@ def _architecture(config: TrainConfig, plan: PlanFile) -> ModelSpec:
     if spec.kind != TASK_KIND[config.task]:
         raise ValueError(f"task {config.task} needs a {TASK_KIND[config.task]} model; the plan's is {spec.kind}")
     return spec
-
-
-def _client_round(config, plan, spec, device: DevicePlan, client, state, round_index, measured: dict) -> dict:
-    """Train one sampled device (or let it sit out or fail); returns its metrics record."""
-    record = {"device": device.device, "memory_budget_bytes": device.budgets.memory_bytes}
-    mode = device_mode(config.method, spec, device, plan, _seed(config.seed, round_index, "modes"))
-    if mode is None or client.n_train == 0:
-        return {**record, "status": "sat out"}
-    if random.Random(_seed(config.seed, round_index, device.device, "drop")).random() < config.drop_rate:
-        return {**record, "status": "dropped", "mode": str(mode)}
-    steps = config.local_steps or device.budgets.local_steps
-    batch = device.budgets.batch_size
-    stream = _batch_stream(*client.train, batch, _seed(config.seed, round_index, device.device, "batches"))
-    key = (spec.name, str(mode), batch, steps)
-    result = local_train(state, spec, mode, stream, steps, plan.optimizer, config.lr,
-                         seed=_seed(config.seed, round_index, device.device, "init"), measure=key not in measured)
-    if key in measured:  # same mode, same shapes: the same FLOPs and live bytes, measured before
-        result.flops, result.peak_bytes = measured[key]
-    measured[key] = (result.flops, result.peak_bytes)
-    predicted = estimate(spec, mode, batch, TASK_SEQ[config.task], plan.optimizer)
-    return {**record, "status": "trained", "mode": str(mode), "samples": result.n_samples, "loss": result.loss,
-            "upload_bytes": result.upload_bytes, "predicted_upload_bytes": predicted.totals["upload_bytes"],
-            "flops": result.flops, "predicted_flops": steps * (predicted.totals["fwd_flops"] + predicted.totals["bwd_flops"]),
-            "peak_bytes": result.peak_bytes, "predicted_peak_bytes": predicted.peak_bytes,
-            "seconds": result.seconds, "result": True, "deltas": lora_deltas(result, state)}
-
-
 def _start(config: TrainConfig, spec: ModelSpec, out: Path, resume: bool):
     state_file = out / "state.json"
     if resume and state_file.exists():

@@ -29,7 +29,7 @@ def summary_rows(runs: dict[str, list[dict]]) -> list[str]:
         ratio = max((c["peak_bytes"] / c["memory_budget_bytes"] for c in clients), default=0.0)
         per_round = len(clients) / len(metrics)
         rows.append(f"{Path(path).name:28s} {metrics[0]['method']:8s} {metrics[0]['model']:12s} {len(metrics):6d} "
-                    f"{metrics[-1]['test_accuracy']:9.3f} {max(m['test_accuracy'] for m in metrics):8.3f} "
+                    f"{metrics[-1]['test_accuracy']:9.3f} {max(m['test_accuracy'] or 0.0 for m in metrics):8.3f} "
                     f"{per_round:13.1f} {format_bytes(sum(m['uploaded_bytes'] for m in metrics)):>11s} "
                     f"{format_flops(sum(m['flops'] for m in metrics)):>13s} {ratio:15.2f}")
     return rows
@@ -44,10 +44,13 @@ def plot_runs(runs: dict[str, list[dict]], output: str) -> None:
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for path, metrics in runs.items():
         label = f"{Path(path).name} ({metrics[0]['method']}, {metrics[0]['model']})"
-        accuracy = [m["test_accuracy"] for m in metrics]
-        axes[0].plot([m["round"] for m in metrics], accuracy, marker="o", label=label)
-        axes[1].plot(list(accumulate(m["uploaded_bytes"] / 2**20 for m in metrics)), accuracy, marker="o")
-        axes[2].plot(list(accumulate(m["flops"] / 1e12 for m in metrics)), accuracy, marker="o")
+        uploaded = list(accumulate(m["uploaded_bytes"] / 2**20 for m in metrics))
+        flops = list(accumulate(m["flops"] / 1e12 for m in metrics))
+        tested = [i for i, m in enumerate(metrics) if m["test_accuracy"] is not None]  # see TrainConfig.eval_every
+        accuracy = [metrics[i]["test_accuracy"] for i in tested]
+        axes[0].plot([metrics[i]["round"] for i in tested], accuracy, marker="o", label=label)
+        axes[1].plot([uploaded[i] for i in tested], accuracy, marker="o")
+        axes[2].plot([flops[i] for i in tested], accuracy, marker="o")
     for axis, xlabel in zip(axes, ["round", "uploaded (MiB, cumulative)", "client FLOPs (TFLOP, cumulative)"]):
         axis.set_xlabel(xlabel)
         axis.set_ylabel("test accuracy")
