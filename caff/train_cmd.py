@@ -33,6 +33,12 @@ def add_parser(subparsers) -> dict:
     train.add_argument("--no-pretrained", action="store_true", help="start from random weights")
     train.add_argument("--out", required=True, help="run directory (metrics.jsonl, checkpoints)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
+    train.add_argument("--engine", choices=["local", "flower-sim", "flower"], default="local",
+                       help="local: this process; flower-sim: Flower's simulation engine, one virtual node per "
+                            "device; flower: a running Flower SuperLink (--superlink) and its SuperNodes")
+    train.add_argument("--superlink", default="127.0.0.1:8000", help="the SuperLink's address (--engine flower)")
+    train.add_argument("--round-timeout", type=float, default=600.0,
+                       help="seconds a Flower round waits for replies before it goes on without them")
 
     report = subparsers.add_parser("report", help="compare runs: a table and accuracy plots (PNG)")
     report.add_argument("runs", nargs="+", help="run directories")
@@ -113,17 +119,49 @@ def _plan_for(source: dict, fleet_size: int, seed: int, task: str):
 
 
 def run_train(args) -> int:
-    from rich.progress import Progress
-
-    from trainer.engine import run
-
     config, source = _train_config(args)
     plan = _plan_for(source, args.fleet_size, config.seed, config.task)
-    with Progress(transient=True) as bar:
-        task = bar.add_task(f"{config.method}: rounds x clients", total=config.rounds * config.clients_per_round)
-        metrics = run(config, plan, args.out, resume=args.resume, progress=lambda n: bar.advance(task, n))
+    if args.engine == "local":
+        from rich.progress import Progress
+
+        from trainer.engine import run
+
+        with Progress(transient=True) as bar:
+            task = bar.add_task(f"{config.method}: rounds x clients", total=config.rounds * config.clients_per_round)
+            metrics = run(config, plan, args.out, resume=args.resume, progress=lambda n: bar.advance(task, n))
+    else:
+        metrics = _run_on_flower(args, config, plan)
     _print_rounds(metrics)
     return 0
+
+
+def _run_on_flower(args, config, plan) -> list[dict]:
+    """Write the run file (and the plan) into --out and run it on Flower; the metrics the server wrote."""
+    from planner.planfile import write_plan_file
+    from trainer.engine import saved_round
+
+    out = Path(args.out).resolve()
+    saved_round(config, out, args.resume)  # refuse before Flower starts, not inside its ServerApp
+    out.mkdir(parents=True, exist_ok=True)
+    write_plan_file(out / "plan.json", plan)
+    run_file = out / "flower-run.json"
+    run_file.write_text(json.dumps({"config": config.model_dump(), "plan": str(out / "plan.json"), "out": str(out),
+                                    "resume": args.resume, "timeout": args.round_timeout}))
+    try:
+        from trainer.flower import flwr_run, run_simulation
+    except ImportError:
+        raise ValueError("--engine flower needs Flower: pip install 'caff-fl[flower]'") from None
+    if args.engine == "flower-sim":
+        run_simulation(str(run_file), n_nodes=len(plan.devices))
+    else:
+        app_dir = Path(__file__).resolve().parents[1]
+        if not (app_dir / "pyproject.toml").is_file():
+            raise ValueError(f"--engine flower runs the Flower app of a source checkout; {app_dir} is not one")
+        flwr_run(str(run_file), args.superlink, app_dir, log_file=out / "flwr-run.log")
+    if saved_round(config, out, True) < config.rounds:
+        raise ValueError(f"the Flower run stopped before round {config.rounds} (see {out / 'flwr-run.log'} and "
+                         "Flower's output)")
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def _print_rounds(metrics: list[dict]) -> None:
@@ -157,7 +195,7 @@ def run_demo(args) -> int:
         run_args = SimpleNamespace(
             config=None, task="shakespeare", method=method, plan=None, fleet="edge-mix",
             model="char-gpt-xs,char-gpt-s,char-gpt-m", fleet_size=40, rounds=args.rounds, clients_per_round=10,
-            local_steps=None, lr=None, seed=0, drop_rate=None, eval_every=None, eval_samples=None, no_pretrained=False, out=str(out / method),
+            local_steps=None, lr=None, seed=0, drop_rate=None, eval_every=None, eval_samples=None, engine="local", no_pretrained=False, out=str(out / method),
             resume=(out / method / "state.json").exists())
         print(f"== {method}")
         run_train(run_args)

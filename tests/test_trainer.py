@@ -11,9 +11,6 @@ import pytest
 import torch
 
 from costmodel import ZOO, TrainMode, apply_mode, build_model, estimate
-from planner.fleet import PlanSettings, plan
-from planner.planfile import write_plan_file
-from profiles import DeviceSpec
 from trainer.engine import TrainConfig, run
 from trainer.local import local_train, lora_deltas
 from trainer.methods import METHODS
@@ -78,22 +75,13 @@ def test_lora_deltas_equal_peft_merged_weights_minus_base():
     assert deltas[weight].abs().sum() > 0
 
 
-def _plan_file(tmp_path, memory_fractions=(0.3, 0.6, 1.2)):
-    full = estimate(SPEC, TrainMode.parse("all", SPEC.n_blocks), 2, 80).peak_bytes
-    devices = [DeviceSpec(name=f"d{i}", memory_bytes=int(f * full), compute_flops=1e12, upload_bytes=10**8,
-                          local_steps=2, batch_size=2) for i, f in enumerate(memory_fractions)]
-    path = tmp_path / "plan.json"
-    write_plan_file(path, plan([SPEC], devices, PlanSettings(seq=80, lora_ranks=(2, 4))))
-    return path
-
-
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "smallest"])
-def test_every_client_of_every_method_stays_within_its_memory_budget(tmp_path, method):
+def test_every_client_of_every_method_stays_within_its_memory_budget(tmp_path, three_device_plan, method):
     from planner.planfile import read_plan_file
 
     config = TrainConfig(task="shakespeare", method=method, rounds=1, clients_per_round=3, pretrained=False,
                          eval_samples=16)
-    metrics = run(config, read_plan_file(_plan_file(tmp_path)), tmp_path / "run")
+    metrics = run(config, read_plan_file(three_device_plan), tmp_path / "run")
     trained = [c for c in metrics[0]["clients"] if c["status"] == "trained"]
     assert trained or method == "full"
     for client in trained:
@@ -107,8 +95,8 @@ def _strip(metrics):
         {k: v for k, v in c.items() if k not in TIMING} for c in m["clients"]]} for m in metrics]
 
 
-def test_a_killed_run_resumes_to_identical_metrics(tmp_path):
-    plan_path = _plan_file(tmp_path)
+def test_a_killed_run_resumes_to_identical_metrics(tmp_path, three_device_plan):
+    plan_path = three_device_plan
     args = ["train", "--task", "shakespeare", "--method", "caff", "--plan", str(plan_path), "--rounds", "4",
             "--clients-per-round", "2", "--seed", "3", "--no-pretrained"]
     from caff.cli import main

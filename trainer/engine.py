@@ -236,16 +236,25 @@ def _architecture(config: TrainConfig, plan: PlanFile) -> ModelSpec:
     if spec.kind != TASK_KIND[config.task]:
         raise ValueError(f"task {config.task} needs a {TASK_KIND[config.task]} model; the plan's is {spec.kind}")
     return spec
-def _start(config: TrainConfig, spec: ModelSpec, out: Path, resume: bool):
-    state_file = out / "state.json"
-    if resume and state_file.exists():
-        saved = json.loads(state_file.read_text())
-        if saved["config"] != config.model_dump():
-            raise ValueError(f"{out}: --resume with a different configuration than the run there")
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][: saved["round"]]
-        return load_file(str(out / saved["weights"])), saved["round"] + 1, metrics
-    if state_file.exists() and not resume:
+def saved_round(config: TrainConfig, out: str | Path, resume: bool) -> int:
+    """The last round committed in ``out`` (0 for a new run); refuses to overwrite or to mix configurations."""
+    state_file = Path(out) / "state.json"
+    if not state_file.exists():
+        return 0
+    if not resume:
         raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    saved = json.loads(state_file.read_text())
+    if saved["config"] != config.model_dump():
+        raise ValueError(f"{out}: --resume with a different configuration than the run there")
+    return saved["round"]
+
+
+def _start(config: TrainConfig, spec: ModelSpec, out: Path, resume: bool):
+    done = saved_round(config, out, resume)
+    if done:
+        saved = json.loads((out / "state.json").read_text())
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][:done]
+        return load_file(str(out / saved["weights"])), done + 1, metrics
     out.mkdir(parents=True, exist_ok=True)
     return initial_state(spec, config.pretrained), 1, []
 

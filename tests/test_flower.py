@@ -1,0 +1,158 @@
+"""caff on Flower: simulation and a real localhost deployment give the in-process engine's model."""
+
+import json
+import os
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("flwr")
+
+from planner.planfile import read_plan_file  # noqa: E402
+from trainer.engine import Server, TrainConfig, run, train_client  # noqa: E402
+
+TIMING = {"seconds", "client_seconds", "total_seconds", "eval_seconds"}
+CONFIG = TrainConfig(task="shakespeare", method="caff", rounds=2, clients_per_round=3, pretrained=False,
+                     eval_samples=16, seed=3)
+
+
+def _run_file(tmp_path, plan_path, out, config=CONFIG, timeout=300):
+    path = tmp_path / f"{out.name}.json"
+    path.write_text(json.dumps({"config": config.model_dump(), "plan": str(plan_path), "out": str(out),
+                                "resume": False, "timeout": timeout}))
+    return str(path)
+
+
+def _metrics(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in m.items() if k not in TIMING} | {"clients": [
+        {k: v for k, v in c.items() if k not in TIMING} for c in m["clients"]]} for m in rows]
+
+
+def _same_model(a, b):
+    first, second = load_file(str(a / "global-2.safetensors")), load_file(str(b / "global-2.safetensors"))
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.allclose(first[key], second[key], atol=1e-6), key
+
+
+def test_flower_simulation_gives_the_in_process_engines_model(tmp_path, three_device_plan, monkeypatch):
+    from trainer.flower import run_simulation
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # Ray's workers: the same float sums as this process
+    run(CONFIG, read_plan_file(three_device_plan), tmp_path / "local")
+    run_simulation(_run_file(tmp_path, three_device_plan, tmp_path / "sim"), n_nodes=3)
+    _same_model(tmp_path / "local", tmp_path / "sim")
+    assert _metrics(tmp_path / "sim") == _metrics(tmp_path / "local")
+
+
+def _strategy(tmp_path, plan_path):
+    from trainer.flower import CaffStrategy
+
+    server = Server(CONFIG, read_plan_file(plan_path), tmp_path / "run")
+    strategy = CaffStrategy(server)
+    strategy.node_of_device = {device.device: 100 + i for i, device in enumerate(server.plan.devices)}
+    return strategy
+
+
+@pytest.fixture
+def flower_task_identity():
+    """Messages can only be made inside a Flower run; pretend to be one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = TaskIdentity._run_id, TaskIdentity._node_id
+    TaskIdentity.run_id, TaskIdentity.node_id = 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+def test_a_failed_node_loses_its_update_and_the_round_goes_on(tmp_path, three_device_plan, flower_task_identity):
+    from flwr.app import Error, Message
+
+    from trainer.flower import client_train
+
+    strategy = _strategy(tmp_path, three_device_plan)
+    before = dict(strategy.server.state)
+    messages = strategy.configure_train(1, None, None, grid=None)
+    assert len(messages) == 2, "d0 cannot train under caff; d1 and d2 do"
+    for message in messages:  # each node gets its own plan and every global array
+        assert message.content["arrays"].keys() == before.keys()
+    survivor, lost = messages
+    replies = [client_train(survivor, None), Message(Error(code=5, reason="node went away"), reply_to=lost)]
+    strategy.aggregate_train(1, replies)
+
+    clients = {c["device"]: c for c in strategy.server.metrics[-1]["clients"]}
+    lost_device = dict(lost.content["task"])["device"]
+    assert clients[lost_device]["status"] == "failed" and "node went away" in clients[lost_device]["reason"]
+    # one contributor: every tensor it trained moves by its own change, every other keeps its value
+    _, deltas = train_client(dict(survivor.content["task"]), before)
+    after = strategy.server.state
+    for key in before:
+        expected = before[key] + deltas[key] if key in deltas else before[key]
+        assert torch.allclose(after[key], expected, atol=1e-6), key
+    assert deltas and set(deltas) != set(before)
+
+
+def test_a_round_without_replies_records_every_device_failed(tmp_path, three_device_plan, flower_task_identity):
+    strategy = _strategy(tmp_path, three_device_plan)
+    before = dict(strategy.server.state)
+    strategy.configure_train(1, None, None, grid=None)
+    strategy.aggregate_train(1, [])
+    statuses = sorted(c["status"] for c in strategy.server.metrics[-1]["clients"])
+    assert statuses == ["failed", "failed", "sat out"]
+    assert all(torch.equal(before[k], strategy.server.state[k]) for k in before)
+
+
+def _pids_gone(processes):
+    return all(process.poll() is not None for process in processes)
+
+
+def test_localhost_deployment_gives_the_in_process_engines_model(tmp_path, three_device_plan, monkeypatch):
+    """flower-superlink and three flower-supernodes on free ports, two rounds with ``flwr run``."""
+    from trainer.flower import flwr_run, localhost_federation
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run(CONFIG, read_plan_file(three_device_plan), tmp_path / "local")
+    # node 0 names its device; nodes 1 and 2 give a partition id (device d1 and device d0)
+    configs = ["device='d2'", "partition-id=1", "partition-id=0"]
+    with localhost_federation(3, tmp_path / "logs", node_config=lambda i: configs[i]) as (address, processes):
+        flwr_run(_run_file(tmp_path, three_device_plan, tmp_path / "flower"), address,
+                 os.path.dirname(os.path.dirname(__file__)), log_file=tmp_path / "flwr-run.log", timeout=400)
+    assert _pids_gone(processes)
+    _same_model(tmp_path / "local", tmp_path / "flower")
+    assert _metrics(tmp_path / "flower") == _metrics(tmp_path / "local")
+
+
+@pytest.mark.slow  # about two minutes: the SuperLink notices a dead node after its heartbeats stop
+def test_a_node_killed_mid_round_does_not_stall_the_run(tmp_path, three_device_plan, monkeypatch):
+    import signal
+
+    from trainer.flower import flwr_run, localhost_federation
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "flower"
+    with localhost_federation(3, tmp_path / "logs") as (address, processes):
+        import threading
+
+        def kill_d2_when_it_trains():  # node 2 acts for device d2, the one that trains all blocks
+            log = tmp_path / "logs" / "process-3.log"
+            deadline = time.time() + 300
+            while time.time() < deadline and b"train message" not in (log.read_bytes() if log.exists() else b""):
+                time.sleep(0.2)
+            os.killpg(processes[3].pid, signal.SIGKILL)
+
+        killer = threading.Thread(target=kill_d2_when_it_trains, daemon=True)
+        killer.start()
+        started = time.time()
+        flwr_run(_run_file(tmp_path, three_device_plan, out, timeout=240), address,
+                 os.path.dirname(os.path.dirname(__file__)), log_file=tmp_path / "flwr-run.log", timeout=600)
+        killer.join()
+    assert _pids_gone(processes)
+    rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rounds) == 2, f"the run stopped after {len(rounds)} rounds ({time.time() - started:.0f} s)"
+    d2 = [next(c for c in m["clients"] if c["device"] == "d2") for m in rounds]
+    assert [c["status"] for c in d2] == ["failed", "failed"]
+    d1 = [next(c for c in m["clients"] if c["device"] == "d1") for m in rounds]
+    assert [c["status"] for c in d1] == ["trained", "trained"]

@@ -1,0 +1,232 @@
+"""caff on Flower's Message API: a ServerApp whose strategy gives each node its own plan, and a
+ClientApp that runs caff's local training unchanged.
+
+Nothing is implemented twice. The strategy holds the engine's `trainer.engine.Server`: it
+samples the round, decides each device's mode, aggregates layer-wise, evaluates and
+checkpoints, exactly as in the in-process engine. The ClientApp calls `trainer.engine.train_client`,
+the function the in-process engine calls. So the global model after round r is the in-process
+engine's, up to the order of floating-point sums.
+
+- `CaffStrategy(FedAvg)`: ``configure_train`` builds one ``Message`` per training device, with
+  its task (its entry of the plan: mode, steps, batch, learning rate; a ``ConfigRecord``) and the
+  global weights (an ``ArrayRecord``: every plan runs the whole forward pass, so a node needs
+  every array, and nothing else). ``aggregate_train`` averages each tensor over the replies that
+  hold it (stock FedAvg refuses replies whose keys differ).
+- Nodes and devices: before round 1 the strategy asks every node (a ``query`` message) which
+  device it is: its node config's ``device`` (a name in the plan) or ``partition-id`` (an index
+  into the plan's devices; Flower's simulation sets it). A sampled device with no node records
+  ``status: "no node"``.
+- A node that disconnects mid-round: the SuperLink answers for it with an error once its
+  heartbeats stop (about a minute), or the round's ``timeout`` passes; either way the round
+  goes on with the other replies. The device's record says ``status: "failed"`` with the reason,
+  and its update is lost for that round: the global model is averaged over the devices that did
+  reply, as if it had not been sampled.
+
+The ServerApp reads one JSON file named by the run config key ``run-file``: ``{"config":
+TrainConfig fields, "plan": plan file path, "out": run directory, "resume": bool, "timeout":
+seconds per round}``. ``caff train --engine flower|flower-sim`` writes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from planner.planfile import read_plan_file
+from trainer.engine import Server, TrainConfig, train_client
+
+log = logging.getLogger("caff.flower")
+
+
+def run_file_fields(path: str) -> tuple[TrainConfig, str, str, bool, float]:
+    """(config, plan path, out, resume, timeout in seconds) from a run file."""
+    fields = json.loads(Path(path).read_text())
+    return (TrainConfig(**fields["config"]), fields["plan"], fields["out"], bool(fields.get("resume", False)),
+            float(fields.get("timeout", 600)))
+
+
+class CaffStrategy(FedAvg):
+    """FedAvg's round loop with caff's per-device plans and layer-wise aggregation."""
+
+    def __init__(self, server: Server, wait_seconds: float = 120.0):
+        super().__init__(fraction_evaluate=0.0, min_available_nodes=1)
+        self.server = server
+        self.wait_seconds = wait_seconds  # how long to wait for nodes before round 1
+        self.node_of_device: dict[str, int] | None = None
+        self.round_tasks: list[dict] = []
+        self.round_records: list[dict] = []
+        self.round_started = 0.0
+
+    def round_index(self, server_round: int) -> int:
+        """caff's round of Flower's ``server_round`` (they differ after a resume)."""
+        return self.server.first_round + server_round - 1
+
+    def assign_nodes(self, grid: Grid) -> dict[str, int]:
+        """device name -> node id, from what each node says it is (see the module docstring)."""
+        devices = [d.device for d in self.server.plan.devices]
+        deadline = time.monotonic() + self.wait_seconds
+        while not (nodes := sorted(grid.get_node_ids())) and time.monotonic() < deadline:
+            time.sleep(1.0)
+        replies = grid.send_and_receive([Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=node)
+                                         for node in nodes], timeout=self.wait_seconds)
+        assignment = {}
+        for reply in replies:
+            if reply.has_error():
+                continue
+            said = reply.content["node"]
+            name = said.get("device") or (devices[int(said["partition-id"])]
+                                          if 0 <= int(said.get("partition-id", -1)) < len(devices) else None)
+            if name in devices:
+                assignment[name] = reply.metadata.src_node_id
+        log.info("%d of %d plan devices have a node", len(assignment), len(devices))
+        return assignment
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> list[Message]:
+        if self.node_of_device is None:
+            self.node_of_device = self.assign_nodes(grid)
+        self.round_started = time.perf_counter()
+        tasks, self.round_records = self.server.tasks(self.round_index(server_round))
+        self.round_tasks = [t for t in tasks if t["device"] in self.node_of_device]
+        self.round_records += [{key: t[key] for key in ("device", "order", "memory_budget_bytes", "mode")}
+                               | {"status": "no node"} for t in tasks if t["device"] not in self.node_of_device]
+        weights = ArrayRecord(self.server.state)  # one record, shared by every message of the round
+        return [Message(RecordDict({"arrays": weights, "task": ConfigRecord(task)}), message_type=MessageType.TRAIN,
+                        dst_node_id=self.node_of_device[task["device"]]) for task in self.round_tasks]
+
+    def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord, None]:
+        records, updates, errors = list(self.round_records), {}, {}
+        for reply in replies:
+            if reply.has_error():
+                errors[reply.metadata.src_node_id] = reply.error.reason
+                continue
+            record = dict(reply.content["record"])
+            records.append(record)
+            updates[record["device"]] = reply.content["arrays"].to_torch_state_dict()
+        for task in self.round_tasks:
+            if task["device"] not in updates:
+                reason = errors.get(self.node_of_device[task["device"]], "no reply before the round's timeout")
+                records.append({key: task[key] for key in ("device", "order", "memory_budget_bytes", "mode")}
+                               | {"status": "failed", "reason": reason})
+                log.warning("round %d: %s failed (%s); its update is lost", server_round, task["device"], reason)
+        self.server.finish(self.round_index(server_round), records, updates, self.round_started)
+        return ArrayRecord(self.server.state), None
+
+
+def make_server_app(run_file: str | None = None) -> ServerApp:
+    """The ServerApp of a run file; None: the file the run config's ``run-file`` names (``flwr run``)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        config, plan_path, out, resume, timeout = run_file_fields(run_file or str(context.run_config["run-file"]))
+        server = Server(config, read_plan_file(plan_path), out, resume)
+        rounds = config.rounds - server.first_round + 1
+        if rounds > 0:
+            CaffStrategy(server).start(grid, ArrayRecord(server.state), num_rounds=rounds, timeout=timeout)
+
+    return app
+
+
+server_app = make_server_app()
+
+
+client_app = ClientApp()
+
+
+@client_app.query()
+def client_identity(message: Message, context: Context) -> Message:
+    """Which plan device this node is: its node config's ``device`` or ``partition-id``."""
+    said = {key: context.node_config[key] for key in ("device", "partition-id") if key in context.node_config}
+    return Message(RecordDict({"node": ConfigRecord(said)}), reply_to=message)
+
+
+@client_app.train()
+def client_train(message: Message, context: Context) -> Message:
+    """Run the task the server sent, on this node's data, with caff's local training."""
+    task = dict(message.content["task"])
+    record, deltas = train_client(task, message.content["arrays"].to_torch_state_dict())
+    return Message(RecordDict({"arrays": ArrayRecord({k: v.contiguous() for k, v in deltas.items()}),
+                               "record": ConfigRecord(record)}), reply_to=message)
+
+
+def run_simulation(run_file: str, n_nodes: int) -> None:
+    """Run a run file's rounds on ``n_nodes`` virtual nodes of Flower's simulation engine (Ray), here.
+
+    Each virtual node has ``partition-id`` i, so it acts for device i of the plan; one CPU each."""
+    from flwr.simulation import run_simulation as flower_simulation
+
+    flower_simulation(make_server_app(run_file), client_app, num_supernodes=n_nodes,
+                      backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def localhost_federation(n_nodes: int, log_dir: str | Path, node_config=lambda i: f"partition-id={i}"):
+    """A SuperLink and ``n_nodes`` SuperNodes on 127.0.0.1, on free ports; yields (its address, the processes).
+
+    Every process it starts is ended by its pid when the block exits, also on failure. Their
+    output goes to ``log_dir``. ``node_config(i)`` is node i's ``--node-config``."""
+    log_dir = Path(log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    bin_dir = Path(sys.executable).parent
+    link = f"127.0.0.1:{free_port()}"  # the SuperLink's HTTP API: Fleet, Control and ServerAppIo
+    commands = [[str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
+                 link.split(":")[1], "--database", str(log_dir / "superlink.db"),
+                 "--disable-runtime-dependency-installation"]]
+    commands += [[str(bin_dir / "flower-supernode"), "--insecure", "--superlink", link, "--host", "127.0.0.1",
+                  "--port", str(free_port()), "--node-config", node_config(i)] for i in range(n_nodes)]
+    processes = []
+    try:
+        for index, command in enumerate(commands):
+            with open(log_dir / f"process-{index}.log", "wb") as output:
+                processes.append(subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
+                                                  env={**os.environ, "FLWR_HOME": str(log_dir / "flwr-home")},
+                                                  start_new_session=True))
+        yield link, processes
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)  # the process and the app processes it started
+            process.wait()
+
+
+def flwr_run(run_file: str, control_address: str, app_dir: str | Path, log_file: str | Path | None = None,
+             timeout: float | None = None) -> None:
+    """Submit a run file to a SuperLink with ``flwr run`` and wait until the run ends (``--stream``).
+
+    The connection is insecure (no TLS), written to a private Flower home; paths in the run file
+    are read on the SuperLink's machine."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as flwr_home:
+        Path(flwr_home, "config.toml").write_text(
+            f'[superlink]\ndefault = "caff"\n\n[superlink.caff]\naddress = "{control_address}"\ninsecure = true\n')
+        command = [str(Path(sys.executable).parent / "flwr"), "run", str(app_dir), "caff", "--stream",
+                   "--run-config", f'run-file="{run_file}"']
+        with open(log_file or os.devnull, "wb") as output:
+            finished = subprocess.run(command, env={**os.environ, "FLWR_HOME": flwr_home}, stdout=output,
+                                      stderr=subprocess.STDOUT, timeout=timeout, check=False)
+    if finished.returncode != 0:
+        raise ValueError(f"flwr run exited with {finished.returncode}" + (f" (see {log_file})" if log_file else ""))
