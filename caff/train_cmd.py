@@ -144,20 +144,18 @@ def _run_on_flower(args, config, plan) -> list[dict]:
     saved_round(config, out, args.resume)  # refuse before Flower starts, not inside its ServerApp
     out.mkdir(parents=True, exist_ok=True)
     write_plan_file(out / "plan.json", plan)
-    run_file = out / "flower-run.json"
-    run_file.write_text(json.dumps({"config": config.model_dump(), "plan": str(out / "plan.json"), "out": str(out),
-                                    "resume": args.resume, "timeout": args.round_timeout}))
     try:
-        from trainer.flower import flwr_run, run_simulation
+        from trainer.flower import flwr_run, run_simulation, write_run_file
     except ImportError:
         raise ValueError("--engine flower needs Flower: pip install 'caff-fl[flower]'") from None
+    run_file = write_run_file(out / "flower-run.json", config, out / "plan.json", out, args.resume, args.round_timeout)
     if args.engine == "flower-sim":
-        run_simulation(str(run_file), n_nodes=len(plan.devices))
+        run_simulation(run_file, n_nodes=len(plan.devices))
     else:
         app_dir = Path(__file__).resolve().parents[1]
         if not (app_dir / "pyproject.toml").is_file():
             raise ValueError(f"--engine flower runs the Flower app of a source checkout; {app_dir} is not one")
-        flwr_run(str(run_file), args.superlink, app_dir, log_file=out / "flwr-run.log")
+        flwr_run(run_file, args.superlink, app_dir, log_file=out / "flwr-run.log")
     if saved_round(config, out, True) < config.rounds:
         raise ValueError(f"the Flower run stopped before round {config.rounds} (see {out / 'flwr-run.log'} and "
                          "Flower's output)")

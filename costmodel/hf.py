@@ -44,7 +44,7 @@ def spec_from_hf_config(config: dict, name: str = "hf") -> ModelSpec:
         if family == "bert":
             return ModelSpec(name=name, kind="encoder", norm="post", max_seq_len=config["max_position_embeddings"],
                              vocab_size=config["vocab_size"], type_vocab_size=config.get("type_vocab_size", 2),
-                             **_bert_like(config))
+                             pad_token_id=config.get("pad_token_id"), **_bert_like(config))
         if family == "vit":
             return ModelSpec(name=name, kind="vit", norm="pre", image_size=config["image_size"],
                              patch_size=config["patch_size"], channels=config.get("num_channels", 3),

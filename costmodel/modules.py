@@ -46,31 +46,43 @@ class Attention(nn.Module):
             self.q, self.k, self.v = (nn.Linear(d, d) for _ in range(3))
         self.o = nn.Linear(d, d)
         self.n_heads, self.causal, self.kernel = spec.n_heads, causal, spec.attention
-        self.dropout = spec.dropout
+        self.dropout, self.pad_token_id = spec.dropout, spec.pad_token_id
         if causal and spec.attention == "matmul":
             future = torch.ones(spec.max_seq_len, spec.max_seq_len, dtype=torch.bool).triu(1)
             self.register_buffer("future", future, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``ids``: the (batch, seq) token ids whose padding is masked as keys; None masks nothing."""
         batch, seq, width = x.shape
         heads = lambda t: t.view(batch, seq, self.n_heads, width // self.n_heads).transpose(1, 2)  # noqa: E731
         if hasattr(self, "qkv"):
-            y = self.attend(*map(heads, self.qkv(x).split(width, dim=2)))
+            y = self.attend(*map(heads, self.qkv(x).split(width, dim=2)), ids)
         else:
-            y = self.attend(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)))
+            y = self.attend(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), ids)
         return self.o(y.transpose(1, 2).reshape(batch, seq, width))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
         """Attention of (batch, heads, seq, head_dim) queries, keys and values."""
         if self.kernel == "sdpa":
-            return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            mask = None if ids is None else self.padding_bias(ids, q.dtype)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal)
         seq = q.shape[2]
         att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
         if self.causal:
             att = att.masked_fill(self.future[:seq, :seq], float("-inf"))
+        if ids is not None:
+            att = att + self.padding_bias(ids, att.dtype)
         att = F.softmax(att, dim=-1)  # one op per line: each rebinding frees the previous tensor
         att = F.dropout(att, self.dropout, self.training)
         return att @ v
+
+    def padding_bias(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(batch, 1, 1, seq) additive mask of the keys: 0 on tokens, the dtype's lowest value on
+        padding (BERT's; finite, so an all-padding row attends uniformly rather than giving NaN)."""
+        batch, seq = ids.shape
+        padded = (ids == self.pad_token_id).view(batch, 1, 1, seq)
+        bias = torch.zeros(batch, 1, 1, seq, dtype=dtype, device=ids.device)
+        return bias.masked_fill_(padded, torch.finfo(dtype).min)
 
     @staticmethod
     def cost(spec: ModelSpec, tape: Tape, x: Sym, state) -> Sym:
@@ -83,8 +95,9 @@ class Attention(nn.Module):
                        for t in tape.split(_linear_cost(tape, x, 3 * width, state), 3))
         else:
             q, k, v = (_linear_cost(tape, x, width, state).view(batch, heads, seq, head_dim) for _ in range(3))
+        masked = spec.pad_token_id is not None
         if spec.attention == "sdpa":
-            y = tape.sdpa(q, k, v)
+            y = tape.sdpa(q, k, v, tape.padding_bias(batch, seq) if masked else None)
             tape.hold(q, k, v)  # attend()'s arguments
             # CPU flash attention returns heads-last memory: back to width is a view
             y = y.view(batch, seq, width)
@@ -96,6 +109,8 @@ class Attention(nn.Module):
             scores = tape.pointwise(scores, 1)  # * 1/sqrt(d)
             if spec.kind == "gpt":
                 scores = tape.pointwise(scores, 1)  # masked_fill with a buffer slice
+            if masked:
+                scores = tape.add(scores, tape.padding_bias(batch, seq))
             probs = tape.dropout(tape.softmax(scores), spec.dropout)
             v3 = _reshape(tape, v, (batch * heads, seq, head_dim), folds)
             y = tape.bmm(probs, v3, (batch * heads, seq, head_dim), seq)
@@ -142,12 +157,13 @@ class Block(nn.Module):
         self.mlp = MLP(spec)
         self.pre_norm, self.dropout = spec.norm == "pre", spec.dropout
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``ids``: the token ids whose padding attention masks (see `Attention.forward`)."""
         drop = lambda t: F.dropout(t, self.dropout, self.training)  # noqa: E731
         if self.pre_norm:
-            x = x + drop(self.attn(self.ln1(x)))
+            x = x + drop(self.attn(self.ln1(x), ids))
             return x + drop(self.mlp(self.ln2(x)))
-        x = self.ln1(x + drop(self.attn(x)))
+        x = self.ln1(x + drop(self.attn(x, ids)))
         return self.ln2(x + drop(self.mlp(x)))
 
     @staticmethod
@@ -277,12 +293,13 @@ class TinyTransformer(nn.Module):
         self.to(torch.bfloat16 if spec.dtype == "bf16" else torch.float32)
 
     def features(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Output of the last block."""
+        """Output of the last block; with a ``pad_token_id``, every block masks the padded keys."""
+        ids = inputs if self.spec.pad_token_id is not None else None
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.grad_from < 0):
             x = self.embed(inputs)
         for index, block in enumerate(self.blocks):
             with torch.set_grad_enabled(torch.is_grad_enabled() and index >= self.grad_from):
-                x = block(x)
+                x = block(x, ids)
         return x
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

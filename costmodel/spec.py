@@ -5,7 +5,8 @@ share one block (multi-head attention + MLP, residuals, LayerNorm pre or post):
 
 - ``gpt``: decoder-only causal LM (token + position embeddings, final norm, LM head).
 - ``encoder``: BERT-style classifier (word + position + token-type embeddings with
-  LayerNorm, post-norm blocks, tanh pooler on the first token, linear classifier).
+  LayerNorm, post-norm blocks, tanh pooler on the first token, linear classifier);
+  with a ``pad_token_id``, attention ignores padded keys, as BERT's attention mask does.
 - ``vit``: ViT classifier (conv patch embedding, class token, position embedding,
   final norm, linear head on the class token).
 """
@@ -49,6 +50,8 @@ class ModelSpec(BaseModel):
     tied_embeddings: bool = False
     fused_qkv: bool = Field(default=False, description="one query-key-value projection (GPT-2's c_attn)")
     layer_norm_eps: float = Field(default=1e-5, gt=0)
+    pad_token_id: int | None = Field(default=None, ge=0,
+                                     description="token id whose positions attention ignores as keys (encoder)")
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelSpec":
@@ -58,6 +61,10 @@ class ModelSpec(BaseModel):
             raise ValueError(f"patch_size={self.patch_size} does not divide image_size={self.image_size}")
         if self.tied_embeddings and self.kind != "gpt":
             raise ValueError("tied_embeddings applies to kind 'gpt' only")
+        if self.pad_token_id is not None and self.kind != "encoder":
+            raise ValueError("pad_token_id applies to kind 'encoder' only")
+        if self.pad_token_id is not None and self.pad_token_id >= self.vocab_size:
+            raise ValueError(f"pad_token_id={self.pad_token_id} outside vocab_size={self.vocab_size}")
         return self
 
     @property
@@ -98,7 +105,7 @@ ZOO: dict[str, ModelSpec] = {
                   image_size=28, patch_size=7, channels=1, n_classes=10),
         ModelSpec(name="minilm-l6", kind="encoder", n_blocks=6, d_model=384, n_heads=12, d_ff=1536,
                   max_seq_len=512, vocab_size=30522, n_classes=40, norm="post",
-                  attention="sdpa", layer_norm_eps=1e-12),
+                  attention="sdpa", layer_norm_eps=1e-12, pad_token_id=0),
     ]
 }
 

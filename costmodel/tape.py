@@ -11,7 +11,7 @@ on torch 2.13 (checked against ``FlopCounterMode`` and ``saved_tensors_hooks``):
   its input only when its weight trains; LayerNorm saves input, mean and rstd; GELU
   its input; ReLU, tanh and softmax their output; dropout its scaled mask; a batched
   matmul the operand the *other* operand's gradient needs; CPU SDPA saves q, k, v,
-  output and a float32 logsumexp; embeddings their int64 indices; cross-entropy its
+  output, a float32 logsumexp and its additive mask, if any; embeddings their int64 indices; cross-entropy its
   log-probabilities, int64 targets and a scalar total weight. Saved bytes count each
   storage once; parameters and buffers are not activations.
 
@@ -178,17 +178,27 @@ class Tape:
         self._record([a, b], [out], saved)
         return out
 
-    def sdpa(self, q: Sym, k: Sym, v: Sym) -> Sym:
+    def sdpa(self, q: Sym, k: Sym, v: Sym, mask: Sym | None = None) -> Sym:
         """CPU ``scaled_dot_product_attention`` (flash kernel): FLOPs as its math reference
-        (two batched matmuls forward, four backward); saves q, k, v, out and a float32 logsumexp."""
+        (two batched matmuls forward, four backward); saves q, k, v, out, a float32 logsumexp
+        and the additive ``mask`` added to the scores, if given."""
         batch, heads, seq, head_dim = q.shape
+        masks = [] if mask is None else [mask]
         out = self.tensor(*q.shape, requires_grad=q.requires_grad or k.requires_grad or v.requires_grad)
         flops = 2 * batch * heads * seq * seq * head_dim
         self._matmul_flops(2 * flops, True, True, out.requires_grad, False)
-        self.cost.elementwise_flops += 5 * batch * heads * seq * seq
+        self.cost.elementwise_flops += (5 + len(masks)) * batch * heads * seq * seq
         logsumexp = self.tensor(batch, heads, seq, itemsize=4)
-        self._record([q, k, v], [out], [q, k, v, out, logsumexp])
+        self._record([q, k, v, *masks], [out], [q, k, v, out, logsumexp, *masks])
         return out
+
+    def padding_bias(self, batch: int, seq: int) -> Sym:
+        """`Attention.padding_bias`: a (batch, 1, 1, seq) additive mask of padded keys, made from the
+        token ids (a bool ``ids == pad`` temporary, zeros filled in place); needs no gradient."""
+        bias = self.tensor(batch, 1, 1, seq)
+        self.cost.elementwise_flops += 2 * batch * seq  # compare, fill
+        self._record([], [bias, self.tensor(batch, seq, itemsize=1)])
+        return bias
 
     def layer_norm(self, x: Sym, trained: bool) -> Sym:
         nbytes = self.params(x.shape[-1], x.shape[-1], trained=trained)

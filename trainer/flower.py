@@ -22,9 +22,10 @@ engine's, up to the order of floating-point sums.
   and its update is lost for that round: the global model is averaged over the devices that did
   reply, as if it had not been sampled.
 
-The ServerApp reads one JSON file named by the run config key ``run-file``: ``{"config":
-TrainConfig fields, "plan": plan file path, "out": run directory, "resume": bool, "timeout":
-seconds per round}``. ``caff train --engine flower|flower-sim`` writes it.
+The ServerApp reads one JSON file named by the run config key ``run-file`` (`write_run_file`):
+the `TrainConfig`, the plan file, the run directory, resume, seconds a round waits for replies,
+and the folder of pretrained checkpoints (the app bundle that Flower ships carries code only).
+Its paths are read on the SuperLink's machine. ``caff train --engine flower|flower-sim`` writes it.
 """
 
 from __future__ import annotations
@@ -51,11 +52,23 @@ from trainer.engine import Server, TrainConfig, train_client
 log = logging.getLogger("caff.flower")
 
 
-def run_file_fields(path: str) -> tuple[TrainConfig, str, str, bool, float]:
-    """(config, plan path, out, resume, timeout in seconds) from a run file."""
+def write_run_file(path: str | Path, config: TrainConfig, plan_path: str | Path, out: str | Path,
+                   resume: bool = False, timeout: float = 600.0) -> str:
+    """Write the run file the ServerApp reads; paths are made absolute. Returns its path."""
+    from trainer.checkpoint import CHECKPOINT_DIR
+
+    Path(path).write_text(json.dumps({
+        "config": config.model_dump(), "plan": str(Path(plan_path).resolve()), "out": str(Path(out).resolve()),
+        "resume": resume, "timeout": timeout, "checkpoints": str(CHECKPOINT_DIR)}))
+    return str(path)
+
+
+def server_of_run_file(path: str) -> tuple[Server, float]:
+    """The run's `Server` and the seconds a round waits for replies."""
     fields = json.loads(Path(path).read_text())
-    return (TrainConfig(**fields["config"]), fields["plan"], fields["out"], bool(fields.get("resume", False)),
-            float(fields.get("timeout", 600)))
+    server = Server(TrainConfig(**fields["config"]), read_plan_file(fields["plan"]), fields["out"],
+                    fields["resume"], fields["checkpoints"])
+    return server, fields["timeout"]
 
 
 class CaffStrategy(FedAvg):
@@ -132,9 +145,8 @@ def make_server_app(run_file: str | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        config, plan_path, out, resume, timeout = run_file_fields(run_file or str(context.run_config["run-file"]))
-        server = Server(config, read_plan_file(plan_path), out, resume)
-        rounds = config.rounds - server.first_round + 1
+        server, timeout = server_of_run_file(run_file or str(context.run_config["run-file"]))
+        rounds = server.config.rounds - server.first_round + 1
         if rounds > 0:
             CaffStrategy(server).start(grid, ArrayRecord(server.state), num_rounds=rounds, timeout=timeout)
 
