@@ -122,3 +122,29 @@ def test_a_killed_run_resumes_to_identical_metrics(tmp_path, three_device_plan):
     assert main([*args, "--out", str(killed), "--resume"]) == 0
     resumed = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert _strip(resumed) == _strip(whole)
+
+
+def test_fedra_devices_run_a_shallow_model_of_their_held_blocks(tmp_path, three_device_plan):
+    from planner.planfile import read_plan_file
+    from trainer.engine import Server, train_client
+
+    config = TrainConfig(task="shakespeare", method="fedra", rounds=1, clients_per_round=3, pretrained=False,
+                         eval_samples=16)
+    server = Server(config, read_plan_file(three_device_plan), tmp_path / "run")
+    tasks, _ = server.tasks(1)
+    assert tasks and all(0 < len(t["held_blocks"]) for t in tasks)
+    assert any(len(t["held_blocks"]) < SPEC.n_blocks for t in tasks), "some device must hold fewer blocks"
+    for task in tasks:
+        record, deltas = train_client(task, server.state)
+        held = set(task["held_blocks"])
+        touched = {int(k.split(".")[1]) for k in deltas if k.startswith("blocks.")}
+        assert touched == held, (touched, held)
+        assert any(k.startswith("head.") for k in deltas)
+        # a shallow model: FLOPs of a len(held)-block model, fewer than LoRA over every block
+        shallow = estimate(SPEC.model_copy(update={"n_blocks": len(held)}), TrainMode.parse("lora:8", len(held)),
+                           2, 80)
+        deep = estimate(SPEC, TrainMode.parse("lora:8", SPEC.n_blocks), 2, 80)
+        per_step = shallow.totals["fwd_flops"] + shallow.totals["bwd_flops"]
+        assert record["flops"] == task["steps"] * per_step
+        assert len(held) == SPEC.n_blocks or per_step < deep.totals["fwd_flops"] + deep.totals["bwd_flops"]
+        assert record["peak_bytes"] <= record["memory_budget_bytes"]

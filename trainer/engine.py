@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 
 from costmodel import ModelSpec, TrainMode, build_model, estimate
 from planner.planfile import PlanFile
-from trainer.local import local_train, lora_deltas
-from trainer.methods import METHODS, device_mode, smallest_common_architecture
+from trainer.local import local_train, lora_deltas, renumber_blocks
+from trainer.methods import METHODS, device_task, shallow_spec, smallest_common_architecture
 from trainer.server import aggregate, collect
 
 TASK_KIND = {"shakespeare": "gpt", "fortunes": "encoder", "fashion-mnist": "vit"}
@@ -138,10 +138,14 @@ class Server:
         for order, index in enumerate(chosen):
             device = plan.devices[index]
             record = {"device": device.device, "order": order, "memory_budget_bytes": device.budgets.memory_bytes}
-            mode = device_mode(config.method, spec, device, plan, _seed(config.seed, round_index, "modes"))
-            if mode is None or self.clients[index % len(self.clients)].n_train == 0:
+            assigned = device_task(config.method, spec, device, plan, _seed(config.seed, round_index, "modes"))
+            if assigned is None or self.clients[index % len(self.clients)].n_train == 0:
                 idle.append({**record, "status": "sat out"})
-            elif random.Random(_seed(config.seed, round_index, device.device, "drop")).random() < config.drop_rate:
+                continue
+            mode, held = assigned
+            if held is not None:  # a shallow model of only these blocks (FedRA)
+                record["held_blocks"] = list(held)
+            if random.Random(_seed(config.seed, round_index, device.device, "drop")).random() < config.drop_rate:
                 idle.append({**record, "status": "dropped", "mode": str(mode)})
             else:
                 tasks.append({**record, "index": index, "mode": str(mode), "round": round_index, "task": config.task,
@@ -185,24 +189,28 @@ def train_client(task: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict
     A mode is measured the first time this process trains it at given shapes; the same mode at
     the same shapes has the same FLOPs and live bytes, so later runs reuse those figures."""
     spec = ModelSpec.model_validate_json(task["spec"])
+    held = task.get("held_blocks")  # FedRA: run a shallow model of only these blocks, in order
+    if held is not None:
+        spec, state = shallow_spec(spec, len(held)), renumber_blocks(state, {g: i for i, g in enumerate(held)})
     mode = TrainMode.parse(task["mode"], spec.n_blocks)
     clients, _ = task_data(task["task"], task["n_devices"], task["seed"])
     client = clients[task["index"] % len(clients)]
     seed, round_index, name = task["seed"], task["round"], task["device"]
     stream = _batch_stream(*client.train, task["batch"], _seed(seed, round_index, name, "batches"))
-    key = (task["spec"], task["mode"], task["batch"], task["steps"])
+    key = (spec.model_dump_json(), task["mode"], task["batch"], task["steps"])
     result = local_train(state, spec, mode, stream, task["steps"], task["optimizer"], task["lr"],
                          seed=_seed(seed, round_index, name, "init"), measure=key not in _MEASURED)
     result.flops, result.peak_bytes = _MEASURED.setdefault(key, (result.flops, result.peak_bytes))
     predicted = estimate(spec, mode, task["batch"], TASK_SEQ[task["task"]], task["optimizer"])
     totals = predicted.totals
-    record = {"device": name, "order": task["order"], "memory_budget_bytes": task["memory_budget_bytes"],
-              "status": "trained", "mode": task["mode"], "samples": result.n_samples, "loss": result.loss,
-              "upload_bytes": result.upload_bytes, "predicted_upload_bytes": totals["upload_bytes"],
-              "flops": result.flops, "predicted_flops": task["steps"] * (totals["fwd_flops"] + totals["bwd_flops"]),
-              "peak_bytes": result.peak_bytes, "predicted_peak_bytes": predicted.peak_bytes,
-              "seconds": result.seconds}
-    return record, lora_deltas(result, state)
+    record = {key: task[key] for key in ("device", "order", "memory_budget_bytes", "held_blocks") if key in task}
+    record |= {"status": "trained", "mode": task["mode"], "samples": result.n_samples, "loss": result.loss,
+               "upload_bytes": result.upload_bytes, "predicted_upload_bytes": totals["upload_bytes"],
+               "flops": result.flops, "predicted_flops": task["steps"] * (totals["fwd_flops"] + totals["bwd_flops"]),
+               "peak_bytes": result.peak_bytes, "predicted_peak_bytes": predicted.peak_bytes,
+               "seconds": result.seconds}
+    deltas = lora_deltas(result, state)
+    return record, deltas if held is None else renumber_blocks(deltas, dict(enumerate(held)))
 
 
 def run(config: TrainConfig, plan: PlanFile, out: str | Path, resume: bool = False,

@@ -110,3 +110,17 @@ def lora_deltas(result: LocalResult, global_state: dict[str, torch.Tensor]) -> d
         down, up = result.update[f"{base}.lora_A.default.weight"], result.update[f"{base}.lora_B.default.weight"]
         deltas[weight] = (up @ down) * scale
     return deltas
+
+
+def renumber_blocks(tensors: dict[str, torch.Tensor], numbers: dict[int, int]) -> dict[str, torch.Tensor]:
+    """``tensors`` with block i's names moved to block ``numbers[i]``; blocks not in ``numbers``
+    are dropped, tensors outside blocks kept. Maps a whole model onto a shallow one and back."""
+    out = {}
+    for name, tensor in tensors.items():
+        if name.startswith("blocks."):
+            _, block, rest = name.split(".", 2)
+            if int(block) not in numbers:
+                continue
+            name = f"blocks.{numbers[int(block)]}.{rest}"
+        out[name] = tensor
+    return out

@@ -4,13 +4,16 @@
 - ``lora``: LoRA on every block, the largest rank of the menu that fits the device.
 - ``full``: everything; a device that cannot afford it sits out, as in practice.
 - ``head``: the head only.
-- ``fedra``: each round a random set of blocks (FedRA's random allocation), as many as the
-  device's caff plan trains, redrawn until it fits (a low block costs more memory); the blocks
-  train fully here, where FedRA trains LoRA on a shallower model made of only those blocks.
+- ``fedra``: FedRA (Su et al.): each round a device holds a random set of blocks, drawn
+  uniformly without replacement, as many as it can afford (its capacity), and runs a genuinely
+  shallower model made of only those blocks in order, with the embeddings and the head; it
+  trains LoRA of rank 8 on them and the head. Unlike FedRA, the server averages each layer's
+  dense change B A (weighted by samples, like every method here), not A and B apart.
 - ``smallest``: the largest candidate architecture that every device can train fully; the
   engine runs that architecture and every device trains it all.
 
-A method returns None for a device that sits out this round.
+`device_task` returns the mode and the blocks the device's model holds (None: all of them, in
+place), or None for a device that sits out this round.
 """
 
 from __future__ import annotations
@@ -22,6 +25,12 @@ from planner.planfile import DevicePlan, PlanFile
 
 METHODS = ("caff", "lora", "full", "head", "fedra", "smallest")
 LORA_MENU = (1, 2, 4, 8, 16, 32, 64)
+FEDRA_RANK = 8
+
+
+def shallow_spec(spec: ModelSpec, n_held: int) -> ModelSpec:
+    """The spec of the model a FedRA device runs: ``n_held`` of the blocks, embeddings and head."""
+    return spec.model_copy(update={"n_blocks": n_held})
 
 
 def fits(spec: ModelSpec, mode: TrainMode, device: DevicePlan, plan: PlanFile) -> bool:
@@ -44,8 +53,24 @@ def smallest_common_architecture(plan: PlanFile) -> ModelSpec | None:
     return None
 
 
-def device_mode(method: str, spec: ModelSpec, device: DevicePlan, plan: PlanFile, round_seed: int) -> TrainMode | None:
-    """The training mode of ``device`` this round under ``method``, or None when it sits out."""
+def device_task(method: str, spec: ModelSpec, device: DevicePlan, plan: PlanFile,
+                round_seed: int) -> tuple[TrainMode, tuple[int, ...] | None] | None:
+    """What ``device`` trains this round under ``method``: (mode, held blocks or None), or None to sit out."""
+    n = spec.n_blocks
+    if method == "fedra":
+        lora = f"lora:{FEDRA_RANK}"
+        capacity = max((k for k in range(1, n + 1) if fits(shallow_spec(spec, k), TrainMode.parse(lora, k), device,
+                                                             plan)), default=0)
+        if capacity == 0:
+            return None
+        held = tuple(sorted(random.Random(f"{round_seed}:{device.device}").sample(range(n), capacity)))
+        return TrainMode.parse(lora, capacity), held
+    mode = device_mode(method, spec, device, plan)
+    return None if mode is None else (mode, None)
+
+
+def device_mode(method: str, spec: ModelSpec, device: DevicePlan, plan: PlanFile) -> TrainMode | None:
+    """The training mode of ``device`` in the whole model under ``method``, or None when it sits out."""
     n = spec.n_blocks
     if method == "caff":
         return TrainMode.parse(device.mode, n) if device.status == "optimal" and device.model == spec.name else None
@@ -56,15 +81,6 @@ def device_mode(method: str, spec: ModelSpec, device: DevicePlan, plan: PlanFile
     elif method == "lora":
         ranks = sorted(plan.lora_ranks or LORA_MENU, reverse=True)
         return next((m for r in ranks if fits(spec, m := TrainMode.parse(f"lora:{r}", n), device, plan)), None)
-    elif method == "fedra":
-        capacity = len(device.trained_blocks) if device.status == "optimal" else 0
-        rng = random.Random(f"{round_seed}:{device.device}")
-        for count in range(capacity, -1, -1):
-            for _ in range(8):
-                mode = TrainMode(blocks=frozenset(rng.sample(range(n), count)))
-                if fits(spec, mode, device, plan):
-                    return mode
-        return None
     else:
         raise ValueError(f"unknown method {method!r} ({', '.join(METHODS)})")
     return mode if fits(spec, mode, device, plan) else None
