@@ -12,7 +12,8 @@ ELEMENT_BUDGET = 1_500_000
 def random_config(rng: random.Random):
     """A random model, training mode, batch, sequence length and optimizer over the issue's ranges:
     1-12 blocks, width 32-512 with any head count dividing it, sequence 1-256, batch 1-64, every
-    training mode, LoRA ranks 1-64; sizes are redrawn until one step fits ELEMENT_BUDGET."""
+    training mode, LoRA ranks 1-64, encoders with and without a padding mask; sizes are redrawn
+    until one step fits ELEMENT_BUDGET."""
     while True:
         kind = rng.choice(["gpt", "encoder", "vit"])
         width = rng.choice([32, 48, 64, 96, 128, 192, 256, 384, 512])
@@ -26,7 +27,8 @@ def random_config(rng: random.Random):
                       norm=rng.choice(["pre", "post"]), activation=rng.choice(["gelu", "relu", "gelu_new"]),
                       attention=rng.choice(["matmul", "sdpa"]), dtype=rng.choice(["fp32", "fp32", "bf16"]),
                       dropout=rng.choice([0.0, 0.0, 0.1]),
-                      tied_embeddings=kind == "gpt" and rng.random() < 0.25, fused_qkv=rng.random() < 0.3)
+                      tied_embeddings=kind == "gpt" and rng.random() < 0.25, fused_qkv=rng.random() < 0.3,
+                      pad_token_id=rng.choice([None, 0]) if kind == "encoder" else None)
         if kind == "vit":
             patch = rng.choice([4, 7])
             fields.update(image_size=patch * rng.choice([1, 2, 4]), patch_size=patch, channels=rng.choice([1, 3]))

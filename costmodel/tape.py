@@ -11,9 +11,9 @@ on torch 2.13 (checked against ``FlopCounterMode`` and ``saved_tensors_hooks``):
   its input only when its weight trains; LayerNorm saves input, mean and rstd; GELU
   its input; ReLU, tanh and softmax their output; dropout its scaled mask; a batched
   matmul the operand the *other* operand's gradient needs; CPU SDPA saves q, k, v,
-  output, a float32 logsumexp and its additive mask, if any; embeddings their int64 indices; cross-entropy its
-  log-probabilities, int64 targets and a scalar total weight. Saved bytes count each
-  storage once; parameters and buffers are not activations.
+  output, a float32 logsumexp and its additive mask, if any; embeddings their int64
+  indices; cross-entropy its log-probabilities, int64 targets and a scalar total weight.
+  Saved bytes count each storage once; parameters and buffers are not activations.
 
 From the op list the tape also derives the layer's memory timeline: live bytes of
 its activations at the worst point of the forward pass, and of saved tensors plus

@@ -36,6 +36,17 @@ def test_estimate_matches_counters_on_100_random_configurations(seeds):
     assert errors[-1] <= 0.10, errors[-10:]
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("attention", ["matmul", "sdpa"])
+@pytest.mark.parametrize("text", ["all", "last:1", "lora:4"])
+def test_estimate_matches_counters_on_an_encoder_that_masks_padding(text, attention, dtype):
+    """The padding mask each block makes (and SDPA saves) is on the tape: FLOPs and saved bytes exact."""
+    spec = ModelSpec(kind="encoder", n_blocks=3, d_model=64, n_heads=4, d_ff=128, max_seq_len=32, vocab_size=12,
+                     n_classes=3, norm="post", attention=attention, dtype=dtype, dropout=0.1, pad_token_id=0)
+    peak_error = _compare(spec, TrainMode.parse(text, spec.n_blocks), batch=4, seq=24, optimizer="adam")
+    assert abs(peak_error) <= 0.10
+
+
 def test_frozen_prefix_is_neither_kept_nor_back_propagated():
     spec = ZOO["char-gpt-xs"]
     measured = measure(spec, TrainMode.parse("last:1", spec.n_blocks), batch=4, seq=32)
@@ -87,6 +98,13 @@ def test_train_mode_rejects_bad_text(text):
 def test_spec_rejects_heads_not_dividing_width():
     with pytest.raises(ValueError, match="does not divide"):
         ModelSpec(kind="gpt", n_blocks=2, d_model=30, n_heads=4, d_ff=64)
+
+
+def test_spec_rejects_a_pad_token_outside_encoders_or_the_vocabulary():
+    with pytest.raises(ValueError, match="encoder"):
+        ModelSpec(kind="gpt", n_blocks=2, d_model=32, n_heads=4, d_ff=64, pad_token_id=0)
+    with pytest.raises(ValueError, match="vocab_size"):
+        ModelSpec(kind="encoder", n_blocks=2, d_model=32, n_heads=4, d_ff=64, vocab_size=10, pad_token_id=10)
 
 
 @pytest.mark.parametrize("text, optimizer", [("all", "adam"), ("lora:4", "sgd"), ("blocks:1", "momentum")])

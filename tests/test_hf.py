@@ -60,13 +60,15 @@ def _minilm_dir() -> Path:
 def test_spec_from_the_real_minilm_config_matches_the_zoo():
     spec = spec_from_hf_config(json.loads((_minilm_dir() / "config.json").read_text()), name="minilm")
     zoo = ZOO["minilm-l6"]
-    keys = ("kind", "n_blocks", "d_model", "n_heads", "d_ff", "max_seq_len", "vocab_size", "norm", "activation")
+    keys = ("kind", "n_blocks", "d_model", "n_heads", "d_ff", "max_seq_len", "vocab_size", "norm", "activation",
+            "pad_token_id")
     assert [getattr(spec, k) for k in keys] == [getattr(zoo, k) for k in keys]
     assert load_spec(str(_minilm_dir())).n_blocks == 6
 
 
 def test_pretrained_minilm_flops_match_the_estimate():
-    spec = load_spec(str(_minilm_dir())).model_copy(update={"n_classes": 4, "dropout": 0.0})
+    # measure_hf runs BERT without an attention mask, so the estimate is of our encoder without one
+    spec = load_spec(str(_minilm_dir())).model_copy(update={"n_classes": 4, "dropout": 0.0, "pad_token_id": None})
     mode = TrainMode.parse("last:2", spec.n_blocks)
     predicted, measured = estimate(spec, mode, 2, 32), measure_hf(spec, mode, 2, 32, model_dir=str(_minilm_dir()))
     assert (predicted.totals["fwd_flops"], predicted.totals["bwd_flops"]) == (measured.fwd_flops, measured.bwd_flops)
@@ -97,3 +99,56 @@ def test_our_encoder_with_bert_weights_computes_what_bert_computes():
         assert torch.allclose(theirs(input_ids=ids).logits, ours.head(ours.features(ids)), atol=1e-5)
     with pytest.raises(ValueError, match="not a BERT classifier"):
         tiny_state_from_bert({}, spec)
+
+
+def _minilm_as_ours(attention: str):
+    """The real all-MiniLM-L6-v2 (transformers' BERT, sdpa) and our encoder with its weights."""
+    from costmodel import build_model
+    from costmodel.hf import load_hf_model, tiny_state_from_bert
+
+    spec = ZOO["minilm-l6"].model_copy(update={"n_classes": 4, "dropout": 0.0, "attention": attention})
+    theirs = load_hf_model(spec, str(_minilm_dir())).eval()
+    ours = build_model(spec).eval()
+    ours.load_state_dict(tiny_state_from_bert(theirs.state_dict(), spec))
+    return theirs, ours
+
+
+def _padded_ids(lengths: list[int], seq: int):
+    """[CLS] random word pieces [SEP], padded with [PAD] = 0 to ``seq``: one row per length."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.zeros(len(lengths), seq, dtype=torch.int64)
+    for row, length in enumerate(lengths):
+        words = torch.randint(1000, 30000, (length - 2,), generator=generator)
+        ids[row, :length] = torch.cat([torch.tensor([101]), words, torch.tensor([102])])
+    return ids
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
+def test_our_encoder_with_minilm_weights_masks_padding_as_bert_does(attention):
+    """BertModel with attention_mask = ids != 0 is the reference, at every position (padded queries too)."""
+    import torch
+
+    theirs, ours = _minilm_as_ours(attention)
+    ids = _padded_ids([20, 12, 5, 2], seq=20)
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        hidden = ours.features(ids)
+        assert torch.allclose(hidden, theirs.bert(input_ids=ids, attention_mask=mask).last_hidden_state, atol=2e-4)
+        logits = theirs(input_ids=ids, attention_mask=mask).logits
+        assert torch.allclose(ours.head(hidden), logits, atol=1e-6)
+        assert not torch.allclose(theirs(input_ids=ids).logits, logits, atol=1e-3)  # the padding matters here
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "matmul"])
+def test_appended_padding_leaves_our_encoder_output_unchanged(attention):
+    import torch
+
+    _, ours = _minilm_as_ours(attention)
+    ids = _padded_ids([16, 9, 3], seq=16)
+    longer = torch.cat([ids, torch.zeros(len(ids), 11, dtype=torch.int64)], dim=1)
+    with torch.no_grad():
+        hidden, hidden_longer = ours.features(ids), ours.features(longer)
+        assert torch.allclose(hidden_longer[:, :16], hidden, atol=1e-5)
+        assert torch.allclose(ours.head(hidden_longer), ours.head(hidden), atol=1e-6)
