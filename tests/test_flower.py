@@ -106,6 +106,22 @@ def test_a_round_without_replies_records_every_device_failed(tmp_path, three_dev
     assert all(torch.equal(before[k], strategy.server.state[k]) for k in before)
 
 
+def test_a_reply_for_another_nodes_device_is_refused(tmp_path, three_device_plan, flower_task_identity):
+    from flwr.app import Message
+
+    from trainer.flower import client_train
+
+    strategy = _strategy(tmp_path, three_device_plan)
+    before = dict(strategy.server.state)
+    honest, impostor = strategy.configure_train(1, None, None, grid=None)
+    reply = client_train(honest, None)
+    strategy.aggregate_train(1, [Message(reply.content, reply_to=impostor)])  # the other node sends it
+    statuses = {c["device"]: (c["status"], c.get("reason", "")) for c in strategy.server.metrics[-1]["clients"]}
+    assert [status for status, _ in statuses.values()].count("failed") == 2
+    assert "was not asked" in statuses[dict(impostor.content["task"])["device"]][1]
+    assert all(torch.equal(before[k], strategy.server.state[k]) for k in before)
+
+
 def _pids_gone(processes):
     return all(process.poll() is not None for process in processes)
 

@@ -180,6 +180,12 @@ class Server:
         return self.metrics[-1]
 
 
+def task_record(task: dict, **fields) -> dict:
+    """A device's metrics record for this round: who it is and what it ran, plus ``fields``."""
+    return {key: task[key] for key in ("device", "order", "memory_budget_bytes", "mode", "held_blocks")
+            if key in task} | fields
+
+
 _MEASURED: dict[tuple, tuple[int, int]] = {}  # (spec, mode, batch, steps) -> (FLOPs, peak bytes), per process
 
 
@@ -203,12 +209,11 @@ def train_client(task: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict
     result.flops, result.peak_bytes = _MEASURED.setdefault(key, (result.flops, result.peak_bytes))
     predicted = estimate(spec, mode, task["batch"], TASK_SEQ[task["task"]], task["optimizer"])
     totals = predicted.totals
-    record = {key: task[key] for key in ("device", "order", "memory_budget_bytes", "held_blocks") if key in task}
-    record |= {"status": "trained", "mode": task["mode"], "samples": result.n_samples, "loss": result.loss,
-               "upload_bytes": result.upload_bytes, "predicted_upload_bytes": totals["upload_bytes"],
-               "flops": result.flops, "predicted_flops": task["steps"] * (totals["fwd_flops"] + totals["bwd_flops"]),
-               "peak_bytes": result.peak_bytes, "predicted_peak_bytes": predicted.peak_bytes,
-               "seconds": result.seconds}
+    record = task_record(
+        task, status="trained", samples=result.n_samples, loss=result.loss, upload_bytes=result.upload_bytes,
+        predicted_upload_bytes=totals["upload_bytes"], flops=result.flops,
+        predicted_flops=task["steps"] * (totals["fwd_flops"] + totals["bwd_flops"]), peak_bytes=result.peak_bytes,
+        predicted_peak_bytes=predicted.peak_bytes, seconds=result.seconds)
     deltas = lora_deltas(result, state)
     return record, deltas if held is None else renumber_blocks(deltas, dict(enumerate(held)))
 

@@ -40,14 +40,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from planner.planfile import read_plan_file
-from trainer.engine import Server, TrainConfig, train_client
+from trainer.engine import Server, TrainConfig, task_record, train_client
 
 log = logging.getLogger("caff.flower")
 
@@ -114,26 +113,30 @@ class CaffStrategy(FedAvg):
         self.round_started = time.perf_counter()
         tasks, self.round_records = self.server.tasks(self.round_index(server_round))
         self.round_tasks = [t for t in tasks if t["device"] in self.node_of_device]
-        self.round_records += [{key: t[key] for key in ("device", "order", "memory_budget_bytes", "mode")}
-                               | {"status": "no node"} for t in tasks if t["device"] not in self.node_of_device]
+        self.round_records += [task_record(t, status="no node")
+                               for t in tasks if t["device"] not in self.node_of_device]
         weights = ArrayRecord(self.server.state)  # one record, shared by every message of the round
         return [Message(RecordDict({"arrays": weights, "task": ConfigRecord(task)}), message_type=MessageType.TRAIN,
                         dst_node_id=self.node_of_device[task["device"]]) for task in self.round_tasks]
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord, None]:
         records, updates, errors = list(self.round_records), {}, {}
+        expected = {t["device"]: self.node_of_device[t["device"]] for t in self.round_tasks}
         for reply in replies:
+            node = reply.metadata.src_node_id
             if reply.has_error():
-                errors[reply.metadata.src_node_id] = reply.error.reason
+                errors[node] = reply.error.reason
                 continue
             record = dict(reply.content["record"])
+            if expected.get(record.get("device")) != node or record["device"] in updates:
+                errors[node] = f"a reply for device {record.get('device')!r}, which this node was not asked to train"
+                continue
             records.append(record)
             updates[record["device"]] = reply.content["arrays"].to_torch_state_dict()
         for task in self.round_tasks:
             if task["device"] not in updates:
-                reason = errors.get(self.node_of_device[task["device"]], "no reply before the round's timeout")
-                records.append({key: task[key] for key in ("device", "order", "memory_budget_bytes", "mode")}
-                               | {"status": "failed", "reason": reason})
+                reason = errors.get(expected[task["device"]], "no reply before the round's timeout")
+                records.append(task_record(task, status="failed", reason=reason))
                 log.warning("round %d: %s failed (%s); its update is lost", server_round, task["device"], reason)
         self.server.finish(self.round_index(server_round), records, updates, self.round_started)
         return ArrayRecord(self.server.state), None
