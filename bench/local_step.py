@@ -4,7 +4,7 @@ Part 1: for several plans of one model, the median wall time of a training step 
 attached) next to the estimate's FLOPs per step; the ratio (seconds per TFLOP) should be roughly
 constant across plans if FLOPs are what costs time. Part 2: one federated round of the in-process
 engine, its wall time against the sum of its clients' own local-training time (target: overhead
-under 10%).
+under 10%), evaluating the global model every round and every fifth round.
 
     python bench/local_step.py [--model char-gpt-m] [--batch 16] [--seq 80]
 """
@@ -33,7 +33,7 @@ def step_seconds(spec, mode, batch, seq, repeats=7) -> float:
     return statistics.median(times[1:])
 
 
-def engine_overhead(rounds: int = 3) -> tuple[float, float, float]:
+def engine_overhead(eval_every: int, rounds: int = 5) -> tuple[float, float, float]:
     from planner.fleet import PlanSettings, plan
     from profiles import load_fleet
     from trainer.engine import TrainConfig, run
@@ -42,7 +42,7 @@ def engine_overhead(rounds: int = 3) -> tuple[float, float, float]:
     planned = plan([ZOO["char-gpt-s"]], devices, PlanSettings(seq=80, lora_ranks=(2, 4, 8)))
     with tempfile.TemporaryDirectory() as out:
         metrics = run(TrainConfig(task="shakespeare", rounds=rounds, clients_per_round=10, local_steps=4,
-                                  pretrained=False), planned, out)
+                                  pretrained=False, eval_every=eval_every), planned, out)
     later = metrics[1:]  # round 1 also pays one-off imports (peft) inside the clients' time
     return tuple(sum(m[key] for m in later) for key in ("seconds", "client_seconds", "eval_seconds"))
 
@@ -64,11 +64,12 @@ def main() -> None:
         flops = report.totals["fwd_flops"] + report.totals["bwd_flops"]
         seconds = step_seconds(spec, mode, args.batch, args.seq)
         print(f"{text:22s} {flops / 1e9:10.2f} {seconds * 1e3:8.1f} {seconds / flops * 1e12:11.2f}")
-    wall, clients, evaluation = engine_overhead()
-    print(f"engine: rounds 2-3 of 10 clients x 4 steps took {wall:.1f} s, clients' own local training "
-          f"{clients:.1f} s, the server's test evaluation {evaluation:.1f} s: overhead {(wall - clients) / wall:.0%} "
-          f"of the round, {(wall - clients - evaluation) / wall:.0%} without evaluation")
-
+    for eval_every in (1, 5):
+        wall, clients, evaluation = engine_overhead(eval_every)
+        print(f"engine, evaluating every {eval_every} round(s): rounds 2-5 of 10 clients x 4 steps took {wall:.1f} s, "
+              f"clients' own local training {clients:.1f} s, the server's test evaluation {evaluation:.1f} s: "
+              f"overhead {(wall - clients) / wall:.0%} of the wall time, {(wall - clients - evaluation) / wall:.0%} "
+              "without evaluation")
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,8 @@ char-gpt-s needs (batch 8 x 80 characters, sgd), with compute and upload generou
 binds; and the shipped heterogeneous `edge-mix` fleet. Each fleet is planned over the pretrained
 char-GPT zoo (xs, s, m); every method then runs the same rounds with the same seeds.
 
-    python bench/shakespeare_study.py [--rounds 6] [--clients 5] [--steps 8] [--lr 0.3] [--seeds 0,1] [--out study]
+    python bench/shakespeare_study.py [--rounds 6] [--clients 5] [--steps 8] [--lr 0.3] [--seeds 0,1]
+        [--eval-every 1] [--fleets 1/8,1/4,1/2,edge-mix] [--methods caff,lora,...] [--out study]
 """
 
 import argparse
@@ -27,7 +28,7 @@ def fleets(n_devices: int) -> dict[str, list[DeviceSpec]]:
     for label, share in (("1/8", 8), ("1/4", 4), ("1/2", 2)):
         device = DeviceSpec(name=f"mem-{share}", memory_bytes=full // share, compute_flops=1e13, upload_bytes=10**9,
                             local_steps=4, batch_size=8)
-        out[f"memory {label} of full"] = [device.model_copy(update={"name": f"mem-{share}#{i}"})
+        out[label] = [device.model_copy(update={"name": f"mem-{share}#{i}"})
                                           for i in range(n_devices)]
     out["edge-mix"] = load_fleet("edge-mix").expand(n_devices, seed=0)
     return out
@@ -41,6 +42,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.3)
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--devices", type=int, default=20)
+    parser.add_argument("--eval-every", type=int, default=1)
+    parser.add_argument("--fleets", default="1/8,1/4,1/2,edge-mix", help="a subset of 1/8, 1/4, 1/2, edge-mix")
+    parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", default="study")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -48,19 +52,22 @@ def main() -> None:
           "final test accuracy and loss: mean (min..max over seeds)\n")
     print("| fleet | method | model | trained clients/round | accuracy | loss | uploaded | client FLOPs |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
+    chosen = args.fleets.split(",")
     for fleet_name, devices in fleets(args.devices).items():
+        if fleet_name not in chosen:
+            continue
         planned = plan(CANDIDATES, devices, PlanSettings(seq=80, lora_ranks=(2, 4, 8, 16)))
-        for method in METHODS:
+        for method in args.methods.split(","):
             finals = []
             for seed in seeds:
                 out = Path(args.out) / fleet_name.replace(" ", "_").replace("/", "-") / f"{method}-{seed}"
                 config = TrainConfig(task="shakespeare", method=method, rounds=args.rounds,
                                      clients_per_round=args.clients, local_steps=args.steps, lr=args.lr,
-                                     seed=seed)
+                                     seed=seed, eval_every=args.eval_every)
                 try:
                     finals.append(run(config, planned, out, resume=(out / "state.json").exists()))
                 except ValueError as why:  # e.g. smallest: no architecture every device can train
-                    print(f"| {fleet_name} | {method} | - | - | {why} | | | |")
+                    print(f"| {fleet_name} | {method} | - | - | {why} | | | |", flush=True)
                     break
             if len(finals) < len(seeds):
                 continue
