@@ -49,10 +49,10 @@ def test_flower_simulation_gives_the_in_process_engines_model(tmp_path, three_de
     assert _metrics(tmp_path / "sim") == _metrics(tmp_path / "local")
 
 
-def _strategy(tmp_path, plan_path):
+def _strategy(tmp_path, plan_path, config=CONFIG):
     from trainer.flower import CaffStrategy
 
-    server = Server(CONFIG, read_plan_file(plan_path), tmp_path / "run")
+    server = Server(config, read_plan_file(plan_path), tmp_path / "run")
     strategy = CaffStrategy(server)
     strategy.node_of_device = {device.device: 100 + i for i, device in enumerate(server.plan.devices)}
     return strategy
@@ -63,10 +63,10 @@ def flower_task_identity():
     """Messages can only be made inside a Flower run; pretend to be one."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    saved = TaskIdentity._run_id, TaskIdentity._node_id
-    TaskIdentity.run_id, TaskIdentity.node_id = 1, 0
+    saved = TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
     yield
-    TaskIdentity._run_id, TaskIdentity._node_id = saved
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def test_a_failed_node_loses_its_update_and_the_round_goes_on(tmp_path, three_device_plan, flower_task_identity):
@@ -120,6 +120,21 @@ def test_a_reply_for_another_nodes_device_is_refused(tmp_path, three_device_plan
     assert [status for status, _ in statuses.values()].count("failed") == 2
     assert "was not asked" in statuses[dict(impostor.content["task"])["device"]][1]
     assert all(torch.equal(before[k], strategy.server.state[k]) for k in before)
+
+
+def test_a_fedra_node_receives_only_the_blocks_it_holds(tmp_path, three_device_plan, flower_task_identity):
+    from trainer.flower import client_train
+
+    strategy = _strategy(tmp_path, three_device_plan, CONFIG.model_copy(update={"method": "fedra"}))
+    messages = strategy.configure_train(1, None, None, grid=None)
+    assert messages
+    for message in messages:
+        held = set(dict(message.content["task"])["held_blocks"])
+        blocks = {int(k.split(".")[1]) for k in message.content["arrays"].keys() if k.startswith("blocks.")}
+        assert blocks == held
+        assert {"embed.tok.weight", "head.out.weight"} <= set(message.content["arrays"].keys())
+        reply = dict(client_train(message, None).content["record"])
+        assert reply["status"] == "trained" and reply["peak_bytes"] <= reply["memory_budget_bytes"]
 
 
 def _pids_gone(processes):

@@ -9,8 +9,9 @@ engine's, up to the order of floating-point sums.
 
 - `CaffStrategy(FedAvg)`: ``configure_train`` builds one ``Message`` per training device, with
   its task (its entry of the plan: mode, steps, batch, learning rate; a ``ConfigRecord``) and the
-  global weights (an ``ArrayRecord``: every plan runs the whole forward pass, so a node needs
-  every array, and nothing else). ``aggregate_train`` averages each tensor over the replies that
+  weights it needs (an ``ArrayRecord``: a plan of the whole model runs its whole forward pass, so
+  it needs every array; a FedRA device gets only the blocks its shallow model holds, with the
+  embeddings and head). ``aggregate_train`` averages each tensor over the replies that
   hold it (stock FedAvg refuses replies whose keys differ).
 - Nodes and devices: before round 1 the strategy asks every node (a ``query`` message) which
   device it is: its node config's ``device`` (a name in the plan) or ``partition-id`` (an index
@@ -47,6 +48,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from planner.planfile import read_plan_file
 from trainer.engine import Server, TrainConfig, task_record, train_client
+from trainer.local import renumber_blocks
 
 log = logging.getLogger("caff.flower")
 
@@ -115,9 +117,14 @@ class CaffStrategy(FedAvg):
         self.round_tasks = [t for t in tasks if t["device"] in self.node_of_device]
         self.round_records += [task_record(t, status="no node")
                                for t in tasks if t["device"] not in self.node_of_device]
-        weights = ArrayRecord(self.server.state)  # one record, shared by every message of the round
-        return [Message(RecordDict({"arrays": weights, "task": ConfigRecord(task)}), message_type=MessageType.TRAIN,
-                        dst_node_id=self.node_of_device[task["device"]]) for task in self.round_tasks]
+        whole = ArrayRecord(self.server.state)  # one record, shared by the messages that need every array
+
+        def arrays(task: dict) -> ArrayRecord:  # a FedRA device's shallow model needs only its blocks
+            held = task.get("held_blocks")
+            return whole if held is None else ArrayRecord(renumber_blocks(self.server.state, {b: b for b in held}))
+        return [Message(RecordDict({"arrays": arrays(task), "task": ConfigRecord(task)}),
+                        message_type=MessageType.TRAIN, dst_node_id=self.node_of_device[task["device"]])
+                for task in self.round_tasks]
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord, None]:
         records, updates, errors = list(self.round_records), {}, {}
