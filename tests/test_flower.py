@@ -141,17 +141,19 @@ def _pids_gone(processes):
     return all(process.poll() is not None for process in processes)
 
 
-def test_localhost_deployment_gives_the_in_process_engines_model(tmp_path, three_device_plan, monkeypatch):
+def test_localhost_deployment_gives_the_in_process_engines_model(tmp_path, three_device_plan, monkeypatch, caff):
     """flower-superlink and three flower-supernodes on free ports, two rounds with ``flwr run``."""
-    from trainer.flower import flwr_run, localhost_federation
+    from trainer.flower import localhost_federation
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    run(CONFIG, read_plan_file(three_device_plan), tmp_path / "local")
+    args = ["train", "--task", "shakespeare", "--method", "caff", "--plan", str(three_device_plan), "--rounds", "2",
+            "--clients-per-round", "3", "--seed", "3", "--no-pretrained", "--eval-samples", "16"]
+    assert caff(*args, "--out", str(tmp_path / "local")).returncode == 0
     # node 0 names its device; nodes 1 and 2 give a partition id (device d1 and device d0)
     configs = ["device='d2'", "partition-id=1", "partition-id=0"]
     with localhost_federation(3, tmp_path / "logs", node_config=lambda i: configs[i]) as (address, processes):
-        flwr_run(_run_file(tmp_path, three_device_plan, tmp_path / "flower"), address,
-                 os.path.dirname(os.path.dirname(__file__)), log_file=tmp_path / "flwr-run.log", timeout=400)
+        deployed = caff(*args, "--engine", "flower", "--superlink", address, "--out", str(tmp_path / "flower"))
+    assert deployed.returncode == 0, deployed.stderr
     assert _pids_gone(processes)
     _same_model(tmp_path / "local", tmp_path / "flower")
     assert _metrics(tmp_path / "flower") == _metrics(tmp_path / "local")
@@ -188,3 +190,14 @@ def test_a_node_killed_mid_round_does_not_stall_the_run(tmp_path, three_device_p
     assert [c["status"] for c in d2] == ["failed", "failed"], d2
     d1 = [next(c for c in m["clients"] if c["device"] == "d1") for m in rounds]
     assert [c["status"] for c in d1] == ["trained", "trained"]
+
+
+def test_no_superlink_is_a_one_line_error(tmp_path, three_device_plan, caff):
+    from trainer.flower import free_port
+
+    result = caff("train", "--task", "shakespeare", "--plan", str(three_device_plan), "--rounds", "1",
+                  "--no-pretrained", "--engine", "flower", "--superlink", f"127.0.0.1:{free_port()}",
+                  "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "flwr run exited" in result.stderr, result.stderr
+    assert not (tmp_path / "run" / "state.json").exists()
