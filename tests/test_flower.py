@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 pytest.importorskip("flwr")
 
 from planner.planfile import read_plan_file  # noqa: E402
-from trainer.engine import Server, TrainConfig, run, train_client  # noqa: E402
+from trainer.engine import Server, TrainConfig, train_client  # noqa: E402
 
 TIMING = {"seconds", "client_seconds", "total_seconds", "eval_seconds"}
 CONFIG = TrainConfig(task="shakespeare", method="caff", rounds=2, clients_per_round=3, pretrained=False,
