@@ -148,3 +148,20 @@ def test_fedra_devices_run_a_shallow_model_of_their_held_blocks(tmp_path, three_
         assert record["flops"] == task["steps"] * per_step
         assert len(held) == SPEC.n_blocks or per_step < deep.totals["fwd_flops"] + deep.totals["bwd_flops"]
         assert record["peak_bytes"] <= record["memory_budget_bytes"]
+
+
+def test_the_real_minilm_starting_point_does_not_depend_on_the_global_rng():
+    from trainer.data import minilm_dir
+    from trainer.engine import initial_state
+
+    try:
+        minilm_dir()
+    except ValueError as missing:
+        pytest.skip(str(missing))
+    spec = ZOO["minilm-l6"].model_copy(update={"n_classes": 7})
+    torch.manual_seed(1)
+    first = initial_state(spec, pretrained=True)
+    torch.manual_seed(2)
+    second = initial_state(spec, pretrained=True)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)

@@ -100,8 +100,9 @@ def initial_state(spec: ModelSpec, pretrained: bool, checkpoints: str | Path | N
         from costmodel.hf import load_hf_model, tiny_state_from_bert
         from trainer.data import minilm_dir
 
-        bert = load_hf_model(spec, minilm_dir())
-        return tiny_state_from_bert(bert.state_dict(), spec)  # its classifier starts fresh
+        state = tiny_state_from_bert(load_hf_model(spec, minilm_dir()).state_dict(), spec)
+        fresh = build_model(spec).state_dict()  # a seeded classifier: transformers draws its own from the global RNG
+        return state | {name: fresh[name] for name in ("head.out.weight", "head.out.bias")}
     if pretrained:
         from trainer.checkpoint import checkpoint_path, load_pretrained
 
