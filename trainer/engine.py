@@ -117,8 +117,9 @@ class Server:
     """The server of a run, whatever engine carries its messages.
 
     ``tasks(r)`` samples round r and returns what each training device must do (one dict per
-    device) and the records of sampled devices that sit out or drop; ``finish(r, replies)``
-    aggregates the replies, evaluates, appends the round's metrics and checkpoints."""
+    device) and the records of sampled devices that sit out or drop; ``finish(r, records,
+    updates, started)`` aggregates the updates, evaluates, appends the round's metrics and
+    checkpoints."""
 
     def __init__(self, config: TrainConfig, plan: PlanFile, out: str | Path, resume: bool = False,
                  checkpoints: str | Path | None = None):

@@ -138,6 +138,9 @@ class CaffStrategy(FedAvg):
             if expected.get(record.get("device")) != node or record["device"] in updates:
                 errors[node] = f"a reply for device {record.get('device')!r}, which this node was not asked to train"
                 continue
+            if record.get("status") != "trained" or not isinstance(record.get("samples"), int) or record["samples"] < 1:
+                errors[node] = "a reply without a trained record and its sample count"
+                continue
             records.append(record)
             updates[record["device"]] = reply.content["arrays"].to_torch_state_dict()
         for task in self.round_tasks:
