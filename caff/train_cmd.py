@@ -25,7 +25,7 @@ def add_parser(subparsers) -> dict:
     train.add_argument("--rounds", type=int)
     train.add_argument("--clients-per-round", type=int)
     train.add_argument("--local-steps", type=int, help="default: each device's planned local steps")
-    train.add_argument("--lr", type=float)
+    train.add_argument("--lr", type=float, help="SGD learning rate per step (default 0.01)")
     train.add_argument("--seed", type=int)
     train.add_argument("--drop-rate", type=float, help="chance that a sampled device fails mid-round")
     train.add_argument("--eval-every", type=int, help="evaluate the global model every N rounds (and after the last)")
