@@ -6,8 +6,8 @@ binds; and the shipped heterogeneous `edge-mix` fleet. Each fleet is planned ove
 pretrained candidates (Shakespeare: the char-GPT zoo xs, s, m, against char-gpt-s; Fashion-MNIST:
 vit-tiny; fortunes: all-MiniLM-L6-v2); every method then runs the same rounds with the same seeds.
 
-    python bench/method_study.py [--task shakespeare] [--rounds 6] [--clients 5] [--steps 8] [--lr 0.05] [--seeds 0,1] [--batch 8]
-        [--eval-every 1] [--fleets 1/8,1/4,1/2,edge-mix] [--methods caff,lora,...] [--out study]
+    python bench/method_study.py [--task shakespeare] [--rounds 6] [--clients 5] [--steps 8] [--lr 0.05]
+        [--seeds 0,1] [--batch 8] [--eval-every 1] [--fleets 1/8,1/4,1/2,edge-mix] [--methods caff,lora,...] [--out study]
 """
 
 import argparse

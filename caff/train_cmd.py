@@ -193,7 +193,8 @@ def run_demo(args) -> int:
         run_args = SimpleNamespace(
             config=None, task="shakespeare", method=method, plan=None, fleet="edge-mix",
             model="char-gpt-xs,char-gpt-s,char-gpt-m", fleet_size=40, rounds=args.rounds, clients_per_round=10,
-            local_steps=None, lr=None, seed=0, drop_rate=None, eval_every=None, eval_samples=None, engine="local", no_pretrained=False, out=str(out / method),
+            local_steps=None, lr=None, seed=0, drop_rate=None, eval_every=None, eval_samples=None, engine="local",
+            no_pretrained=False, out=str(out / method),
             resume=(out / method / "state.json").exists())
         print(f"== {method}")
         run_train(run_args)

@@ -48,7 +48,8 @@ class TrainConfig(BaseModel):
     rounds: int = Field(default=10, ge=1)
     clients_per_round: int = Field(default=10, ge=1)
     local_steps: int | None = Field(default=None, ge=1, description="None: each device's planned steps")
-    lr: float = Field(default=0.01, gt=0, description="SGD step; 0.05 makes full-block training of the pretrained char GPTs drift")
+    lr: float = Field(default=0.01, gt=0,
+                      description="SGD step; 0.05 makes full-block training of the pretrained char GPTs drift")
     seed: int = 0
     drop_rate: float = Field(default=0.0, ge=0, lt=1, description="chance a sampled device fails mid-round")
     eval_samples: int = Field(default=256, ge=1, description="test samples the server evaluates on")
