@@ -55,7 +55,18 @@ def _strategy(tmp_path, plan_path, config=CONFIG):
     server = Server(config, read_plan_file(plan_path), tmp_path / "run")
     strategy = CaffStrategy(server)
     strategy.node_of_device = {device.device: 100 + i for i, device in enumerate(server.plan.devices)}
+    strategy.queried_nodes = set(strategy.node_of_device.values())  # asked already: no query goes out
     return strategy
+
+
+class KnownNodes:
+    """A grid whose nodes have all been asked which device they are."""
+
+    def __init__(self, strategy):
+        self.nodes = strategy.queried_nodes
+
+    def get_node_ids(self):
+        return list(self.nodes)
 
 
 @pytest.fixture
@@ -76,7 +87,7 @@ def test_a_failed_node_loses_its_update_and_the_round_goes_on(tmp_path, three_de
 
     strategy = _strategy(tmp_path, three_device_plan)
     before = dict(strategy.server.state)
-    messages = strategy.configure_train(1, None, None, grid=None)
+    messages = strategy.configure_train(1, None, None, grid=KnownNodes(strategy))
     assert len(messages) == 2, "d0 cannot train under caff; d1 and d2 do"
     for message in messages:  # each node gets its own plan and every global array
         assert message.content["arrays"].keys() == before.keys()
@@ -99,7 +110,7 @@ def test_a_failed_node_loses_its_update_and_the_round_goes_on(tmp_path, three_de
 def test_a_round_without_replies_records_every_device_failed(tmp_path, three_device_plan, flower_task_identity):
     strategy = _strategy(tmp_path, three_device_plan)
     before = dict(strategy.server.state)
-    strategy.configure_train(1, None, None, grid=None)
+    strategy.configure_train(1, None, None, grid=KnownNodes(strategy))
     strategy.aggregate_train(1, [])
     statuses = sorted(c["status"] for c in strategy.server.metrics[-1]["clients"])
     assert statuses == ["failed", "failed", "sat out"]
@@ -113,7 +124,7 @@ def test_a_reply_for_another_nodes_device_is_refused(tmp_path, three_device_plan
 
     strategy = _strategy(tmp_path, three_device_plan)
     before = dict(strategy.server.state)
-    honest, impostor = strategy.configure_train(1, None, None, grid=None)
+    honest, impostor = strategy.configure_train(1, None, None, grid=KnownNodes(strategy))
     reply = client_train(honest, None)
     strategy.aggregate_train(1, [Message(reply.content, reply_to=impostor)])  # the other node sends it
     statuses = {c["device"]: (c["status"], c.get("reason", "")) for c in strategy.server.metrics[-1]["clients"]}
@@ -126,7 +137,7 @@ def test_a_fedra_node_receives_only_the_blocks_it_holds(tmp_path, three_device_p
     from trainer.flower import client_train
 
     strategy = _strategy(tmp_path, three_device_plan, CONFIG.model_copy(update={"method": "fedra"}))
-    messages = strategy.configure_train(1, None, None, grid=None)
+    messages = strategy.configure_train(1, None, None, grid=KnownNodes(strategy))
     assert messages
     for message in messages:
         held = set(dict(message.content["task"])["held_blocks"])

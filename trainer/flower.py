@@ -13,10 +13,11 @@ engine's, up to the order of floating-point sums.
   it needs every array; a FedRA device gets only the blocks its shallow model holds, with the
   embeddings and head). ``aggregate_train`` averages each tensor over the replies that
   hold it (stock FedAvg refuses replies whose keys differ).
-- Nodes and devices: before round 1 the strategy asks every node (a ``query`` message) which
-  device it is: its node config's ``device`` (a name in the plan) or ``partition-id`` (an index
-  into the plan's devices; Flower's simulation sets it). A sampled device with no node records
-  ``status: "no node"``.
+- Nodes and devices: the strategy asks every node (a ``query`` message) which device it is: its
+  node config's ``device`` (a name in the plan) or ``partition-id`` (an index into the plan's
+  devices; Flower's simulation sets it). Before round 1 it waits for a node per device (up to
+  ``wait_seconds``); a node that connects later is asked at the start of the next round. A
+  sampled device with no node records ``status: "no node"``.
 - A node that disconnects mid-round: the SuperLink answers for it with an error once its
   heartbeats stop (about a minute), or the round's ``timeout`` passes; either way the round
   goes on with the other replies. The device's record says ``status: "failed"`` with the reason,
@@ -79,7 +80,8 @@ class CaffStrategy(FedAvg):
         super().__init__(fraction_evaluate=0.0, min_available_nodes=1)
         self.server = server
         self.wait_seconds = wait_seconds  # how long to wait for nodes before round 1
-        self.node_of_device: dict[str, int] | None = None
+        self.node_of_device: dict[str, int] = {}
+        self.queried_nodes: set[int] = set()
         self.round_tasks: list[dict] = []
         self.round_records: list[dict] = []
         self.round_started = 0.0
@@ -88,30 +90,35 @@ class CaffStrategy(FedAvg):
         """caff's round of Flower's ``server_round`` (they differ after a resume)."""
         return self.server.first_round + server_round - 1
 
-    def assign_nodes(self, grid: Grid) -> dict[str, int]:
-        """device name -> node id, from what each node says it is (see the module docstring)."""
+    def assign_nodes(self, grid: Grid) -> None:
+        """Ask every node not asked before which device it is (see the module docstring).
+
+        Before round 1 it waits, up to ``wait_seconds``, for as many nodes as the plan has
+        devices; nodes that connect later are asked at the start of a later round."""
         devices = [d.device for d in self.server.plan.devices]
-        deadline = time.monotonic() + self.wait_seconds
-        while not (nodes := sorted(grid.get_node_ids())) and time.monotonic() < deadline:
-            time.sleep(1.0)
+        if not self.queried_nodes:
+            deadline = time.monotonic() + self.wait_seconds
+            while len(grid.get_node_ids()) < len(devices) and time.monotonic() < deadline:
+                time.sleep(1.0)
+        new_nodes = sorted(set(grid.get_node_ids()) - self.queried_nodes)
+        if not new_nodes:
+            return
+        self.queried_nodes |= set(new_nodes)
         replies = grid.send_and_receive([Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=node)
-                                         for node in nodes], timeout=self.wait_seconds)
-        assignment = {}
+                                         for node in new_nodes], timeout=self.wait_seconds)
         for reply in replies:
             if reply.has_error():
                 continue
             said = reply.content["node"]
-            name = said.get("device") or (devices[int(said["partition-id"])]
-                                          if 0 <= int(said.get("partition-id", -1)) < len(devices) else None)
+            index = int(said.get("partition-id", -1))
+            name = said.get("device") or (devices[index] if 0 <= index < len(devices) else None)
             if name in devices:
-                assignment[name] = reply.metadata.src_node_id
-        log.info("%d of %d plan devices have a node", len(assignment), len(devices))
-        return assignment
+                self.node_of_device[name] = reply.metadata.src_node_id
+        log.info("%d of %d plan devices have a node", len(self.node_of_device), len(devices))
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> list[Message]:
-        if self.node_of_device is None:
-            self.node_of_device = self.assign_nodes(grid)
+        self.assign_nodes(grid)
         self.round_started = time.perf_counter()
         tasks, self.round_records = self.server.tasks(self.round_index(server_round))
         self.round_tasks = [t for t in tasks if t["device"] in self.node_of_device]
