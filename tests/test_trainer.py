@@ -165,3 +165,21 @@ def test_the_real_minilm_starting_point_does_not_depend_on_the_global_rng():
     second = initial_state(spec, pretrained=True)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_local_training_measures_the_peak_caff_validate_measures_under_the_real_attention_kernel():
+    """FLOPs are counted under the math kernel, the peak under the kernel training uses (SDPA here)."""
+    from costmodel import make_batch, measure
+
+    spec = ZOO["minilm-l6"].model_copy(update={"n_blocks": 2, "d_model": 64, "n_heads": 4, "d_ff": 128,
+                                               "vocab_size": 100})
+    assert spec.attention == "sdpa"
+    mode = TrainMode.parse("blocks:1", spec.n_blocks)
+
+    def batches():
+        while True:
+            yield make_batch(spec, 4, 32)
+    result = local_train(build_model(spec).state_dict(), spec, mode, batches(), 3, "sgd", 0.01)
+    validated = measure(spec, mode, 4, 32, "sgd")
+    assert result.peak_bytes == validated.peak_bytes
+    assert result.flops == 3 * (validated.fwd_flops + validated.bwd_flops)

@@ -7,14 +7,17 @@ under ``torch.no_grad()``, LoRA via peft, the optimizer holds only trained param
 are sent as their A and B factors (that is the upload); `lora_deltas` turns them into the dense
 change B A * scale of each adapted weight, so the server averages changes, whatever the ranks.
 
-One step is measured: FLOPs with ``FlopCounterMode`` (math SDPA), the peak of live
-tensor bytes with `costmodel.measure.LiveBytes` (on CUDA also ``max_memory_allocated``). All
-steps have the same shapes, so FLOPs per round are steps x that step's FLOPs. The measured step is
-the second when there are two or more, so that the optimizer state exists, as in the estimate.
+Two steps are measured, as `costmodel.measure.measure_step` measures (and `caff validate`
+reports): the first step's FLOPs with ``FlopCounterMode`` under the math attention kernel (the
+only one it has a formula for on CPU), and the second step's peak of live tensor bytes with
+`costmodel.measure.LiveBytes` under the kernels training really uses, with the optimizer state
+allocated, as in the estimate. All steps have the same shapes, so FLOPs per round are steps x
+the first step's FLOPs. With one step, both are taken on it, under the math kernel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -60,7 +63,7 @@ def local_train(global_state: dict[str, torch.Tensor], spec: ModelSpec, mode: Tr
                 lr: float = 0.1, seed: int = 0, device: str = "cpu", measure: bool = True) -> LocalResult:
     """Train ``mode`` of ``spec`` from ``global_state`` for ``steps`` batches; return the update.
 
-    ``measure=False`` skips the measured step (FLOPs and peak are then 0): an engine that has
+    ``measure=False`` skips the measurements (FLOPs and peak are then 0): an engine that has
     measured the same mode at the same shapes already can reuse those figures."""
     started = time.perf_counter()
     torch.manual_seed(seed)  # LoRA's A initialisation
@@ -68,21 +71,21 @@ def local_train(global_state: dict[str, torch.Tensor], spec: ModelSpec, mode: Tr
     model.load_state_dict(global_state)
     model = apply_mode(model, mode).to(device).train()
     opt = make_optimizer(model.parameters(), optimizer, lr=lr)
-    measured_step = min(1, steps - 1) if measure else -1
-    flops = peak = 0
+    counted_step, peak_step = (0, min(1, steps - 1)) if measure else (-1, -1)
+    counter, tracker = FlopCounterMode(display=False), LiveBytes()
     losses, n_samples = [], 0
     for step in range(steps):
         inputs, targets = (t.to(device) for t in next(batches))
         n_samples += len(inputs)
-        if step == measured_step:
-            counter, tracker = FlopCounterMode(display=False), LiveBytes()
-            tracker.track([*state_tensors(model, opt), inputs, targets])
-            with sdpa_kernel(SDPBackend.MATH), counter, tracker:
-                loss = _step(model, opt, inputs, targets)
-            flops, peak = counter.get_total_flops() * steps, tracker.peak
-        else:
-            loss = _step(model, opt, inputs, targets)
-        losses.append(loss)
+        with contextlib.ExitStack() as measuring:
+            if step == counted_step:
+                measuring.enter_context(sdpa_kernel(SDPBackend.MATH))
+                measuring.enter_context(counter)
+            if step == peak_step:
+                tracker.track([*state_tensors(model, opt), inputs, targets])
+                measuring.enter_context(tracker)
+            losses.append(_step(model, opt, inputs, targets))
+    flops, peak = (counter.get_total_flops() * steps, tracker.peak) if measure else (0, 0)
     update = _trained_state(model)
     return LocalResult(update=update, n_samples=n_samples, loss=sum(losses) / len(losses),
                        upload_bytes=sum(t.numel() * t.element_size() for t in update.values()),
