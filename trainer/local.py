@@ -67,9 +67,9 @@ def local_train(global_state: dict[str, torch.Tensor], spec: ModelSpec, mode: Tr
     measured the same mode at the same shapes already can reuse those figures."""
     started = time.perf_counter()
     torch.manual_seed(seed)  # LoRA's A initialisation
-    model = build_model(spec)
-    model.load_state_dict(global_state)
-    model = apply_mode(model, mode).to(device).train()
+    model = apply_mode(_model_holding(global_state, spec), mode)
+    _own_trained(model, global_state)
+    model = model.to(device).train()
     opt = make_optimizer(model.parameters(), optimizer, lr=lr)
     counted_step, peak_step = (0, min(1, steps - 1)) if measure else (-1, -1)
     counter, tracker = FlopCounterMode(display=False), LiveBytes()
@@ -91,6 +91,26 @@ def local_train(global_state: dict[str, torch.Tensor], spec: ModelSpec, mode: Tr
                        upload_bytes=sum(t.numel() * t.element_size() for t in update.values()),
                        flops=flops, peak_bytes=peak, seconds=time.perf_counter() - started,
                        lora_scales=_lora_scales(model))
+
+
+def _model_holding(state: dict[str, torch.Tensor], spec: ModelSpec) -> torch.nn.Module:
+    """The model of ``spec`` whose parameters are the tensors of ``state`` themselves: built on the meta
+    device and loaded with ``assign=True``, so a device holds its weights once, not twice."""
+    with torch.device("meta"):
+        model = build_model(spec)
+    model.load_state_dict(state, assign=True)
+    if spec.tied_embeddings:  # assign gives each name its own parameter; tie them again
+        model.head.out.weight = model.embed.tok.weight
+    return model
+
+
+def _own_trained(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give trained parameters their own copy: the received tensor stays the old value the update
+    is taken against (`lora_deltas`), and a server in this process keeps its global state."""
+    received = {t.untyped_storage().data_ptr() for t in state.values()}
+    for param in model.parameters():
+        if param.requires_grad and param.untyped_storage().data_ptr() in received:
+            param.data = param.data.clone()
 
 
 def _step(model, opt, inputs, targets) -> float:
