@@ -40,11 +40,23 @@ class DeviceBudgets(_Strict):
 
 
 class Needs(_Strict):
-    """What the smallest plan (head only) needs: memory before the margin, FLOPs per round, upload bytes."""
+    """What the smallest plan (head only) needs: process memory before the margin (runtime included),
+    FLOPs per round, upload bytes."""
 
     memory_bytes: float
     compute_flops: int
     upload_bytes: int
+
+
+class ProcessTerms(_Strict):
+    """A plan's predicted process memory, term by term (`costmodel.process`), bytes: the runtime's
+    footprint, the step's tensor peak, the data shard and the received tensors kept; their sum."""
+
+    runtime_bytes: int
+    tensor_peak_bytes: int
+    shard_bytes: int
+    kept_bytes: int
+    total_bytes: int
 
 
 class DevicePlan(_Strict):
@@ -65,6 +77,9 @@ class DevicePlan(_Strict):
     binding: list[Budget] = []
     needs: Needs | None = None
     solver_seconds: float = Field(ge=0)
+    runtime: str | None = Field(default=None, description="the device's runtime profile (plans before it: none)")
+    process: ProcessTerms | None = Field(default=None, description="predicted process memory of the plan, "
+                                         "or of the head-only plan where infeasible")
 
     @model_validator(mode="after")
     def _status_fields(self) -> "DevicePlan":
