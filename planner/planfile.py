@@ -50,10 +50,12 @@ class Needs(_Strict):
 
 class ProcessTerms(_Strict):
     """A plan's predicted process memory, term by term (`costmodel.process`), bytes: the runtime's
-    footprint, the step's tensor peak, the data shard and the received tensors kept; their sum."""
+    footprint, the step's tensor peak, the allocator's slack, the data shard and the received tensors
+    kept; their sum."""
 
     runtime_bytes: int
     tensor_peak_bytes: int
+    allocator_bytes: int
     shard_bytes: int
     kept_bytes: int
     total_bytes: int

@@ -29,7 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import load_file, save_file
 
 from costmodel import ModelSpec, TrainMode, build_model, estimate
+from costmodel.process import kept_bytes, process_memory, tensor_bytes
 from planner.planfile import PlanFile
+from profiles.runtime import DEFAULT_RUNTIME, load_runtime
 from trainer.local import local_train, lora_deltas, renumber_blocks
 from trainer.methods import METHODS, device_task, shallow_spec, smallest_common_architecture
 from trainer.server import aggregate, collect
@@ -153,7 +155,7 @@ class Server:
             else:
                 tasks.append({**record, "index": index, "mode": str(mode), "round": round_index, "task": config.task,
                               "n_devices": len(plan.devices), "seed": config.seed, "spec": spec.model_dump_json(),
-                              "steps": config.local_steps or device.budgets.local_steps,
+                              "steps": config.local_steps or device.budgets.local_steps, "runtime": device.runtime,
                               "batch": device.budgets.batch_size, "optimizer": plan.optimizer, "lr": config.lr})
         return tasks, idle
 
@@ -212,11 +214,13 @@ def train_client(task: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict
     result.flops, result.peak_bytes = _MEASURED.setdefault(key, (result.flops, result.peak_bytes))
     predicted = estimate(spec, mode, task["batch"], TASK_SEQ[task["task"]], task["optimizer"])
     totals = predicted.totals
+    process = process_memory(load_runtime(task.get("runtime") or DEFAULT_RUNTIME), mode, predicted.peak_bytes,
+                             tensor_bytes(*client.train), kept_bytes(spec, mode, predicted))
     record = task_record(
         task, status="trained", samples=result.n_samples, loss=result.loss, upload_bytes=result.upload_bytes,
         predicted_upload_bytes=totals["upload_bytes"], flops=result.flops,
         predicted_flops=task["steps"] * (totals["fwd_flops"] + totals["bwd_flops"]), peak_bytes=result.peak_bytes,
-        predicted_peak_bytes=predicted.peak_bytes, seconds=result.seconds)
+        predicted_peak_bytes=predicted.peak_bytes, predicted_process_bytes=process.total_bytes, seconds=result.seconds)
     deltas = lora_deltas(result, state)
     return record, deltas if held is None else renumber_blocks(deltas, dict(enumerate(held)))
 
