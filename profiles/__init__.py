@@ -1,6 +1,8 @@
 """Device and fleet profiles: per-round memory, compute and upload budgets, and a shipped catalogue."""
 
+from profiles.jsonfile import read_json, read_json_object
 from profiles.specs import (
+    MAX_FLEET_DEVICES,
     DeviceClass,
     DeviceSpec,
     FleetSpec,
@@ -21,6 +23,7 @@ from profiles.units import (
 )
 
 __all__ = [
+    "MAX_FLEET_DEVICES",
     "DeviceClass",
     "DeviceSpec",
     "FleetSpec",
@@ -36,4 +39,6 @@ __all__ = [
     "parse_flops_rate",
     "parse_rate_bits",
     "parse_seconds",
+    "read_json",
+    "read_json_object",
 ]

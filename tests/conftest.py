@@ -4,6 +4,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import settings
+
+# hypothesis draws the same examples on every run and machine (a red run replays as is), keeps no
+# example database, and has no per-example deadline (timing varies on shared cores)
+settings.register_profile("caff", derandomize=True, database=None, deadline=None)
+settings.load_profile("caff")
 
 # one intra-op thread per test process: pytest -n 2 on two cores would otherwise oversubscribe them
 torch.set_num_threads(1)

@@ -369,7 +369,7 @@ def test_plan_file_round_trip_is_atomic(tmp_path, small_plan):
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.update(version=2), "version 2 is not supported"),
     (lambda d: d.pop("devices"), "devices: Field required"),
-    (lambda d: d["devices"][0].update(model="nope"), "model 'nope' is not among the models"),
+    (lambda d: d["devices"][0].update(model="nope"), "model 'nope' is not the winner"),
     (lambda d: d["devices"][0].update(status="sometimes"), "devices[0].status"),
     (lambda d: d["devices"][0]["budgets"].update(local_steps=0), "devices[0].budgets.local_steps"),
 ])
