@@ -39,7 +39,9 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
         _fsync_folder(path.parent)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from None
+        error = OSError(f"cannot write {path}: {exc.strerror or exc}")
+        error.errno = exc.errno
+        raise error from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

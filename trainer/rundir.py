@@ -96,7 +96,7 @@ def _read_state(out: Path) -> RunState:
         data = json.loads(path.read_bytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path}: not JSON ({exc}); the run there cannot be resumed") from None
-    if isinstance(data, dict) and "format" not in data:
+    if isinstance(data, dict) and "round" in data and "format" not in data:
         raise ValueError(f"{path}: written by an older caff, without an integrity record; "
                          "it cannot be resumed: choose another --out")
     try:
