@@ -7,8 +7,6 @@ were predicted for, so that a reader can rebuild every estimate. Sizes in bytes,
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Annotated, Literal
@@ -19,6 +17,7 @@ from costmodel.estimate import OPTIMIZERS
 from costmodel.mode import TrainMode
 from costmodel.spec import ModelSpec
 from profiles import one_line_validation_error, read_json_object
+from profiles.atomic import atomic_write
 
 PLAN_FILE_VERSION = 1
 Budget = Literal["memory", "compute", "upload"]
@@ -144,17 +143,8 @@ class PlanFile(_Strict):
 
 
 def write_plan_file(path: str | Path, plan: PlanFile) -> None:
-    """Write ``plan`` as JSON, atomically (a temporary file in the same folder, then os.replace)."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(plan.model_dump_json(indent=1))
-            out.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    """Write ``plan`` as JSON, atomically and durably (`profiles.atomic.atomic_write`)."""
+    atomic_write(path, plan.model_dump_json(indent=1) + "\n")
 
 
 def read_plan_file(path: str | Path) -> PlanFile:

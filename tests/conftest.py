@@ -34,6 +34,19 @@ def caff(capsys):
 
 
 @pytest.fixture
+def need_data():
+    """``need_data(loader, *args)``: what the loader returns, or skip naming the data package it lacks."""
+    def load(loader, *args, **kwargs):
+        try:
+            return loader(*args, **kwargs)
+        except RuntimeError as missing:
+            if "install" not in str(missing):
+                raise
+            pytest.skip(str(missing))
+    return load
+
+
+@pytest.fixture
 def three_device_plan(tmp_path):
     """A plan file for char-gpt-xs on devices with 0.3, 0.6 and 1.2 times full fine-tuning's peak (batch 2)."""
     from costmodel import ZOO, TrainMode, estimate
