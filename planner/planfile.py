@@ -49,11 +49,23 @@ class DeviceBudgets(_Strict):
 
 
 class Needs(_Strict):
-    """What the smallest plan (head only) needs: memory before the margin, FLOPs per round, upload bytes."""
+    """What the smallest plan (head only) needs: process memory before the margin (runtime included),
+    FLOPs per round, upload bytes."""
 
     memory_bytes: float = Field(gt=0)
     compute_flops: int = Field(ge=0)
     upload_bytes: int = Field(ge=0)
+
+
+class ProcessTerms(_Strict):
+    """A plan's predicted process memory, term by term (`costmodel.process`), bytes: the runtime's
+    footprint, the step's tensor peak, the data shard and the received tensors kept; their sum."""
+
+    runtime_bytes: int
+    tensor_peak_bytes: int
+    shard_bytes: int
+    kept_bytes: int
+    total_bytes: int
 
 
 class DevicePlan(_Strict):
@@ -74,6 +86,9 @@ class DevicePlan(_Strict):
     binding: list[Budget] = []
     needs: Needs | None = None
     solver_seconds: float = Field(ge=0)
+    runtime: str | None = Field(default=None, description="the device's runtime profile (plans before it: none)")
+    process: ProcessTerms | None = Field(default=None, description="predicted process memory of the plan, "
+                                         "or of the head-only plan where infeasible")
 
     @model_validator(mode="after")
     def _status_fields(self) -> "DevicePlan":
