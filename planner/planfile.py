@@ -160,7 +160,7 @@ def write_plan_file(path: str | Path, plan: PlanFile) -> None:
 def read_plan_file(path: str | Path) -> PlanFile:
     """Read and check a plan file; ValueError with one line naming the file and the bad field."""
     data = read_json_object(path, "plan")
-    if data.get("version") != PLAN_FILE_VERSION:
+    if data.get("version") != PLAN_FILE_VERSION or isinstance(data.get("version"), bool):
         raise ValueError(f"{path}: plan file version {data.get('version')!r} is not supported "
                          f"(this caff reads version {PLAN_FILE_VERSION})")
     try:
