@@ -48,7 +48,8 @@ class Attention(nn.Module):
         self.n_heads, self.causal, self.kernel = spec.n_heads, causal, spec.attention
         self.dropout, self.pad_token_id = spec.dropout, spec.pad_token_id
         if causal and spec.attention == "matmul":
-            future = torch.ones(spec.max_seq_len, spec.max_seq_len, dtype=torch.bool).triu(1)
+            # on the CPU even when the model is built on the meta device (it is not in a state dict)
+            future = torch.ones(spec.max_seq_len, spec.max_seq_len, dtype=torch.bool, device="cpu").triu(1)
             self.register_buffer("future", future, persistent=False)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,8 +7,6 @@ were predicted for, so that a reader can rebuild every estimate. Sizes in bytes,
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Annotated, Literal
@@ -19,6 +17,7 @@ from costmodel.estimate import OPTIMIZERS
 from costmodel.mode import TrainMode
 from costmodel.spec import ModelSpec
 from profiles import one_line_validation_error, read_json_object
+from profiles.atomic import atomic_write
 
 PLAN_FILE_VERSION = 1
 Budget = Literal["memory", "compute", "upload"]
@@ -50,11 +49,23 @@ class DeviceBudgets(_Strict):
 
 
 class Needs(_Strict):
-    """What the smallest plan (head only) needs: memory before the margin, FLOPs per round, upload bytes."""
+    """What the smallest plan (head only) needs: process memory before the margin (runtime included),
+    FLOPs per round, upload bytes."""
 
     memory_bytes: float = Field(gt=0)
     compute_flops: int = Field(ge=0)
     upload_bytes: int = Field(ge=0)
+
+
+class ProcessTerms(_Strict):
+    """A plan's predicted process memory, term by term (`costmodel.process`), bytes: the runtime's
+    footprint, the step's tensor peak, the data shard and the received tensors kept; their sum."""
+
+    runtime_bytes: int
+    tensor_peak_bytes: int
+    shard_bytes: int
+    kept_bytes: int
+    total_bytes: int
 
 
 class DevicePlan(_Strict):
@@ -75,6 +86,9 @@ class DevicePlan(_Strict):
     binding: list[Budget] = []
     needs: Needs | None = None
     solver_seconds: float = Field(ge=0)
+    runtime: str | None = Field(default=None, description="the device's runtime profile (plans before it: none)")
+    process: ProcessTerms | None = Field(default=None, description="predicted process memory of the plan, "
+                                         "or of the head-only plan where infeasible")
 
     @model_validator(mode="after")
     def _status_fields(self) -> "DevicePlan":
@@ -144,17 +158,8 @@ class PlanFile(_Strict):
 
 
 def write_plan_file(path: str | Path, plan: PlanFile) -> None:
-    """Write ``plan`` as JSON, atomically (a temporary file in the same folder, then os.replace)."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(plan.model_dump_json(indent=1))
-            out.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    """Write ``plan`` as JSON, atomically and durably (`profiles.atomic.atomic_write`)."""
+    atomic_write(path, plan.model_dump_json(indent=1) + "\n")
 
 
 def read_plan_file(path: str | Path) -> PlanFile:

@@ -12,6 +12,7 @@ from profiles.specs import (
     load_fleet,
     one_line_validation_error,
 )
+from profiles.runtime import DEFAULT_RUNTIME, RuntimeProfile, catalogue_runtimes, load_runtime
 from profiles.units import (
     format_bytes,
     format_flops,
@@ -23,7 +24,11 @@ from profiles.units import (
 )
 
 __all__ = [
+    "DEFAULT_RUNTIME",
     "MAX_FLEET_DEVICES",
+    "RuntimeProfile",
+    "catalogue_runtimes",
+    "load_runtime",
     "DeviceClass",
     "DeviceSpec",
     "FleetSpec",

@@ -17,6 +17,7 @@ from typing import Any, Callable, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from profiles.jsonfile import read_json_object
+from profiles.runtime import DEFAULT_RUNTIME, load_runtime
 from profiles.units import parse_bytes, parse_flops, parse_flops_rate, parse_rate_bits, parse_seconds
 
 _Model = TypeVar("_Model", bound=BaseModel)
@@ -37,7 +38,8 @@ class DeviceSpec(BaseModel):
 
     name: str = Field(min_length=1)
     description: str = Field(default="", description="where the figures come from")
-    memory_bytes: int = Field(gt=0, description="memory available for training, bytes")
+    memory_bytes: int = Field(gt=0, description="memory the whole training process may use, bytes")
+    runtime: str = Field(default=DEFAULT_RUNTIME, description="runtime profile: a shipped name or a .json file")
     compute_flops: float = Field(gt=0, description="FLOPs the device can spend per round")
     upload_bytes: int = Field(gt=0, description="bytes the device can upload per round")
     flops_per_second: float | None = Field(default=None, gt=0, description="sustained FLOP/s")
@@ -52,6 +54,12 @@ class DeviceSpec(BaseModel):
         if not name.strip():
             raise ValueError("must not be blank")
         return name
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime_known(cls, runtime: str) -> str:
+        load_runtime(runtime)
+        return runtime
 
     @field_validator("memory_bytes", "upload_bytes", mode="before")
     @classmethod

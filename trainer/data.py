@@ -113,8 +113,9 @@ FMNIST_HINT = (
     "apt-get install dataset-fashion-mnist"
 )
 
-FORTUNES_DIR = "/usr/share/games/fortunes"
-FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+# where the Debian packages put the data; the environment may point elsewhere (another OS, or none)
+FORTUNES_DIR = os.environ.get("CAFF_FORTUNES_DIR", "/usr/share/games/fortunes")
+FMNIST_DIR = os.environ.get("CAFF_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 
 
 # --------------------------------------------------------------------------
