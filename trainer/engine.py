@@ -133,6 +133,10 @@ class Server:
         self.spec = _architecture(config, plan)
         self.clients, info = task_data(config.task, len(plan.devices), config.seed)
         self.test = info["test"]
+        outputs = self.spec.vocab_size if self.spec.kind == "gpt" else self.spec.n_classes
+        if outputs < info["n_classes"]:
+            raise ValueError(f"the plan's {self.spec.name} has {outputs} outputs; {config.task} has "
+                             f"{info['n_classes']} classes: plan a model with at least that many")
         self.state, self.first_round, self.metrics = _start(config, self.plan_sha256, self.spec, self.out, resume,
                                                             checkpoints)
 
