@@ -170,6 +170,17 @@ def test_resume_with_another_plan_is_refused(caff, interrupted, tmp_path):
     _refused(caff(*ARGS, "--plan", str(other), "--out", str(run), "--resume"), "different plan or fleet")
 
 
+def test_a_plan_made_again_from_the_same_fleet_has_the_same_hash_and_another_fleet_another(tmp_path):
+    """``--resume --fleet F`` plans again: only the solver's timings differ, and the hash leaves them out."""
+    from trainer.rundir import plan_digest
+
+    first, again, other = (read_plan_file(_plan(tmp_path / f"{i}.json", memory=memory))
+                           for i, memory in enumerate([(0.6, 1.2), (0.6, 1.2), (0.6, 1.3)]))
+    again = again.model_copy(update={"devices": [d.model_copy(update={"solver_seconds": d.solver_seconds + 1})
+                                                 for d in again.devices]})
+    assert plan_digest(first) == plan_digest(again) != plan_digest(other)
+
+
 def test_resume_with_another_configuration_names_the_difference_and_how_to_start_afresh(caff, interrupted,
                                                                                         tmp_path):
     run, plan_path = _copy(interrupted, tmp_path)
