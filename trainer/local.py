@@ -74,10 +74,11 @@ def local_train(global_state: dict[str, torch.Tensor], spec: ModelSpec, mode: Tr
     started = time.perf_counter()
     first = next(batches)
     flops = step_flops(spec, mode, *first) * steps if measure else 0
-    model = build_model(spec)
-    model.load_state_dict(global_state)
-    torch.manual_seed(seed)  # after build_model, which seeds its own initialisation
-    model = apply_mode(model, mode).to(device).train()
+    model = _model_holding(global_state, spec)
+    torch.manual_seed(seed)  # after build_model, which seeds its own initialisation: LoRA's A
+    model = apply_mode(model, mode)
+    _own_trained(model, global_state)
+    model = model.to(device).train()
     opt = make_optimizer(model.parameters(), optimizer, lr=lr)
     peak_step = min(1, steps - 1) if measure else -1
     tracker = LiveBytes()
@@ -106,6 +107,26 @@ def step_flops(spec: ModelSpec, mode: TrainMode, inputs: torch.Tensor, targets: 
     with sdpa_kernel(SDPBackend.MATH), counter:
         model(inputs.to("meta"), targets.to("meta")).backward()
     return counter.get_total_flops()
+
+
+def _model_holding(state: dict[str, torch.Tensor], spec: ModelSpec) -> torch.nn.Module:
+    """The model of ``spec`` whose parameters are the tensors of ``state`` themselves: built on the meta
+    device and loaded with ``assign=True``, so a device holds its weights once, not twice."""
+    with torch.device("meta"):
+        model = build_model(spec)
+    model.load_state_dict(state, assign=True)
+    if spec.tied_embeddings:  # assign gives each name its own parameter; tie them again
+        model.head.out.weight = model.embed.tok.weight
+    return model
+
+
+def _own_trained(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give trained parameters their own copy: the received tensor stays the old value the update
+    is taken against (`lora_deltas`), and a server in this process keeps its global state."""
+    received = {t.untyped_storage().data_ptr() for t in state.values()}
+    for param in model.parameters():
+        if param.requires_grad and param.untyped_storage().data_ptr() in received:
+            param.data = param.data.clone()
 
 
 def _step(model, opt, inputs, targets) -> float:
