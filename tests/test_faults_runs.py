@@ -24,6 +24,7 @@ from costmodel import ZOO, TrainMode, build_model, estimate
 from planner.fleet import PlanSettings, plan
 from planner.planfile import read_plan_file, write_plan_file
 from profiles import DeviceSpec
+from tests.conftest import TENSORS_ONLY
 from trainer.engine import TrainConfig
 from trainer.local import local_train
 
@@ -38,7 +39,7 @@ def _plan(path, spec=SPEC, seq=80, memory=(0.6, 1.2), compute=1e12, steps=2):
     """A plan of ``spec`` for devices with ``memory`` x full fine-tuning's peak (batch 2)."""
     full = estimate(spec, TrainMode.parse("all", spec.n_blocks), 2, seq).peak_bytes
     devices = [DeviceSpec(name=f"d{i}", memory_bytes=int(f * full), compute_flops=compute, upload_bytes=10**8,
-                          local_steps=steps, batch_size=2) for i, f in enumerate(memory)]
+                          local_steps=steps, batch_size=2, runtime=TENSORS_ONLY) for i, f in enumerate(memory)]
     write_plan_file(path, plan([spec], devices, PlanSettings(seq=seq, lora_ranks=(2, 4))))
     return path
 
@@ -234,7 +235,7 @@ def test_a_run_in_which_a_device_exceeds_its_memory_budget_exits_non_zero(caff, 
     data["devices"][0]["budgets"]["memory_bytes"] = 1000  # the plan claims a budget its mode cannot meet
     plan_path.write_text(json.dumps(data))
     result = caff(*ARGS[:-2], "--rounds", "1", "--plan", str(plan_path), "--out", str(tmp_path / "run"))
-    assert result.returncode in (1, 2) and "memory" in result.stderr and result.stderr.count("\n") == 1
+    assert result.returncode in (1, 2) and "budget" in result.stderr and result.stderr.count("\n") == 1
 
 
 def test_a_plan_without_devices_is_refused(caff, tmp_path):

@@ -14,6 +14,7 @@ from costmodel import ZOO, ModelSpec, TrainMode, estimate
 from planner.fleet import PlanSettings, plan
 from planner.planfile import write_plan_file
 from profiles import DeviceSpec
+from tests.conftest import TENSORS_ONLY
 from trainer import engine
 from trainer.engine import TASK_SEQ, TrainConfig, task_data
 from trainer.methods import METHODS
@@ -33,7 +34,7 @@ def _spec(task: str, info: dict) -> tuple[ModelSpec, bool]:
 def _plan(path, spec: ModelSpec, seq: int | None, memory: tuple[float, ...]):
     full = estimate(spec, TrainMode.parse("all", spec.n_blocks), 2, seq).peak_bytes
     devices = [DeviceSpec(name=f"d{i}", memory_bytes=int(f * full), compute_flops=1e12, upload_bytes=10**8,
-                          local_steps=1, batch_size=2) for i, f in enumerate(memory)]
+                          local_steps=1, batch_size=2, runtime=TENSORS_ONLY) for i, f in enumerate(memory)]
     write_plan_file(path, plan([spec], devices, PlanSettings(seq=seq, lora_ranks=(2, 4))))
     return path
 
