@@ -24,6 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from costmodel import ModelSpec, TrainMode, build_model, estimate
+from costmodel.measure import check_fits
 from planner.planfile import PlanFile
 from trainer.local import local_train, lora_deltas, renumber_blocks
 from trainer.methods import METHODS, device_task, shallow_spec, smallest_common_architecture
@@ -133,6 +134,10 @@ class Server:
         self.spec = _architecture(config, plan)
         self.clients, info = task_data(config.task, len(plan.devices), config.seed)
         self.test = info["test"]
+        outputs = self.spec.vocab_size if self.spec.kind == "gpt" else self.spec.n_classes
+        if outputs < info["n_classes"]:
+            raise ValueError(f"the plan's {self.spec.name} has {outputs} outputs; {config.task} has "
+                             f"{info['n_classes']} classes: plan a model with at least that many")
         self.state, self.first_round, self.metrics = _start(config, self.plan_sha256, self.spec, self.out, resume,
                                                             checkpoints)
 
@@ -211,6 +216,8 @@ def train_client(task: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict
     seed, round_index, name = task["seed"], task["round"], task["device"]
     stream = _batch_stream(*client.train, task["batch"], _seed(seed, round_index, name, "batches"))
     key = (spec.model_dump_json(), task["mode"], task["batch"], task["steps"])
+    check_fits(spec, mode, task["batch"], TASK_SEQ[task["task"]], task["optimizer"],
+               budget_bytes=task["memory_budget_bytes"])  # refuse, before the step, what cannot fit
     result = local_train(state, spec, mode, stream, task["steps"], task["optimizer"], task["lr"],
                          seed=_seed(seed, round_index, name, "init"), measure=key not in _MEASURED)
     result.flops, result.peak_bytes = _MEASURED.setdefault(key, (result.flops, result.peak_bytes))

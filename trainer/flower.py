@@ -48,6 +48,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from planner.planfile import read_plan_file
+from profiles.atomic import atomic_write
 from trainer.engine import Server, TrainConfig, task_record, train_client
 from trainer.local import renumber_blocks
 
@@ -59,7 +60,7 @@ def write_run_file(path: str | Path, config: TrainConfig, plan_path: str | Path,
     """Write the run file the ServerApp reads; paths are made absolute. Returns its path."""
     from trainer.checkpoint import CHECKPOINT_DIR
 
-    Path(path).write_text(json.dumps({
+    atomic_write(path, json.dumps({
         "config": config.model_dump(), "plan": str(Path(plan_path).resolve()), "out": str(Path(out).resolve()),
         "resume": resume, "timeout": timeout, "checkpoints": str(CHECKPOINT_DIR)}))
     return str(path)
