@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 pytest.importorskip("flwr")
 
 from planner.planfile import read_plan_file  # noqa: E402
-from trainer.engine import Server, TrainConfig, train_client  # noqa: E402
+from trainer.engine import Server, TrainConfig, run, train_client  # noqa: E402
+from trainer.server import lora_deltas  # noqa: E402
 
 TIMING = {"seconds", "client_seconds", "total_seconds", "eval_seconds"}
 CONFIG = TrainConfig(task="shakespeare", method="caff", rounds=2, clients_per_round=3, pretrained=False,
@@ -24,10 +25,13 @@ def _run_file(tmp_path, plan_path, out, timeout=300):
     return write_run_file(tmp_path / f"{out.name}.json", CONFIG, plan_path, out, timeout=timeout)
 
 
-def _metrics(out):
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+def _strip_timing(rows):
     return [{k: v for k, v in m.items() if k not in TIMING} | {"clients": [
         {k: v for k, v in c.items() if k not in TIMING} for c in m["clients"]]} for m in rows]
+
+
+def _metrics(out):
+    return _strip_timing([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
 
 
 def _same_model(a, b):
@@ -37,9 +41,12 @@ def _same_model(a, b):
         assert torch.allclose(first[key], second[key], atol=1e-6), key
 
 
-def test_flower_simulation_gives_the_in_process_engines_model(tmp_path, three_device_plan, monkeypatch, caff):
+@pytest.mark.parametrize("method", ["caff", *(pytest.param(m, marks=pytest.mark.slow)
+                                             for m in ("lora", "fedra", "full", "head"))])
+def test_flower_simulation_gives_the_in_process_engines_model(tmp_path, three_device_plan, monkeypatch, caff, method):
+    """Also the wire: every client's measured upload (Flower's serialization) fits its planned upload."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # Ray's workers: the same float sums as this process
-    args = ["train", "--task", "shakespeare", "--method", "caff", "--plan", str(three_device_plan), "--rounds", "2",
+    args = ["train", "--task", "shakespeare", "--method", method, "--plan", str(three_device_plan), "--rounds", "2",
             "--clients-per-round", "3", "--seed", "3", "--no-pretrained", "--eval-samples", "16"]
     assert caff(*args, "--out", str(tmp_path / "local")).returncode == 0
     simulated = caff(*args, "--engine", "flower-sim", "--out", str(tmp_path / "sim"))
@@ -47,6 +54,8 @@ def test_flower_simulation_gives_the_in_process_engines_model(tmp_path, three_de
     assert "round   2" in simulated.stdout
     _same_model(tmp_path / "local", tmp_path / "sim")
     assert _metrics(tmp_path / "sim") == _metrics(tmp_path / "local")
+    trained = [c for m in _metrics(tmp_path / "sim") for c in m["clients"] if c["status"] == "trained"]
+    assert trained and all(c["upload_bytes"] <= c["predicted_upload_bytes"] for c in trained)
 
 
 def _strategy(tmp_path, plan_path, config=CONFIG):
@@ -99,12 +108,36 @@ def test_a_failed_node_loses_its_update_and_the_round_goes_on(tmp_path, three_de
     lost_device = dict(lost.content["task"])["device"]
     assert clients[lost_device]["status"] == "failed" and "node went away" in clients[lost_device]["reason"]
     # one contributor: every tensor it trained moves by its own change, every other keeps its value
-    _, deltas = train_client(dict(survivor.content["task"]), before)
+    record, reply = train_client(dict(survivor.content["task"]), before)
+    deltas = lora_deltas(reply, record.get("lora_scale"), before)
     after = strategy.server.state
     for key in before:
         expected = before[key] + deltas[key] if key in deltas else before[key]
         assert torch.allclose(after[key], expected, atol=1e-6), key
     assert deltas and set(deltas) != set(before)
+
+
+@pytest.mark.parametrize("method", ["caff", "lora", "fedra", "full", "head"])
+def test_replies_carry_what_was_trained_and_the_planned_upload_bounds_the_wire(tmp_path, three_device_plan,
+                                                                             flower_task_identity, method):
+    """A round through the strategy and the ClientApp (Flower's serialization, no transport): every
+    reply's serialized arrays fit the planned upload, and the round equals the in-process engine's."""
+    from trainer.flower import client_train
+
+    config = CONFIG.model_copy(update={"method": method, "rounds": 1})
+    strategy = _strategy(tmp_path / "flower", three_device_plan, config)
+    messages = strategy.configure_train(1, None, None, grid=KnownNodes(strategy))
+    replies = [client_train(message, None) for message in messages]
+    for reply in replies:
+        record, arrays = dict(reply.content["record"]), reply.content["arrays"]
+        assert record["upload_bytes"] <= record["predicted_upload_bytes"], record
+        assert record["upload_bytes"] > sum(len(a.data) for a in arrays.values()) and record["download_bytes"] > 0
+        if "lora" in record["mode"]:  # factors as trained, not dense B A products
+            assert any(".lora_A." in key for key in arrays.keys()) and record["lora_scale"] == 2.0
+    strategy.aggregate_train(1, replies)
+    in_process = run(config, read_plan_file(three_device_plan), tmp_path / "in-process")
+    assert _strip_timing(strategy.server.metrics) == _strip_timing(in_process)
+    assert in_process[0]["uploaded_bytes"] == sum(dict(r.content["record"])["upload_bytes"] for r in replies) > 0
 
 
 def test_a_round_without_replies_records_every_device_failed(tmp_path, three_device_plan, flower_task_identity):

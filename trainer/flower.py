@@ -48,8 +48,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from planner.planfile import read_plan_file
-from trainer.engine import Server, TrainConfig, task_record, train_client
-from trainer.local import renumber_blocks
+from trainer.engine import Server, TrainConfig, received_arrays, task_record, train_client
 
 log = logging.getLogger("caff.flower")
 
@@ -127,8 +126,7 @@ class CaffStrategy(FedAvg):
         whole = ArrayRecord(self.server.state)  # one record, shared by the messages that need every array
 
         def arrays(task: dict) -> ArrayRecord:  # a FedRA device's shallow model needs only its blocks
-            held = task.get("held_blocks")
-            return whole if held is None else ArrayRecord(renumber_blocks(self.server.state, {b: b for b in held}))
+            return whole if task.get("held_blocks") is None else ArrayRecord(received_arrays(task, self.server.state))
         return [Message(RecordDict({"arrays": arrays(task), "task": ConfigRecord(task)}),
                         message_type=MessageType.TRAIN, dst_node_id=self.node_of_device[task["device"]])
                 for task in self.round_tasks]
@@ -186,13 +184,22 @@ def client_identity(message: Message, context: Context) -> Message:
     return Message(RecordDict({"node": ConfigRecord(said)}), reply_to=message)
 
 
+def serialized_bytes(record: ArrayRecord) -> int:
+    """Bytes of ``record`` as Flower sends it: every distinct object of its tree, deflated."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(part.deflate()) for part in get_all_nested_objects(record).values())
+
+
 @client_app.train()
 def client_train(message: Message, context: Context) -> Message:
-    """Run the task the server sent, on this node's data, with caff's local training."""
-    task = dict(message.content["task"])
-    record, deltas = train_client(task, message.content["arrays"].to_torch_state_dict())
-    return Message(RecordDict({"arrays": ArrayRecord({k: v.contiguous() for k, v in deltas.items()}),
-                               "record": ConfigRecord(record)}), reply_to=message)
+    """Run the task the server sent, on this node's data, with caff's local training; reply with
+    what it trained and its record, whose upload and download bytes Flower's serialization measures."""
+    task, received = dict(message.content["task"]), message.content["arrays"]
+    record, reply = train_client(task, received.to_torch_state_dict())
+    arrays = ArrayRecord({k: v.contiguous() for k, v in reply.items()})
+    record |= {"upload_bytes": serialized_bytes(arrays), "download_bytes": serialized_bytes(received)}
+    return Message(RecordDict({"arrays": arrays, "record": ConfigRecord(record)}), reply_to=message)
 
 
 def run_simulation(run_file: str, n_nodes: int) -> None:
