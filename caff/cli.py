@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from caff import cost_cmd, plan_cmd, pretrain_cmd, train_cmd
+from caff import certs_cmd, cost_cmd, plan_cmd, pretrain_cmd, train_cmd
 
-SUBCOMMANDS = (cost_cmd, plan_cmd, train_cmd, pretrain_cmd)
+SUBCOMMANDS = (cost_cmd, plan_cmd, train_cmd, pretrain_cmd, certs_cmd)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -186,19 +186,23 @@ def _pids_gone(processes):
 
 
 def test_localhost_deployment_gives_the_in_process_engines_model(tmp_path, three_device_plan, monkeypatch, caff):
-    """flower-superlink and three flower-supernodes on free ports, two rounds with ``flwr run``."""
+    """flower-superlink and three flower-supernodes on free ports, with TLS and SuperNode
+    authentication, two rounds with ``flwr run``; a fourth node, whose key nobody registered, is refused."""
     from trainer.flower import localhost_federation
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     args = ["train", "--task", "shakespeare", "--method", "caff", "--plan", str(three_device_plan), "--rounds", "2",
             "--clients-per-round", "3", "--seed", "3", "--no-pretrained", "--eval-samples", "16"]
     assert caff(*args, "--out", str(tmp_path / "local")).returncode == 0
-    # node 0 names its device; nodes 1 and 2 give a partition id (device d1 and device d0)
-    configs = ["device='d2'", "partition-id=1", "partition-id=0"]
-    with localhost_federation(3, tmp_path / "logs", node_config=lambda i: configs[i]) as (address, processes):
-        deployed = caff(*args, "--engine", "flower", "--superlink", address, "--out", str(tmp_path / "flower"))
+    # node 0 names its device; nodes 1 and 2 give a partition id (device d1 and device d0); node 3 is unregistered
+    configs = ["device='d2'", "partition-id=1", "partition-id=0", "device='d1'"]
+    with localhost_federation(3, tmp_path / "logs", node_config=lambda i: configs[i], unregistered=1) as federation:
+        deployed = caff(*args, "--engine", "flower", "--superlink", federation.address, "--root-certificates",
+                        str(federation.root_certificates), "--out", str(tmp_path / "flower"))
+        intruder = (tmp_path / "logs" / "process-4.log").read_text()
     assert deployed.returncode == 0, deployed.stderr
-    assert _pids_gone(processes)
+    assert _pids_gone(federation.processes)
+    assert "Failed to activate SuperNode" in intruder, intruder[-2000:]
     _same_model(tmp_path / "local", tmp_path / "flower")
     assert _metrics(tmp_path / "flower") == _metrics(tmp_path / "local")
 
@@ -211,8 +215,10 @@ def test_a_node_killed_mid_round_does_not_stall_the_run(tmp_path, three_device_p
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "flower"
-    with localhost_federation(3, tmp_path / "logs") as (address, processes):
+    with localhost_federation(3, tmp_path / "logs") as federation:
         import threading
+
+        processes = federation.processes
 
         def kill_d2_when_it_trains():  # node 2 acts for device d2, the one that trains all blocks
             log = tmp_path / "logs" / "process-3.log"
@@ -224,8 +230,9 @@ def test_a_node_killed_mid_round_does_not_stall_the_run(tmp_path, three_device_p
         killer = threading.Thread(target=kill_d2_when_it_trains, daemon=True)
         killer.start()
         started = time.time()
-        flwr_run(_run_file(tmp_path, three_device_plan, out, timeout=240), address,
-                 os.path.dirname(os.path.dirname(__file__)), log_file=tmp_path / "flwr-run.log", timeout=600)
+        flwr_run(_run_file(tmp_path, three_device_plan, out, timeout=240), federation.address,
+                 os.path.dirname(os.path.dirname(__file__)), log_file=tmp_path / "flwr-run.log", timeout=600,
+                 root_certificates=federation.root_certificates)
         killer.join()
     assert _pids_gone(processes)
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -239,9 +246,32 @@ def test_a_node_killed_mid_round_does_not_stall_the_run(tmp_path, three_device_p
 def test_no_superlink_is_a_one_line_error(tmp_path, three_device_plan, caff):
     from trainer.flower import free_port
 
-    result = caff("train", "--task", "shakespeare", "--plan", str(three_device_plan), "--rounds", "1",
-                  "--no-pretrained", "--engine", "flower", "--superlink", f"127.0.0.1:{free_port()}",
-                  "--out", str(tmp_path / "run"))
+    args = ["train", "--task", "shakespeare", "--plan", str(three_device_plan), "--rounds", "1", "--no-pretrained",
+            "--engine", "flower", "--superlink", f"127.0.0.1:{free_port()}", "--out", str(tmp_path / "run")]
+    result = caff(*args, "--insecure")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "flwr run exited" in result.stderr, result.stderr
     assert not (tmp_path / "run" / "state.json").exists()
+    unsaid = caff(*args)  # neither TLS nor an explicit --insecure
+    assert unsaid.returncode == 2 and unsaid.stderr.count("\n") == 1 and "--insecure" in unsaid.stderr
+
+
+def test_caff_certs_makes_a_chain_for_the_hosts_and_openssh_node_keys(tmp_path, caff):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    assert caff("certs", str(tmp_path), "--host", "127.0.0.1", "--host", "link.example", "--nodes", "2").returncode == 0
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)  # raises unless the CA signed it
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert names.get_values_for_type(x509.DNSName) == ["link.example"]
+    for i in range(2):
+        private = load_ssh_private_key((tmp_path / f"node-{i}").read_bytes(), password=None)
+        public = load_ssh_public_key((tmp_path / f"node-{i}.pub").read_bytes())
+        assert isinstance(private.curve, ec.SECP384R1) and private.public_key() == public
+        assert (tmp_path / f"node-{i}").stat().st_mode & 0o077 == 0
+    again = caff("certs", str(tmp_path), "--host", "127.0.0.1")
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "already holds" in again.stderr
