@@ -37,6 +37,10 @@ def add_parser(subparsers) -> dict:
                        help="local: this process; flower-sim: Flower's simulation engine, one virtual node per "
                             "device; flower: a running Flower SuperLink (--superlink) and its SuperNodes")
     train.add_argument("--superlink", default="127.0.0.1:8000", help="the SuperLink's address (--engine flower)")
+    train.add_argument("--root-certificates", help="CA certificate the SuperLink's TLS certificate is signed by "
+                                                   "(--engine flower; caff certs makes one)")
+    train.add_argument("--insecure", action="store_true",
+                       help="connect to the SuperLink without TLS (--engine flower; only on a trusted network)")
     train.add_argument("--round-timeout", type=float, default=600.0,
                        help="seconds a Flower round waits for replies before it goes on without them")
 
@@ -144,6 +148,8 @@ def _run_on_flower(args, config, plan) -> list[dict]:
     from planner.planfile import write_plan_file
     from trainer.rundir import load_run, plan_digest
 
+    if args.engine == "flower" and bool(args.root_certificates) == bool(args.insecure):
+        raise ValueError("--engine flower: give --root-certificates CA (TLS; caff certs makes one) or --insecure")
     out = Path(args.out).resolve()
     load_run(config, plan_digest(plan), None, out, args.resume)  # refuse before Flower starts, not inside its ServerApp
     out.mkdir(parents=True, exist_ok=True)
@@ -159,7 +165,8 @@ def _run_on_flower(args, config, plan) -> list[dict]:
         app_dir = Path(__file__).resolve().parents[1]
         if not (app_dir / "pyproject.toml").is_file():
             raise ValueError(f"--engine flower runs the Flower app of a source checkout; {app_dir} is not one")
-        flwr_run(run_file, args.superlink, app_dir, log_file=out / "flwr-run.log")
+        flwr_run(run_file, args.superlink, app_dir, log_file=out / "flwr-run.log",
+                 root_certificates=args.root_certificates)
     saved = load_run(config, plan_digest(plan), None, out, True)
     if saved is None or saved[1] <= config.rounds:
         raise ValueError(f"the Flower run stopped before round {config.rounds} (see {out / 'flwr-run.log'} and "

@@ -25,8 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from costmodel import ModelSpec, TrainMode, build_model, estimate
 from costmodel.measure import check_fits
+from costmodel.wire import wire_bytes
 from planner.planfile import PlanFile
-from trainer.local import local_train, lora_deltas, renumber_blocks
+from trainer.local import local_train, renumber_blocks
 from trainer.methods import METHODS, device_task, shallow_spec, smallest_common_architecture
 from trainer.rundir import load_run, plan_digest, save_round
 from trainer.server import aggregate, collect
@@ -168,13 +169,15 @@ class Server:
 
     def finish(self, round_index: int, records: list[dict], updates: dict[str, dict[str, torch.Tensor]],
                started: float) -> dict:
-        """Aggregate this round's updates (device -> deltas), evaluate, record and checkpoint; the metrics row.
+        """Aggregate this round's replies (device -> arrays, `trainer.server`), evaluate, record and
+        checkpoint; the metrics row.
 
         ``records`` holds one record per sampled device (trained, sat out, dropped or failed)."""
         records = sorted(records, key=lambda r: r["order"])
         samples = {r["device"]: r["samples"] for r in records if r["status"] == "trained"}
-        contributions, rejected = collect([(r["device"], updates[r["device"]], samples[r["device"]])
-                                           for r in records if r["device"] in updates], self.state)
+        contributions, rejected = collect([(r["device"], updates[r["device"]], r.get("lora_scale"),
+                                            samples[r["device"]]) for r in records if r["device"] in updates],
+                                          self.state)
         self.state = aggregate(self.state, contributions)
         evaluated = time.perf_counter()
         if round_index % self.config.eval_every == 0 or round_index == self.config.rounds:
@@ -185,6 +188,7 @@ class Server:
         self.metrics.append({
             "round": round_index, "method": self.config.method, "model": self.spec.name, "test_loss": loss,
             "test_accuracy": accuracy, "uploaded_bytes": sum(r.get("upload_bytes", 0) for r in records),
+            "downloaded_bytes": sum(r.get("download_bytes", 0) for r in records),
             "flops": sum(r.get("flops", 0) for r in records), "clients": records, "rejected": rejected,
             "trained_tensors": len(contributions), "eval_seconds": evaluated, "seconds": time.perf_counter() - started,
             "client_seconds": sum(r.get("seconds", 0.0) for r in records)})
@@ -201,12 +205,22 @@ def task_record(task: dict, **fields) -> dict:
 _MEASURED: dict[tuple, tuple[int, int]] = {}  # (spec, mode, batch, steps) -> (FLOPs, peak bytes), per process
 
 
-def train_client(task: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Run one device's task on its own data from the global ``state``: (its record, its deltas).
+def received_arrays(task: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The global arrays a device is sent for ``task``: all of them (its plan runs the whole forward
+    pass), or for a FedRA device only the blocks its shallow model holds, with embeddings and head."""
+    held = task.get("held_blocks")
+    return state if held is None else renumber_blocks(state, {b: b for b in held})
 
-    A mode is measured the first time this process trains it at given shapes; the same mode at
-    the same shapes has the same FLOPs and live bytes, so later runs reuse those figures."""
-    spec = ModelSpec.model_validate_json(task["spec"])
+
+def train_client(task: dict, received: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Run one device's task on its own data from the arrays it ``received`` (`received_arrays`):
+    (its record, its reply: what it trained, as trained, LoRA as factors, under global names).
+
+    The record holds the wire bytes (`costmodel.wire`) of the reply (``upload_bytes``) and of what
+    it received (``download_bytes``), and the LoRA factors' scale. A mode is measured the first
+    time this process trains it at given shapes; the same mode at the same shapes has the same
+    FLOPs and live bytes, so later runs reuse those figures."""
+    spec, state = ModelSpec.model_validate_json(task["spec"]), received
     held = task.get("held_blocks")  # FedRA: run a shallow model of only these blocks, in order
     if held is not None:
         spec, state = shallow_spec(spec, len(held)), renumber_blocks(state, {g: i for i, g in enumerate(held)})
@@ -221,15 +235,19 @@ def train_client(task: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict
     result = local_train(state, spec, mode, stream, task["steps"], task["optimizer"], task["lr"],
                          seed=_seed(seed, round_index, name, "init"), measure=key not in _MEASURED)
     result.flops, result.peak_bytes = _MEASURED.setdefault(key, (result.flops, result.peak_bytes))
+    reply = result.update if held is None else renumber_blocks(result.update, dict(enumerate(held)))
     predicted = estimate(spec, mode, task["batch"], TASK_SEQ[task["task"]], task["optimizer"])
     totals = predicted.totals
+    scales = set(result.lora_scales.values())  # alpha = 2 x rank: one scale for every adapter
+    if len(scales) > 1:
+        raise ValueError(f"LoRA adapters of one device with different scales {sorted(scales)}")
     record = task_record(
-        task, status="trained", samples=result.n_samples, loss=result.loss, upload_bytes=result.upload_bytes,
-        predicted_upload_bytes=totals["upload_bytes"], flops=result.flops,
+        task, status="trained", samples=result.n_samples, loss=result.loss, upload_bytes=wire_bytes(reply),
+        predicted_upload_bytes=totals["upload_bytes"], download_bytes=wire_bytes(received), flops=result.flops,
         predicted_flops=task["steps"] * (totals["fwd_flops"] + totals["bwd_flops"]), peak_bytes=result.peak_bytes,
-        predicted_peak_bytes=predicted.peak_bytes, seconds=result.seconds)
-    deltas = lora_deltas(result, state)
-    return record, deltas if held is None else renumber_blocks(deltas, dict(enumerate(held)))
+        predicted_peak_bytes=predicted.peak_bytes, seconds=result.seconds) | (
+        {"lora_scale": scales.pop()} if scales else {})
+    return record, reply
 
 
 def run(config: TrainConfig, plan: PlanFile, out: str | Path, resume: bool = False,
@@ -245,7 +263,7 @@ def run(config: TrainConfig, plan: PlanFile, out: str | Path, resume: bool = Fal
         progress(len(records))
         updates = {}
         for task in tasks:
-            record, updates[task["device"]] = train_client(task, server.state)
+            record, updates[task["device"]] = train_client(task, received_arrays(task, server.state))
             records.append(record)
             progress(1)
         server.finish(round_index, records, updates, started)
