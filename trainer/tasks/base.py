@@ -18,6 +18,7 @@ of the same pool; the unseen set is a sample of the unseen clients' held-out sam
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 
@@ -63,8 +64,8 @@ class Task:
         """Every client of the population, sorted; each has at least one training sample."""
         raise NotImplementedError
 
-    def load_clients(self, names: list[str]) -> list[ClientData]:
-        """The data of these clients only, in the order asked."""
+    def load_clients(self, names: list[str], heldout_only: bool = False) -> list[ClientData]:
+        """The data of these clients only, in the order asked (``heldout_only``: empty ``train``)."""
         raise NotImplementedError
 
     def initial_state(self, spec, checkpoints=None) -> dict[str, Tensor]:
@@ -100,9 +101,10 @@ def device_client_names(task: Task, seed: int, n_devices: int) -> list[str]:
     return [drawn[i % len(drawn)] for i in range(n_devices)]
 
 
+@functools.lru_cache(maxsize=6)  # the server's sets, built once per process
 def _evaluation_picks(task: Task, split: str) -> tuple[list[ClientData], list[tuple[int, int]]]:
     federated, unseen = population(task)
-    clients = task.load_clients(unseen if split == "unseen" else federated)
+    clients = task.load_clients(unseen if split == "unseen" else federated, heldout_only=True)
     pool = [(c, i) for c, client in enumerate(clients) for i in range(client.n_test)]
     source = "unseen" if split == "unseen" else "held-out"
     order = random.Random(f"{task.name}:{DATA_SEED}:{source}").sample(pool, len(pool))

@@ -121,8 +121,8 @@ class FashionMNIST(Task):
     def client_names(self) -> list[str]:
         return sorted(_partition())
 
-    def load_clients(self, names: list[str]) -> list[ClientData]:
-        splits = [_partition()[name] for name in names]
+    def load_clients(self, names: list[str], heldout_only: bool = False) -> list[ClientData]:
+        splits = [(train[:0] if heldout_only else train, test) for train, test in (_partition()[n] for n in names)]
         rows = torch.cat([torch.cat(s) for s in splits]) if splits else torch.zeros(0, dtype=torch.int64)
         images, labels, out, at = read_images(rows), read_labels()[rows], [], 0
         for name, (train, test) in zip(names, splits):

@@ -133,6 +133,8 @@ def labelled_texts(root: str = FORTUNES_DIR, min_per_class: int = MIN_PER_CLASS)
 
 def tokenize(texts: list[str], max_len: int = MAX_LEN) -> Tensor:
     """int64 ``[len(texts), max_len]``: ``[CLS] tokens [SEP]`` truncated, padded with 0."""
+    if not texts:
+        return torch.zeros(0, max_len, dtype=torch.int64)
     encoded = minilm_tokenizer()(list(texts), max_length=max_len, padding="max_length", truncation=True,
                                  return_tensors="pt", return_attention_mask=False, return_token_type_ids=False)
     return encoded["input_ids"].to(torch.int64)
@@ -154,11 +156,12 @@ class Fortunes(Task):
     def client_names(self) -> list[str]:
         return sorted(_partition())
 
-    def load_clients(self, names: list[str]) -> list[ClientData]:
+    def load_clients(self, names: list[str], heldout_only: bool = False) -> list[ClientData]:
         texts, labels, _ = labelled_texts()
         out = []
         for name in names:
             train, test = _partition()[name]
+            train = train[:0] if heldout_only else train
             out.append(ClientData(name, (tokenize([texts[i] for i in train]), labels[train]),
                                   (tokenize([texts[i] for i in test]), labels[test])))
         return out

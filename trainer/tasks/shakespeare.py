@@ -241,7 +241,7 @@ class Shakespeare(Task):
     def client_names(self) -> list[str]:
         return list(_roster())
 
-    def load_clients(self, names: list[str]) -> list[ClientData]:
+    def load_clients(self, names: list[str], heldout_only: bool = False) -> list[ClientData]:
         by_name = {}
         for play in sorted({name.split("/")[0] for name in names}):
             by_name |= {c.name: c for c in _role_clients(play)}
