@@ -54,6 +54,9 @@ class TrainConfig(BaseModel):
     drop_rate: float = Field(default=0.0, ge=0, lt=1, description="chance a sampled device fails mid-round")
     eval_samples: int | None = Field(default=None, ge=1,
                                      description="test samples the server evaluates on (None: the task's whole test set)")
+    eval_split: str = Field(default="test", pattern="^(test|validation)$",
+                            description="validation: held-out samples of the federated clients disjoint from the "
+                                        "test set, for choosing a learning rate")
     eval_every: int = Field(default=1, ge=1, description="evaluate every this many rounds, and after the last")
     pretrained: bool = True
 
@@ -109,7 +112,7 @@ class Server:
             raise ValueError(f"method: unknown {config.method!r} ({', '.join(METHODS)})")
         self.config, self.plan, self.out = config, plan, Path(out)
         self.spec = _architecture(config, plan)
-        self.test = evaluation_set(get_task(config.task), "test")
+        self.test = evaluation_set(get_task(config.task), config.eval_split)
         self.state, self.first_round, self.metrics = _start(config, self.spec, self.out, resume, checkpoints)
 
     def tasks(self, round_index: int) -> tuple[list[dict], list[dict]]:
@@ -153,7 +156,7 @@ class Server:
         else:
             loss = accuracy = None
         unseen = {}
-        if round_index == self.config.rounds:  # clients no device ever trains on
+        if round_index == self.config.rounds and self.config.eval_split == "test":  # clients nobody trains on
             unseen_loss, unseen_accuracy = evaluate(self.spec, self.state, evaluation_set(
                 get_task(self.config.task), "unseen"), self.config.eval_samples)
             unseen = {"unseen_loss": unseen_loss, "unseen_accuracy": unseen_accuracy}
