@@ -7,6 +7,8 @@ from pathlib import Path
 
 from costmodel import TrainMode, estimate, load_spec, measure
 from costmodel.hf import measure_hf
+from costmodel.process import ProcessMemory, kept_bytes
+from profiles import DEFAULT_RUNTIME, load_runtime, parse_bytes
 
 
 def add_parser(subparsers) -> dict:
@@ -17,6 +19,8 @@ def add_parser(subparsers) -> dict:
     p.add_argument("--train", default="all", help="all | head | last:K | blocks:i,j | lora:R | mixed with '+'")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "momentum", "adam"])
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="override the model's dtype")
+    p.add_argument("--runtime", default=DEFAULT_RUNTIME, help=f"runtime profile: name or .json (default {DEFAULT_RUNTIME})")
+    p.add_argument("--shard-bytes", default="0", help="training data the device holds, e.g. 2MiB (default 0)")
     p.add_argument("--measure", action="store_true", help="also run a real step on the CPU and compare")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return {"cost": run}
@@ -29,6 +33,13 @@ def run(args) -> int:
     mode = TrainMode.parse(args.train, spec.n_blocks)
     report = estimate(spec, mode, args.batch, args.seq, args.optimizer)
     out = report.to_json()
+    try:
+        shard = parse_bytes(args.shard_bytes)
+    except ValueError as exc:
+        raise ValueError(f"--shard-bytes: {exc}") from None
+    process = ProcessMemory(load_runtime(args.runtime).bytes_for(bool(mode.lora)), report.peak_bytes, shard,
+                            kept_bytes(spec, mode, report))
+    out["process"] = {"runtime": args.runtime, **process.to_json()}
     if args.measure:
         if Path(args.model).is_dir():  # the real transformers model, pretrained weights and all
             measured = measure_hf(spec, mode, args.batch, args.seq, args.optimizer, model_dir=args.model)
@@ -76,6 +87,10 @@ def _print_table(out: dict) -> None:
     console.print(table)
     console.print(f"peak memory of one step: {format_bytes(total['peak_bytes'])} (at {out['peak_phase']}); "
                   f"elementwise FLOPs not counted above: {format_flops(total['elementwise_flops'])}")
+    p = out["process"]
+    console.print(f"predicted process memory: {format_bytes(p['total_bytes'])} = runtime {p['runtime']} "
+                  f"{format_bytes(p['runtime_bytes'])} + tensor peak {format_bytes(p['tensor_peak_bytes'])} + data "
+                  f"shard {format_bytes(p['shard_bytes'])} + received tensors kept {format_bytes(p['kept_bytes'])}")
     if "measured" in out:
         seen, errors = out["measured"]["total"], out["measured"]["relative_error"]
         for key in ("fwd_flops", "bwd_flops", "activation_bytes", "peak_bytes"):

@@ -8,7 +8,7 @@ from collections import Counter
 from costmodel.estimate import OPTIMIZERS
 from costmodel.spec import load_spec
 from planner import SOLVERS, Objective, PlanFile, PlanSettings, SolverError, plan, write_plan_file
-from profiles import format_bytes, format_flops, load_device, load_fleet
+from profiles import format_bytes, format_flops, load_device, load_fleet, parse_bytes
 
 MAX_ROWS = 30  # device rows printed; the plan file holds them all
 
@@ -29,6 +29,7 @@ def add_parser(subparsers) -> dict:
     p.add_argument("--batch", type=int, default=None, help="samples per step on every device (default: each device's)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sample (default: the model's maximum)")
     p.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
+    p.add_argument("--shard-bytes", default="0", help="training data each device holds, e.g. 2MiB (default 0)")
     p.add_argument("--fleet-size", type=int, default=None, help="devices to draw from a fleet given by shares")
     p.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0)")
     p.add_argument("--solver", choices=SOLVERS, default="frontier",
@@ -89,8 +90,13 @@ def _settings(args) -> PlanSettings:
         objective = Objective.parse(args.objective)
     except ValueError as exc:
         raise ValueError(f"--{exc}") from None
+    try:
+        shard = parse_bytes(args.shard_bytes)
+    except ValueError as exc:
+        raise ValueError(f"--shard-bytes: {exc}") from None
     return PlanSettings(objective=objective, lora_ranks=ranks, margin=args.margin, min_coverage=args.min_coverage,
-                        batch=args.batch, seq=args.seq, optimizer=args.optimizer, solver=args.solver)
+                        batch=args.batch, seq=args.seq, optimizer=args.optimizer, solver=args.solver,
+                        shard_bytes=shard)
 
 
 def _print(result: PlanFile, args, n_devices: int) -> None:
@@ -133,14 +139,15 @@ def _print_devices(console, Table, result: PlanFile, where: str) -> None:
     table = Table(title=f"Plan: {result.winner} on {where} ({result.optimizer}, margin {result.margin:.0%})")
     table.add_column("device")
     table.add_column("train", overflow="fold")
-    for column in ("peak of usable memory", "FLOPs of compute per round", "upload of budget"):
+    for column in ("process memory of usable", "FLOPs of compute per round", "upload of budget"):
         table.add_column(column, justify="right")
     table.add_column("binding")
     table.add_column("status")
     for key, count in list(groups.items())[:MAX_ROWS]:
         entry, budgets = first[key], first[key].budgets
         if entry.status == "optimal":
-            used = (entry.peak_bytes, entry.flops_per_round, entry.upload_bytes)
+            used = (entry.process.total_bytes if entry.process else entry.peak_bytes, entry.flops_per_round,
+                    entry.upload_bytes)
         else:  # what the head-only plan needs
             used = (entry.needs.memory_bytes * (1 - result.margin), entry.needs.compute_flops, entry.needs.upload_bytes)
         table.add_row(entry.device if count == 1 else f"{key[0]} x{count}",

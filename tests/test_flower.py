@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-pytest.importorskip("flwr")
+pytest.importorskip("flwr", reason="the Flower tests need flwr: pip install -e '.[flower]'")
 
 from planner.planfile import read_plan_file  # noqa: E402
 from trainer.engine import Server, TrainConfig, train_client  # noqa: E402

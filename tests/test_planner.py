@@ -21,6 +21,7 @@ from costmodel import ModelSpec, TrainMode, estimate
 from planner import (BUDGETS, Budgets, CostTable, DeviceIlp, Objective, PlanCosts, PlanSettings, compute_frontier, plan,
                      read_plan_file, write_plan_file)
 from profiles import DeviceSpec
+from tests.conftest import TENSORS_ONLY
 
 pytestmark = pytest.mark.filterwarnings("ignore:PULP_CBC_CMD is deprecated:DeprecationWarning")
 estimate_module = importlib.import_module("costmodel.estimate")
@@ -78,14 +79,17 @@ def random_budgets(rng: random.Random, costs: dict) -> Budgets:
         return rng.uniform(0.9 * values.min(), 1.02 * values.max())
 
     exact_memory = rng.random() < 1 / 3
-    memory = int(rng.choice(costs["peak"])) if exact_memory else round(draw(costs["peak"]) / (1 - margin))
+    process = costs["peak"] + costs["upload"]  # tensor peak and kept received tensors (bounded by the upload)
+    memory = int(rng.choice(process)) if exact_memory else round(draw(process) / (1 - margin))
     return Budgets(memory, steps * draw(costs["flops"]), round(draw(costs["upload"])), steps,
                    0.0 if exact_memory else margin)
 
 
 def fits(budgets: Budgets, peak, flops, upload):
-    """The budget test written out, independent of `Budgets.fits`."""
-    return ((peak <= budgets.memory_bytes * (1 - budgets.margin)) & (upload <= budgets.upload_bytes)
+    """The budget test written out, independent of `Budgets.fits`: the process holds the fixed bytes
+    (runtime, shard), the tensor peak and the received tensors it trains (bounded by the upload)."""
+    return ((budgets.fixed_bytes + peak + upload <= budgets.memory_bytes * (1 - budgets.margin))
+            & (upload <= budgets.upload_bytes)
             & (budgets.local_steps * flops <= budgets.compute_flops))
 
 
@@ -174,7 +178,8 @@ def test_linear_forms_and_plans_on_a_branching_graph(monkeypatch):
         flops = np.array([r.totals["fwd_flops"] + r.totals["bwd_flops"] for r in reports])
         uploads = np.array([r.totals["upload_bytes"] for r in reports])
         for trial in range(40):
-            budgets = Budgets(rng.uniform(peaks.min(), peaks.max()), rng.uniform(flops.min(), flops.max()),
+            process = peaks + uploads
+            budgets = Budgets(rng.uniform(process.min(), process.max()), rng.uniform(flops.min(), flops.max()),
                               rng.uniform(uploads.min(), uploads.max()), 1, 0.0)
             ok = fits(budgets, peaks, flops, uploads)
             best = max((len(m.blocks), int(u), -int(p)) for m, u, p, f in zip(modes, uploads, peaks, ok) if f) \
@@ -249,12 +254,13 @@ def test_infeasible_device_gets_the_head_only_needs():
     head = estimate(spec, TrainMode(), BATCH, SEQ, optimizer)
     flops = head.totals["fwd_flops"] + head.totals["bwd_flops"]
     device = DeviceSpec(name="tiny", memory_bytes=head.peak_bytes // 2, compute_flops=1e15,
-                        upload_bytes=head.totals["upload_bytes"] - 1, local_steps=3, batch_size=BATCH)
+                        upload_bytes=head.totals["upload_bytes"] - 1, local_steps=3, batch_size=BATCH,
+                        runtime=TENSORS_ONLY)
     for solver in ("frontier", "ilp"):
         entry = plan([spec], [device], PlanSettings(seq=SEQ, optimizer=optimizer, solver=solver)).devices[0]
         assert (entry.status, entry.mode, entry.peak_bytes) == ("infeasible", None, None)
         assert entry.binding == ["memory", "upload"]
-        assert entry.needs.memory_bytes == pytest.approx(head.peak_bytes / 0.95)
+        assert entry.needs.memory_bytes == pytest.approx((head.peak_bytes + head.totals["upload_bytes"]) / 0.95)
         assert (entry.needs.compute_flops, entry.needs.upload_bytes) == (3 * flops, head.totals["upload_bytes"])
 
 
@@ -267,7 +273,7 @@ def random_devices(rng: random.Random, name: str, n: int, batches=(BATCH, 2 * BA
         b = random_budgets(rng, costs)
         devices.append(DeviceSpec(name=f"d{i}", memory_bytes=max(1, int(b.memory_bytes)),
                                   compute_flops=max(1.0, b.compute_flops), upload_bytes=max(1, int(b.upload_bytes)),
-                                  local_steps=b.local_steps, batch_size=rng.choice(batches)))
+                                  local_steps=b.local_steps, batch_size=rng.choice(batches), runtime=TENSORS_ONLY))
     return devices
 
 
@@ -300,7 +306,8 @@ def test_fleet_chooses_the_architecture_and_every_plan_fits():
             continue
         total += len(entry.trained_blocks)
         report = estimate(spec, TrainMode.parse(entry.mode, spec.n_blocks), device.batch_size, SEQ, "sgd")
-        assert report.peak_bytes == entry.peak_bytes <= device.memory_bytes * 0.95
+        assert report.peak_bytes == entry.peak_bytes == entry.process.tensor_peak_bytes
+        assert entry.process.total_bytes <= device.memory_bytes * 0.95
         assert entry.flops_per_round == device.local_steps * (report.totals["fwd_flops"] + report.totals["bwd_flops"])
         assert entry.flops_per_round <= device.compute_flops
         assert entry.upload_bytes == report.totals["upload_bytes"] <= device.upload_bytes
@@ -369,7 +376,7 @@ def test_plan_file_round_trip_is_atomic(tmp_path, small_plan):
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.update(version=2), "version 2 is not supported"),
     (lambda d: d.pop("devices"), "devices: Field required"),
-    (lambda d: d["devices"][0].update(model="nope"), "model 'nope' is not among the models"),
+    (lambda d: d["devices"][0].update(model="nope"), "model 'nope' is not the winner"),
     (lambda d: d["devices"][0].update(status="sometimes"), "devices[0].status"),
     (lambda d: d["devices"][0]["budgets"].update(local_steps=0), "devices[0].budgets.local_steps"),
 ])

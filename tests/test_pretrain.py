@@ -39,7 +39,10 @@ def test_a_few_steps_reduce_the_loss():
     assert model.training
 
 
-def test_vit_pretraining_runs_on_five_classes_only():
+def test_vit_pretraining_runs_on_five_classes_only(need_data):
+    from trainer.tasks.fashion_mnist import read_labels
+
+    need_data(read_labels)
     _, stats = pretrain(TINY_VIT, steps=5, batch=16, lr=1e-3, seed=0, progress=False)
     assert 0.0 <= stats["heldout_accuracy"] <= 1.0 and math.isfinite(stats["heldout_loss"])
     assert "classes T-shirt/top, Trouser, Pullover, Dress, Coat only" in stats["data"]
@@ -88,7 +91,7 @@ def test_save_overwrites_atomically_and_accepts_a_state_dict(tmp_path):
 
 
 @pytest.mark.parametrize("name", COMMITTED)
-def test_committed_checkpoint_loads_strictly_and_beats_an_untrained_model(name):
+def test_committed_checkpoint_loads_strictly_and_beats_an_untrained_model(name, need_data):
     from trainer.tasks.fashion_mnist import PRETRAIN_CLASSES, fashion_mnist
     from trainer.tasks.shakespeare import shakespeare_corpus
 
@@ -107,7 +110,7 @@ def test_committed_checkpoint_loads_strictly_and_beats_an_untrained_model(name):
         assert pretrained_loss < math.log(80) - 1.5, pretrained_loss
         assert float(meta["heldout_loss"]) < math.log(80) - 1.5
     else:
-        x, y = fashion_mnist("test")
+        x, y = need_data(fashion_mnist, "test")
         x, y = x[y < len(PRETRAIN_CLASSES)], y[y < len(PRETRAIN_CLASSES)]  # the classes it was pretrained on
         pretrained, baseline = evaluate(model, x[:1000], y[:1000]), evaluate(untrained, x[:1000], y[:1000])
         assert pretrained["accuracy"] > 0.7 and pretrained["loss"] < baseline["loss"] - 1.0

@@ -31,7 +31,6 @@ from profiles import (
 )
 
 KNOWN_DEVICES = {
-    "esp32-s3-8mb",
     "rpi-zero-2w",
     "rpi4-2gb",
     "rpi5-4gb",
@@ -248,9 +247,10 @@ def test_catalogue_devices_load_and_validate():
         assert all(math.isfinite(v) and v > 0 for v in (device.memory_bytes, device.compute_flops, device.upload_bytes))
 
 
-def test_catalogue_budgets_span_orders_of_magnitude():
+def test_catalogue_budgets_span_an_order_of_magnitude():
     devices = catalogue_devices().values()
-    for budget, min_ratio in (("memory_bytes", 100), ("compute_flops", 100), ("upload_bytes", 100)):
+    # every device runs PyTorch (hundreds of MiB of runtime): no microcontrollers at the low end
+    for budget, min_ratio in (("memory_bytes", 10), ("compute_flops", 20), ("upload_bytes", 10)):
         values = [getattr(d, budget) for d in devices]
         assert max(values) / min(values) >= min_ratio, budget
 

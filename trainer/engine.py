@@ -9,28 +9,24 @@ runs one task on a device: it reads the device's own data and calls `trainer.loc
 Every random choice of round r (which devices, which batches, who drops out, FedRA's blocks)
 is drawn from generators seeded by (seed, r, device), so a run resumed from the checkpoint of
 round r continues exactly as the uninterrupted run would, whatever engine ran it. After each
-round the server appends one JSON line to ``metrics.jsonl`` and then writes the checkpoint
-atomically: the global weights (safetensors, one file per round), then ``state.json`` naming
-them with the round and the configuration, which is the commit point. On resume the metrics
-file is cut back to its round.
+round the server appends one JSON line to ``metrics.jsonl`` and commits a checkpoint; a resume
+checks the run directory first (`trainer.rundir`: its format, integrity record and refusals).
 """
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import time
 from pathlib import Path
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
 
 from costmodel import ModelSpec, TrainMode, build_model, estimate
 from planner.planfile import PlanFile
 from trainer.local import local_train, lora_deltas, renumber_blocks
 from trainer.methods import METHODS, device_task, shallow_spec, smallest_common_architecture
+from trainer.rundir import load_run, plan_digest, save_round
 from trainer.server import aggregate, collect
 from trainer.tasks import TASKS, device_client, evaluation_set, get_task
 
@@ -48,7 +44,7 @@ class TrainConfig(BaseModel):
     rounds: int = Field(default=10, ge=1)
     clients_per_round: int = Field(default=10, ge=1)
     local_steps: int | None = Field(default=None, ge=1, description="None: each device's planned steps")
-    lr: float = Field(default=0.01, gt=0,
+    lr: float = Field(default=0.01, gt=0, allow_inf_nan=False,
                       description="SGD step; 0.05 makes full-block training of the pretrained char GPTs drift")
     seed: int = 0
     drop_rate: float = Field(default=0.0, ge=0, lt=1, description="chance a sampled device fails mid-round")
@@ -110,10 +106,13 @@ class Server:
                  checkpoints: str | Path | None = None):
         if config.method not in METHODS:
             raise ValueError(f"method: unknown {config.method!r} ({', '.join(METHODS)})")
+        self.plan_sha256 = plan_digest(plan)
+        plan = _planned_for(config, plan)
         self.config, self.plan, self.out = config, plan, Path(out)
         self.spec = _architecture(config, plan)
         self.test = evaluation_set(get_task(config.task), config.eval_split)
-        self.state, self.first_round, self.metrics = _start(config, self.spec, self.out, resume, checkpoints)
+        self.state, self.first_round, self.metrics = _start(config, self.plan_sha256, self.spec, self.out, resume,
+                                                            checkpoints)
 
     def tasks(self, round_index: int) -> tuple[list[dict], list[dict]]:
         """(tasks for the devices that train, records of those that sit out or drop), in sampling order."""
@@ -167,7 +166,7 @@ class Server:
             "flops": sum(r.get("flops", 0) for r in records), "clients": records, "rejected": rejected,
             "trained_tensors": len(contributions), "eval_seconds": evaluated, "seconds": time.perf_counter() - started,
             "client_seconds": sum(r.get("seconds", 0.0) for r in records)})
-        _save(self.out, self.config, self.plan, self.state, self.metrics)
+        save_round(self.out, self.config, self.plan_sha256, self.state, self.metrics)
         return self.metrics[-1]
 
 
@@ -241,43 +240,38 @@ def _architecture(config: TrainConfig, plan: PlanFile) -> ModelSpec:
     if spec.kind != TASK_KIND[config.task]:
         raise ValueError(f"task {config.task} needs a {TASK_KIND[config.task]} model; the plan's is {spec.kind}")
     return spec
-def saved_round(config: TrainConfig, out: str | Path, resume: bool) -> int:
-    """The last round committed in ``out`` (0 for a new run); refuses to overwrite or to mix configurations."""
-    state_file = Path(out) / "state.json"
-    if not state_file.exists():
-        return 0
-    if not resume:
-        raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    saved = json.loads(state_file.read_text())
-    if saved["config"] != config.model_dump():
-        raise ValueError(f"{out}: --resume with a different configuration than the run there")
-    return saved["round"]
 
 
-def _start(config: TrainConfig, spec: ModelSpec, out: Path, resume: bool, checkpoints: str | Path | None):
-    done = saved_round(config, out, resume)
-    if done:
-        saved = json.loads((out / "state.json").read_text())
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][:done]
-        return load_file(str(out / saved["weights"])), done + 1, metrics
+def _planned_for(config: TrainConfig, plan: PlanFile) -> PlanFile:
+    """``plan`` if it was made for this run's settings; with ``--local-steps``, the plan re-checked
+    at those steps (every device's budgets say them, so each method's choice re-checks compute; a
+    caff device whose planned mode would exceed its compute budget refuses the run)."""
+    if not plan.devices:
+        raise ValueError("the plan has no devices")
+    seq = TASK_SEQ[config.task]
+    if seq is not None and plan.seq is not None and plan.seq != seq:
+        raise ValueError(f"the plan was made for {plan.seq} tokens per sample; {config.task}'s samples have {seq}: "
+                         f"re-plan with --seq {seq}")
+    steps = config.local_steps
+    if steps is None:
+        return plan
+    for device in plan.devices:
+        if config.method == "caff" and device.status == "optimal":
+            per_step = device.flops_per_round / device.budgets.local_steps
+            if steps * per_step > device.budgets.compute_flops:
+                raise ValueError(f"--local-steps {steps}: device {device.device}'s planned mode {device.mode} would "
+                                 f"need {steps * per_step:.4g} FLOP per round, over its "
+                                 f"{device.budgets.compute_flops:.4g} budget (it allows "
+                                 f"{int(device.budgets.compute_flops // per_step)} steps); re-plan with these steps")
+    return plan.model_copy(update={"devices": [
+        d.model_copy(update={"budgets": d.budgets.model_copy(update={"local_steps": steps})}) for d in plan.devices]})
+
+
+def _start(config: TrainConfig, plan_sha256: str, spec: ModelSpec, out: Path, resume: bool,
+           checkpoints: str | Path | None):
+    """(global weights, first round, metrics so far): the checked run in ``out``, or a new one."""
+    saved = load_run(config, plan_sha256, spec, out, resume)
+    if saved is not None:
+        return saved
     out.mkdir(parents=True, exist_ok=True)
     return initial_state(config.task, spec, config.pretrained, checkpoints), 1, []
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _save(out: Path, config: TrainConfig, plan: PlanFile, state, metrics: list[dict]) -> None:
-    """Metrics, then this round's weights, then ``state.json`` naming them: the commit point."""
-    round_index = metrics[-1]["round"]
-    weights = f"global-{round_index}.safetensors"
-    _atomic_write(out / "metrics.jsonl", lambda p: p.write_text("".join(json.dumps(m) + "\n" for m in metrics)))
-    _atomic_write(out / weights, lambda p: save_file({k: v.contiguous().clone() for k, v in state.items()}, str(p)))
-    _atomic_write(out / "state.json", lambda p: p.write_text(json.dumps(
-        {"round": round_index, "weights": weights, "config": config.model_dump(), "plan_winner": plan.winner})))
-    for old in out.glob("global-*.safetensors"):
-        if old.name != weights:
-            old.unlink()

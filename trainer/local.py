@@ -7,17 +7,23 @@ under ``torch.no_grad()``, LoRA via peft, the optimizer holds only trained param
 are sent as their A and B factors (that is the upload); `lora_deltas` turns them into the dense
 change B A * scale of each adapted weight, so the server averages changes, whatever the ranks.
 
-Two steps are measured, as `costmodel.measure.measure_step` measures (and `caff validate`
-reports): the first step's FLOPs with ``FlopCounterMode`` under the math attention kernel (the
-only one it has a formula for on CPU), and the second step's peak of live tensor bytes with
-`costmodel.measure.LiveBytes` under the kernels training really uses, with the optimizer state
-allocated, as in the estimate. All steps have the same shapes, so FLOPs per round are steps x
-the first step's FLOPs. With one step, both are taken on it, under the math kernel.
+Measuring never changes what is trained, so a round trains the same floats whether or not it
+is measured (a resumed run measures its first round again). FLOPs are counted as
+`costmodel.measure.measure_step` counts them (``FlopCounterMode`` under the math attention
+kernel, the only one it has a formula for on CPU), but on a copy of the model on the meta
+device (shapes only: no memory, no arithmetic) at the first batch's shapes; all steps have the
+same shapes, so FLOPs per round are steps x that step's. The peak of live tensor bytes is taken
+with `costmodel.measure.LiveBytes` on the second real step (the first with one step), under the
+kernels training uses, with the optimizer state allocated, as in the estimate.
+
+A device's random draws (LoRA's A initialisation, dropout masks) come from ``seed``, which the
+engines derive from (seed, round, device).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -66,31 +72,61 @@ def local_train(global_state: dict[str, torch.Tensor], spec: ModelSpec, mode: Tr
     ``measure=False`` skips the measurements (FLOPs and peak are then 0): an engine that has
     measured the same mode at the same shapes already can reuse those figures."""
     started = time.perf_counter()
-    torch.manual_seed(seed)  # LoRA's A initialisation
-    model = build_model(spec)
-    model.load_state_dict(global_state)
-    model = apply_mode(model, mode).to(device).train()
+    first = next(batches)
+    flops = step_flops(spec, mode, *first) * steps if measure else 0
+    model = _model_holding(global_state, spec)
+    torch.manual_seed(seed)  # after build_model, which seeds its own initialisation: LoRA's A
+    model = apply_mode(model, mode)
+    _own_trained(model, global_state)
+    model = model.to(device).train()
     opt = make_optimizer(model.parameters(), optimizer, lr=lr)
-    counted_step, peak_step = (0, min(1, steps - 1)) if measure else (-1, -1)
-    counter, tracker = FlopCounterMode(display=False), LiveBytes()
+    peak_step = min(1, steps - 1) if measure else -1
+    tracker = LiveBytes()
     losses, n_samples = [], 0
-    for step in range(steps):
-        inputs, targets = (t.to(device) for t in next(batches))
+    for step, batch in zip(range(steps), itertools.chain([first], batches)):
+        inputs, targets = (t.to(device) for t in batch)
         n_samples += len(inputs)
-        with contextlib.ExitStack() as measuring:
-            if step == counted_step:
-                measuring.enter_context(sdpa_kernel(SDPBackend.MATH))
-                measuring.enter_context(counter)
+        with tracker if step == peak_step else contextlib.nullcontext():
             if step == peak_step:
                 tracker.track([*state_tensors(model, opt), inputs, targets])
-                measuring.enter_context(tracker)
             losses.append(_step(model, opt, inputs, targets))
-    flops, peak = (counter.get_total_flops() * steps, tracker.peak) if measure else (0, 0)
+    peak = tracker.peak if measure else 0
     update = _trained_state(model)
     return LocalResult(update=update, n_samples=n_samples, loss=sum(losses) / len(losses),
                        upload_bytes=sum(t.numel() * t.element_size() for t in update.values()),
                        flops=flops, peak_bytes=peak, seconds=time.perf_counter() - started,
                        lora_scales=_lora_scales(model))
+
+
+def step_flops(spec: ModelSpec, mode: TrainMode, inputs: torch.Tensor, targets: torch.Tensor) -> int:
+    """FLOPs of one training step of ``mode`` at these batch shapes (forward and backward),
+    counted on the meta device under the math attention kernel."""
+    with torch.device("meta"):
+        model = apply_mode(build_model(spec), mode).train()
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        model(inputs.to("meta"), targets.to("meta")).backward()
+    return counter.get_total_flops()
+
+
+def _model_holding(state: dict[str, torch.Tensor], spec: ModelSpec) -> torch.nn.Module:
+    """The model of ``spec`` whose parameters are the tensors of ``state`` themselves: built on the meta
+    device and loaded with ``assign=True``, so a device holds its weights once, not twice."""
+    with torch.device("meta"):
+        model = build_model(spec)
+    model.load_state_dict(state, assign=True)
+    if spec.tied_embeddings:  # assign gives each name its own parameter; tie them again
+        model.head.out.weight = model.embed.tok.weight
+    return model
+
+
+def _own_trained(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give trained parameters their own copy: the received tensor stays the old value the update
+    is taken against (`lora_deltas`), and a server in this process keeps its global state."""
+    received = {t.untyped_storage().data_ptr() for t in state.values()}
+    for param in model.parameters():
+        if param.requires_grad and param.untyped_storage().data_ptr() in received:
+            param.data = param.data.clone()
 
 
 def _step(model, opt, inputs, targets) -> float:

@@ -11,12 +11,15 @@ from planner.planfile import PlanFile
 def validate_plan(plan: PlanFile, device: str | None = None) -> list[dict]:
     """One row per distinct (model, mode, batch, local steps): predictions, CPU measurement (and CUDA's
     ``max_memory_allocated`` when a GPU is present or asked for), and the tightest memory budget."""
-    devices = [device] if device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    devices = [check_device(device)] if device is not None else ["cpu"] + (["cuda"] if torch.cuda.is_available()
+                                                                           else [])
     groups: dict[tuple, list] = {}
     for entry in plan.devices:
         if entry.status == "optimal":
             key = (entry.model, entry.mode, entry.budgets.batch_size, entry.budgets.local_steps)
             groups.setdefault(key, []).append(entry)
+    if not groups:
+        raise ValueError("the plan has no device with a feasible plan: nothing to validate")
     rows = []
     for (model, text, batch, steps), entries in groups.items():
         spec = plan.spec(model)
@@ -34,3 +37,18 @@ def validate_plan(plan: PlanFile, device: str | None = None) -> list[dict]:
                 "flops_measured": steps * (seen.fwd_flops + seen.bwd_flops),
                 "upload": predicted.totals["upload_bytes"], "within_budget": peak <= budget})
     return rows
+
+
+def check_device(device: str) -> str:
+    """``device`` if it names a torch device this process can run on (cpu, cuda, cuda:N); ValueError else."""
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        kind = None
+    if kind is not None and kind.type == "cpu" and kind.index in (None, 0):
+        return device
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind is not None and kind.type == "cuda" and (kind.index or 0) < count:
+        return device
+    raise ValueError(f"--device {device!r}: this machine runs on cpu" + "".join(f", cuda:{i}" for i in range(count))
+                     + ("" if count else " (this torch has no usable CUDA device)"))

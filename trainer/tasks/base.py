@@ -25,6 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+class DataUnavailable(RuntimeError):
+    """A task's data (or its tokenizer) is not installed; the message names the package to install."""
+
+
 DATA_SEED = 0  # seeds every task's partition, its unseen clients and its evaluation samples
 UNSEEN_FRAC = 0.1  # share of a task's clients that never train
 
@@ -73,7 +77,7 @@ class Task:
         from trainer.checkpoint import checkpoint_path, load_pretrained
 
         try:
-            return load_pretrained(spec.name, checkpoint_path(spec.name, checkpoints)).state_dict()
+            return load_pretrained(spec, checkpoint_path(spec.name, checkpoints)).state_dict()
         except ValueError as missing:
             raise ValueError(f"{missing} (or pass --no-pretrained to start from random weights)") from None
 

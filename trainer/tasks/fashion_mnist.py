@@ -22,11 +22,11 @@ import struct
 import torch
 from torch import Tensor
 
-from trainer.tasks.base import DATA_SEED, ClientData, Task
+from trainer.tasks.base import DATA_SEED, ClientData, DataUnavailable, Task
 from trainer.tasks.partition import partition_dirichlet, split_train_test
 
 FMNIST_HINT = "Fashion-MNIST data needs Debian's dataset-fashion-mnist: apt-get install dataset-fashion-mnist"
-FMNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FMNIST_DIR = os.environ.get("CAFF_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")  # the Debian package's
 #: Mean and std of the 60,000 training images after scaling pixels to [0, 1].
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
 FMNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -45,7 +45,7 @@ def _paths(split: str, root: str | None) -> tuple[str, str]:
     root = root or FMNIST_DIR
     images, labels = (os.path.join(root, f"{prefix}-{kind}-ubyte.gz") for kind in ("images-idx3", "labels-idx1"))
     if not (os.path.isfile(images) and os.path.isfile(labels)):
-        raise RuntimeError(FMNIST_HINT)
+        raise DataUnavailable(FMNIST_HINT)
     return images, labels
 
 

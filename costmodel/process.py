@@ -1,0 +1,54 @@
+"""Predicted memory of a device's whole training process, term by term (bytes).
+
+    process = runtime footprint + the step's tensor peak + data shard + received arrays kept
+
+- runtime: the runtime profile's fixed footprint (`profiles.RuntimeProfile`), with what loading
+  the LoRA library adds when the mode has adapters;
+- tensor peak: `costmodel.estimate`'s peak of live tensor bytes (weights once, gradients,
+  optimizer state, batch, activations, temporaries);
+- data shard: the bytes of the device's own training data, resident while it trains;
+- received arrays kept: local training trains a copy of each fully trained tensor and keeps the
+  received one as the old value its update is taken against (new - old); frozen tensors and
+  LoRA's base weights are the received tensors themselves, LoRA factors are new.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from costmodel.estimate import CostReport, estimate, layer_state, normalize_mode
+from costmodel.mode import TrainMode
+from costmodel.spec import ModelSpec
+from profiles.runtime import RuntimeProfile
+
+
+@dataclass(frozen=True)
+class ProcessMemory:
+    """The terms of a training process's predicted peak memory, bytes."""
+
+    runtime_bytes: int
+    tensor_peak_bytes: int
+    shard_bytes: int
+    kept_bytes: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.runtime_bytes + self.tensor_peak_bytes + self.shard_bytes + self.kept_bytes
+
+    def to_json(self) -> dict:
+        return asdict(self) | {"total_bytes": self.total_bytes}
+
+
+def kept_bytes(spec: ModelSpec, mode: TrainMode, report: CostReport) -> int:
+    """Bytes of received tensors kept besides the model: the old values of the fully trained tensors
+    of ``report`` (an estimate of ``mode``); LoRA factors are not received."""
+    mode = normalize_mode(spec, mode)  # tied embeddings train with the head
+    return sum(cost.trained_param_bytes for cost in report.layers if layer_state(mode, cost.name) in ("full", True))
+
+
+def predict_process(spec: ModelSpec, mode: TrainMode, batch: int, seq: int | None, optimizer: str,
+                    runtime: RuntimeProfile, shard_bytes: int = 0) -> ProcessMemory:
+    """The predicted peak memory of a process that trains ``mode`` of ``spec`` holding ``shard_bytes``."""
+    report = estimate(spec, mode, batch, seq, optimizer)
+    return ProcessMemory(runtime.bytes_for(bool(mode.lora)), report.peak_bytes, shard_bytes, kept_bytes(spec, mode, report))
+
