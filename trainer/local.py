@@ -102,7 +102,7 @@ def step_flops(spec: ModelSpec, mode: TrainMode, inputs: torch.Tensor, targets: 
     """FLOPs of one training step of ``mode`` at these batch shapes (forward and backward),
     counted on the meta device under the math attention kernel."""
     with torch.device("meta"):
-        model = apply_mode(build_model(spec), mode).train()
+        model = apply_mode(build_model(spec), mode).to("meta").train()  # buffers kept on the CPU too
     counter = FlopCounterMode(display=False)
     with sdpa_kernel(SDPBackend.MATH), counter:
         model(inputs.to("meta"), targets.to("meta")).backward()
