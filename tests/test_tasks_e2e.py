@@ -16,19 +16,20 @@ from planner.planfile import write_plan_file
 from profiles import DeviceSpec
 from tests.conftest import TENSORS_ONLY
 from trainer import engine
-from trainer.engine import TASK_SEQ, TrainConfig, task_data
+from trainer.engine import TASK_SEQ, TrainConfig
 from trainer.methods import METHODS
+from trainer.tasks import get_task
 
 
-def _spec(task: str, info: dict) -> tuple[ModelSpec, bool]:
+def _spec(task: str) -> tuple[ModelSpec, bool]:
     """The task's model and whether it starts from a committed checkpoint."""
     if task == "shakespeare":
         return ZOO["char-gpt-xs"], True
     if task == "fashion-mnist":
         return ZOO["vit-tiny"], True
     return ModelSpec(name="tiny-encoder", kind="encoder", n_blocks=2, d_model=32, n_heads=2, d_ff=64,
-                     max_seq_len=TASK_SEQ[task], vocab_size=ZOO["minilm-l6"].vocab_size, n_classes=info["n_classes"],
-                     norm="post", attention="sdpa", pad_token_id=info["pad_id"]), False
+                     max_seq_len=TASK_SEQ[task], vocab_size=ZOO["minilm-l6"].vocab_size, n_classes=ZOO["minilm-l6"].n_classes,
+                     norm="post", attention="sdpa", pad_token_id=0), False
 
 
 def _plan(path, spec: ModelSpec, seq: int | None, memory: tuple[float, ...]):
@@ -74,8 +75,8 @@ def _assert_resume_is_bit_identical(task: str, spec: ModelSpec, tmp_path) -> Non
 
 @pytest.mark.parametrize("task", ["shakespeare", "fortunes", "fashion-mnist"])
 def test_every_method_runs_a_round_of_every_task_and_resumes_bit_identically(caff, tmp_path, task, need_data):
-    _, info = need_data(task_data, task, 2, 0)  # the engine's own cached call; skips naming a missing package
-    spec, pretrained = _spec(task, info)
+    need_data(get_task(task).client_names)  # skips naming a missing package
+    spec, pretrained = _spec(task)
     seq = TASK_SEQ[task]
     for method in METHODS:  # one process, so the task's data load once
         memory = (1.5, 1.5) if method == "smallest" else (0.6, 1.5)  # smallest: every device trains it all
