@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from caff import calibrate_cmd, cost_cmd, plan_cmd, pretrain_cmd, train_cmd
+from caff import calibrate_cmd, certs_cmd, cost_cmd, plan_cmd, pretrain_cmd, train_cmd
+from trainer.data import DataUnavailable
 
-SUBCOMMANDS = (cost_cmd, plan_cmd, train_cmd, pretrain_cmd, calibrate_cmd)
+SUBCOMMANDS = (cost_cmd, plan_cmd, train_cmd, pretrain_cmd, calibrate_cmd, certs_cmd)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return runners[args.command](args)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, DataUnavailable) as exc:  # bad input, files, missing data packages
         message = " ".join(str(exc).split())
         print(f"caff: error: {message}", file=sys.stderr)
         return 2

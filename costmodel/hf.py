@@ -9,6 +9,7 @@ cannot apply it without falling back to the math kernel, and the estimate does n
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from costmodel.build import inject_lora
@@ -91,7 +92,6 @@ def hf_config(spec: ModelSpec):
 
 
 def build_hf_model(spec: ModelSpec, seed: int = 0) -> nn.Module:
-    import torch
     import transformers
 
     torch.manual_seed(seed)
@@ -153,8 +153,9 @@ def hf_step_loss(model: nn.Module, spec: ModelSpec, inputs, targets):
     return lambda: model(input_ids=inputs, labels=targets).loss
 
 
-def load_hf_model(spec: ModelSpec, model_dir: str) -> nn.Module:
-    """The pretrained model in ``model_dir`` (offline), with the head our spec names."""
+def load_hf_model(spec: ModelSpec, model_dir: str, weights: bool = True) -> nn.Module:
+    """The pretrained model in ``model_dir`` (offline), with the head our spec names; without ``weights``
+    built from its ``config.json`` alone, randomly initialized (costs do not depend on the weights)."""
     import transformers
 
     family = {"encoder": transformers.BertForSequenceClassification, "gpt": transformers.GPT2LMHeadModel,
@@ -163,16 +164,21 @@ def load_hf_model(spec: ModelSpec, model_dir: str) -> nn.Module:
         extra = dict(resid_pdrop=spec.dropout, embd_pdrop=spec.dropout, attn_pdrop=0.0)
     else:
         extra = dict(num_labels=spec.n_classes, hidden_dropout_prob=spec.dropout, attention_probs_dropout_prob=0.0)
+    if not weights:
+        return family(family.config_class.from_pretrained(model_dir, attn_implementation="sdpa", **extra))
     return family.from_pretrained(model_dir, local_files_only=True, attn_implementation="sdpa", **extra)
 
 
 def measure_hf(spec: ModelSpec, mode: TrainMode, batch: int = 16, seq: int | None = None, optimizer: str = "sgd",
                model_dir: str | None = None, seed: int = 0):
-    """Measure one step of the transformers model of ``spec`` (pretrained from ``model_dir`` if given)."""
+    """Measure one step of the transformers model of ``spec``, or of the one ``model_dir``'s config.json
+    describes (built from the config alone: weights do not change costs, and the folder need not hold any)."""
     from costmodel.build import make_batch, make_optimizer
-    from costmodel.measure import measure_step
+    from costmodel.measure import check_fits, measure_step
 
-    model = load_hf_model(spec, model_dir) if model_dir else build_hf_model(spec, seed)
+    check_fits(spec, mode, batch, seq, optimizer)
+    torch.manual_seed(seed)
+    model = load_hf_model(spec, model_dir, weights=False) if model_dir else build_hf_model(spec, seed)
     model = apply_mode_hf(model, spec, mode)
     inputs, targets = make_batch(spec, batch, seq, seed)
     opt = make_optimizer(model.parameters(), optimizer)

@@ -3,6 +3,8 @@
 - FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` around the forward and around the
   backward, per layer (2 per multiply-add). CPU SDPA has no FLOP formula, so the counted
   step runs under ``sdpa_kernel(SDPBackend.MATH)``, which computes the same matmuls.
+  For our own models (`measure`) fvcore's ``FlopCountAnalysis`` counts the forward a second,
+  independent way (`fvcore_forward_flops`).
 - Saved activations: ``saved_tensors_hooks`` in a separate step with the default kernels,
   each storage counted once, parameters and buffers excluded, attributed to the layer
   whose forward saved it.
@@ -14,11 +16,15 @@
 
 Layers are given as a name -> list of modules mapping, so the same code measures our
 models and ``transformers`` ones (`costmodel.hf.hf_layers`).
+
+Before any real step, `check_fits` estimates its peak and refuses what this machine cannot hold;
+`measure` and `costmodel.hf.measure_hf` call it, and so should anything else that runs a step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable
@@ -31,6 +37,12 @@ from torch.utils._pytree import tree_flatten
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from profiles import format_bytes
+
+# share of the memory available that one measured step may take: the rest is for the model's copy,
+# the interpreter and the allocator's slack, none of which the estimate's peak holds
+FITS_SHARE = 0.8
+
 
 @dataclass
 class Measured:
@@ -42,6 +54,7 @@ class Measured:
     peak_bytes: int
     layers: dict[str, dict[str, int]] = field(default_factory=dict)
     cuda_peak_bytes: int | None = None
+    fvcore_fwd_flops: int | None = None
 
     def total(self) -> dict:
         out = {"fwd_flops": self.fwd_flops, "bwd_flops": self.bwd_flops,
@@ -128,6 +141,38 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+def available_memory_bytes(device: str = "cpu") -> int:
+    """Bytes a new allocation can take now: MemAvailable of /proc/meminfo (else free physical pages);
+    on CUDA the free device memory."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            fields = dict(line.split(":", 1) for line in meminfo)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits(spec, mode, batch: int, seq: int | None, optimizer: str = "sgd", device: str = "cpu",
+               budget_bytes: int | None = None) -> int:
+    """The estimated peak bytes of one training step (`costmodel.estimate`) of ``spec`` under ``mode``;
+    ValueError of one line, naming the figure, when it exceeds FITS_SHARE of the memory ``device`` has
+    available now, or ``budget_bytes`` (a device's budget) when given. Call it before building the model."""
+    from costmodel.estimate import estimate
+
+    peak = estimate(spec, mode, batch, seq, optimizer).peak_bytes
+    step = f"one training step of {spec.name} ({mode}, batch {batch}, seq {spec.tokens_per_sample(seq)})"
+    if budget_bytes is not None and peak > budget_bytes:
+        raise ValueError(f"{step} needs an estimated {format_bytes(peak)}, over the budget of "
+                         f"{format_bytes(budget_bytes)}")
+    available = available_memory_bytes(device)
+    if peak > FITS_SHARE * available:
+        raise ValueError(f"{step} needs an estimated {format_bytes(peak)}; {device} has {format_bytes(available)} "
+                         f"available, of which a step may take {FITS_SHARE:.0%}")
+    return peak
+
+
 def state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     tensors = [*model.parameters(), *model.buffers()]
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
@@ -205,7 +250,29 @@ def measure(spec, mode, batch: int = 16, seq: int | None = None, optimizer: str 
     """Build ``spec`` as our own model, apply ``mode`` and measure one step on ``device``."""
     from costmodel.build import apply_mode, build_model, make_batch, make_optimizer
 
+    check_fits(spec, mode, batch, seq, optimizer, device)
     model = apply_mode(build_model(spec, seed), mode).to(device)
     inputs, targets = (t.to(device) for t in make_batch(spec, batch, seq, seed))
     opt = make_optimizer(model.parameters(), optimizer)
-    return measure_step(model, our_layers(model), lambda: model(inputs, targets), opt, (inputs, targets))
+    measured = measure_step(model, our_layers(model), lambda: model(inputs, targets), opt, (inputs, targets))
+    measured.fvcore_fwd_flops = fvcore_forward_flops(model, (inputs, targets))
+    return measured
+
+
+FVCORE_MATMUL_OPS = ("addmm", "bmm", "conv", "einsum", "linear", "matmul")
+
+
+def fvcore_forward_flops(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
+    """FLOPs of ``model(*inputs)``'s forward by fvcore's ``FlopCountAnalysis``, 2 per multiply-add: a
+    second counter, independent of FlopCounterMode (it traces the model with ``torch.jit.trace`` and
+    applies its own per-op formulas). Only its matmul-like ops (FVCORE_MATMUL_OPS) are summed, as
+    FlopCounterMode counts; it also counts norms (5 per element), left out here.
+    Blind spots: the forward only; ``scaled_dot_product_attention`` counts 0 (an SDPA model's
+    attention matmuls are missing), as do elementwise ops, softmax and activations (with a warning,
+    silenced here)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    with torch.no_grad():
+        analysis = FlopCountAnalysis(model, inputs).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        counts = analysis.by_operator()
+    return 2 * sum(counts.get(op, 0) for op in FVCORE_MATMUL_OPS)

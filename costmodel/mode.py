@@ -97,6 +97,3 @@ class TrainMode(BaseModel):
         if block in self.blocks:
             return "full"
         return self.lora.get(block, "frozen")
-
-    def n_trained_blocks(self) -> int:
-        return len(self.blocks)

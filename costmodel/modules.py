@@ -3,7 +3,7 @@
 Every module has a ``forward`` and a static ``cost`` that replays the same ops on a
 `Tape` (see tape.py); the two must change together. ``state`` of a block is
 ``"full"``, ``"frozen"`` or a LoRA rank (int). LoRA itself is injected by peft
-(`costmodel.lora`), whose Linear the tape mirrors in `Tape.lora_linear`.
+(`costmodel.build.inject_lora`), whose Linear the tape mirrors in `Tape.lora_linear`.
 """
 
 from __future__ import annotations

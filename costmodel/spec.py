@@ -13,21 +13,21 @@ share one block (multi-head attention + MLP, residuals, LayerNorm pre or post):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from profiles import one_line_validation_error
+from profiles import one_line_validation_error, read_json_object
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 
 
 class ModelSpec(BaseModel):
-    """Shape of a tiny Transformer. Sizes are counts, not bytes."""
+    """Shape of a tiny Transformer. Sizes are counts, not bytes; types are strict (``"64"`` or ``true``
+    for a count is refused, not converted)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     name: str = "custom"
     kind: Literal["gpt", "encoder", "vit"]
@@ -121,20 +121,13 @@ def load_spec(model: str) -> ModelSpec:
         config = path / "config.json"
         if not config.is_file():
             raise ValueError(f"{model}: directory has no config.json")
-        return spec_from_hf_config(_read_json(config), name=path.name)
+        try:
+            return spec_from_hf_config(read_json_object(config, "config"), name=path.name)
+        except ValidationError as exc:
+            raise ValueError(f"{config}: {one_line_validation_error(exc)}") from None
     if path.is_file():
         try:
-            return ModelSpec(**_read_json(path))
+            return ModelSpec.model_validate(read_json_object(path, "model spec"))
         except ValidationError as exc:
             raise ValueError(f"{path}: {one_line_validation_error(exc)}") from None
     raise ValueError(f"unknown model {model!r}: not a zoo name ({', '.join(ZOO)}), spec file or model directory")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: unreadable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.table import PlanCosts
+from planner.table import MAX_COST, PlanCosts
 from profiles.runtime import load_runtime
 
 BUDGETS = ("memory", "compute", "upload")
@@ -68,12 +68,28 @@ class Budgets:
         return self.fixed_bytes + np.ceil(costs.peak_bytes * (1 + self.tensor_overhead)) + costs.upload_bytes
 
     def over(self, costs: PlanCosts) -> dict[str, np.ndarray]:
-        """Per budget, whether each plan exceeds it (compute counts ``local_steps`` steps)."""
-        return {"memory": self.process_bytes(costs) > self.usable_memory_bytes,
-                "compute": self.local_steps * costs.step_flops > self.compute_flops,
-                "upload": costs.upload_bytes > self.upload_bytes}
+        """Per budget, whether each plan exceeds it (compute counts ``local_steps`` steps), compared
+        exactly in integers: a plan's cost exceeds a budget iff it exceeds the budget's `_allowance`
+        (memory: the process's tensor peak and kept tensors against what the fixed bytes leave)."""
+        return {"memory": costs.peak_bytes + costs.upload_bytes > _allowance(self.usable_memory_bytes - self.fixed_bytes),
+                "compute": costs.step_flops > _allowance(self.compute_flops, self.local_steps),
+                "upload": costs.upload_bytes > _allowance(self.upload_bytes)}
 
     def fits(self, costs: PlanCosts) -> np.ndarray:
         """Whether each plan fits every budget."""
         over = self.over(costs)
         return ~(over["memory"] | over["compute"] | over["upload"])
+
+
+def _allowance(limit, per=1):
+    """The largest integer q with ``per * q <= limit`` (elementwise for arrays), capped at MAX_COST: an
+    integer cost c fits the limit iff c <= q. Exact for any size of limit and per, where multiplying
+    int64 costs by local steps (1e12 steps x 7e7 FLOPs) would wrap around."""
+    def one(x, k) -> int:
+        return MAX_COST if not math.isfinite(x) else min(math.floor(x) // int(k), MAX_COST)
+
+    shape = np.broadcast_shapes(np.shape(limit), np.shape(per))
+    if not shape:
+        return one(limit, per)
+    pairs = zip(*(np.broadcast_to(np.asarray(v, dtype=object), shape).ravel() for v in (limit, per)))
+    return np.array([one(x, k) for x, k in pairs], dtype=np.int64).reshape(shape)

@@ -7,45 +7,54 @@ were predicted for, so that a reader can rebuild every estimate. Sizes in bytes,
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
+from collections import Counter
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, model_validator
 
 from costmodel.estimate import OPTIMIZERS
 from costmodel.mode import TrainMode
 from costmodel.spec import ModelSpec
-from profiles import one_line_validation_error
+from profiles import one_line_validation_error, read_json_object
+from profiles.atomic import atomic_write
 
 PLAN_FILE_VERSION = 1
 Budget = Literal["memory", "compute", "upload"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """Unknown fields refused; types strict (a count given as ``"80"`` or ``true`` is refused, not converted);
+    NaN and infinity refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class DeviceBudgets(_Strict):
     """A device's per-round budgets as planned; usable memory is memory * (1 - margin)."""
 
-    memory_bytes: int
-    usable_memory_bytes: float
-    compute_flops: float
-    upload_bytes: int
+    memory_bytes: int = Field(gt=0)
+    usable_memory_bytes: float = Field(gt=0)
+    compute_flops: float = Field(gt=0)
+    upload_bytes: int = Field(gt=0)
     local_steps: int = Field(ge=1)
     batch_size: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _usable_within_memory(self) -> "DeviceBudgets":
+        if self.usable_memory_bytes > self.memory_bytes:
+            raise ValueError(f"usable_memory_bytes {self.usable_memory_bytes:g} exceeds memory_bytes "
+                             f"{self.memory_bytes}")
+        return self
 
 
 class Needs(_Strict):
     """What the smallest plan (head only) needs: process memory before the margin (runtime included),
     FLOPs per round, upload bytes."""
 
-    memory_bytes: float
-    compute_flops: int
-    upload_bytes: int
+    memory_bytes: float = Field(gt=0)
+    compute_flops: int = Field(ge=0)
+    upload_bytes: int = Field(ge=0)
 
 
 class ProcessTerms(_Strict):
@@ -53,12 +62,12 @@ class ProcessTerms(_Strict):
     footprint, the step's tensor peak, the allocator's slack, the data shard and the received tensors
     kept; their sum."""
 
-    runtime_bytes: int
-    tensor_peak_bytes: int
-    allocator_bytes: int
-    shard_bytes: int
-    kept_bytes: int
-    total_bytes: int
+    runtime_bytes: int = Field(ge=0)
+    tensor_peak_bytes: int = Field(gt=0)
+    allocator_bytes: int = Field(ge=0)
+    shard_bytes: int = Field(ge=0)
+    kept_bytes: int = Field(ge=0)
+    total_bytes: int = Field(gt=0)
 
 
 class DevicePlan(_Strict):
@@ -71,10 +80,10 @@ class DevicePlan(_Strict):
     status: Literal["optimal", "infeasible"]
     mode: str | None
     trained_blocks: list[int] = []
-    lora_ranks: dict[int, int] = {}
-    peak_bytes: int | None = None
-    flops_per_round: int | None = None
-    upload_bytes: int | None = None
+    lora_ranks: dict[Annotated[int, Strict(False)], int] = {}  # JSON keys are strings
+    peak_bytes: int | None = Field(default=None, gt=0)
+    flops_per_round: int | None = Field(default=None, ge=0)
+    upload_bytes: int | None = Field(default=None, ge=0)
     budgets: DeviceBudgets
     binding: list[Budget] = []
     needs: Needs | None = None
@@ -98,16 +107,19 @@ class ArchitectureSummary(_Strict):
     (0 for an infeasible device), ``coverage[b]`` the share of devices training block b (fully or LoRA)."""
 
     model: str
-    score: float
-    mean_trained_blocks: float
-    mean_lora_blocks: float
-    infeasible_devices: int
-    coverage: list[float]
+    score: float = Field(ge=0)
+    mean_trained_blocks: float = Field(ge=0)
+    mean_lora_blocks: float = Field(ge=0)
+    infeasible_devices: int = Field(ge=0)
+    coverage: list[Annotated[float, Field(ge=0, le=1)]]
     meets_min_coverage: bool
     verdict: str
 
 
 class PlanFile(_Strict):
+    """The plan of a fleet: with a winner, one entry per device (names unique, each on the winner);
+    without one (no architecture met the minimum coverage), no entries."""
+
     version: Literal[1] = PLAN_FILE_VERSION
     objective: str
     lora_ranks: list[int]
@@ -126,10 +138,15 @@ class PlanFile(_Strict):
         specs = {spec.name: spec for spec in self.models}
         if self.winner is not None and self.winner not in specs:
             raise ValueError(f"winner {self.winner!r} is not among the models")
+        if (self.winner is None) != (not self.devices):
+            raise ValueError("devices: a plan with a winner has an entry per device, one without has none")
+        repeated = [name for name, seen in Counter(entry.device for entry in self.devices).items() if seen > 1]
+        if repeated:
+            raise ValueError(f"devices: repeated device name {repeated[0]!r}; each device needs its own name")
         modes = {}  # (model, mode text) -> TrainMode: fleets repeat a few modes many times
         for entry in self.devices:
-            if entry.model not in specs:
-                raise ValueError(f"device {entry.device!r}: model {entry.model!r} is not among the models")
+            if entry.model != self.winner:
+                raise ValueError(f"device {entry.device!r}: model {entry.model!r} is not the winner {self.winner!r}")
             if entry.mode is not None:
                 key = (entry.model, entry.mode)
                 mode = modes.get(key) or modes.setdefault(key, TrainMode.parse(entry.mode, specs[entry.model].n_blocks))
@@ -143,30 +160,14 @@ class PlanFile(_Strict):
 
 
 def write_plan_file(path: str | Path, plan: PlanFile) -> None:
-    """Write ``plan`` as JSON, atomically (a temporary file in the same folder, then os.replace)."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(plan.model_dump_json(indent=1))
-            out.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+    """Write ``plan`` as JSON, atomically and durably (`profiles.atomic.atomic_write`)."""
+    atomic_write(path, plan.model_dump_json(indent=1) + "\n")
 
 
 def read_plan_file(path: str | Path) -> PlanFile:
     """Read and check a plan file; ValueError with one line naming the file and the bad field."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ValueError(f"cannot read plan file {path}: {exc.strerror}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not a JSON plan file ({exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: a plan file is a JSON object")
-    if data.get("version") != PLAN_FILE_VERSION:
+    data = read_json_object(path, "plan")
+    if data.get("version") != PLAN_FILE_VERSION or isinstance(data.get("version"), bool):
         raise ValueError(f"{path}: plan file version {data.get('version')!r} is not supported "
                          f"(this caff reads version {PLAN_FILE_VERSION})")
     try:

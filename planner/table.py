@@ -42,6 +42,7 @@ from costmodel.spec import ModelSpec
 from costmodel.tape import LayerCost
 
 OBJECTIVES = ("blocks", "params")
+MAX_COST = 2**62  # bytes or FLOPs of one step the planner handles: its int64 sums stay exact below this
 
 
 def trains(state) -> bool:
@@ -86,11 +87,6 @@ class Objective:
         """What the primary value counts, for people."""
         return {"blocks": "fully trained blocks", "params": "trained parameter bytes",
                 "weights": "weight of the fully trained blocks"}[self.kind]
-
-    @property
-    def integral(self) -> bool:
-        """True when the primary value is an integer for every plan."""
-        return self.kind != "weights"
 
     def primary(self, spec: ModelSpec, layer: str, state, cost: LayerCost) -> float:
         if self.kind == "params":
@@ -171,6 +167,22 @@ class CostTable:
         self.index = {(o.layer, o.state, o.input_grad): i for i, o in enumerate(self.options)}
         inputs, targets = batch_syms(spec, batch, self.tokens)
         self.batch_bytes = inputs.nbytes + targets.nbytes
+        self._check_magnitude()
+
+    def _check_magnitude(self) -> None:
+        """Refuse a model whose largest plan needs MAX_COST bytes or FLOPs per step or more (each layer at
+        its most expensive option): beyond the int64 arithmetic of the frontier and the ILP."""
+        def most(value) -> int:
+            return sum(max(value(self.options[i].cost) for i in opts) for opts in self.layer_options.values())
+
+        flops = most(lambda c: c.fwd_flops + c.bwd_flops)
+        memory = self.batch_bytes + most(lambda c: c.param_bytes + c.optimizer_bytes + c.buffer_bytes + c.grad_bytes
+                                         + abs(c.activation_bytes - c.external_saved_bytes) + c.fwd_peak_bytes
+                                         + c.bwd_peak_bytes + c.step_temp_bytes + c.upload_bytes)
+        for figure, unit in ((flops, "FLOPs"), (memory, "bytes")):
+            if figure >= MAX_COST:
+                raise ValueError(f"{self.spec.name} at batch {self.batch} x {self.tokens} tokens: up to {figure:.3g} "
+                                 f"{unit} per step, beyond the {MAX_COST:.3g} the planner handles")
 
     def _input_grad_flags(self, name: str) -> list[bool]:
         """The values 'input requires grad' can take: fixed where an ancestor always or never trains."""

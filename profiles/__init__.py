@@ -1,6 +1,8 @@
 """Device and fleet profiles: per-round memory, compute and upload budgets, and a shipped catalogue."""
 
+from profiles.jsonfile import read_json, read_json_object
 from profiles.specs import (
+    MAX_FLEET_DEVICES,
     DeviceClass,
     DeviceSpec,
     FleetSpec,
@@ -23,6 +25,7 @@ from profiles.units import (
 
 __all__ = [
     "DEFAULT_RUNTIME",
+    "MAX_FLEET_DEVICES",
     "RuntimeProfile",
     "catalogue_runtimes",
     "load_runtime",
@@ -41,4 +44,6 @@ __all__ = [
     "parse_flops_rate",
     "parse_rate_bits",
     "parse_seconds",
+    "read_json",
+    "read_json_object",
 ]

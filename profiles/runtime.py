@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from profiles.jsonfile import read_json_object
 from profiles.units import parse_bytes
 
 DEFAULT_RUNTIME = "pytorch-cpu-x86_64"
@@ -45,9 +46,10 @@ class RuntimeProfile(BaseModel):
     description: str = ""
     footprint_bytes: int = Field(ge=0, description="peak resident bytes besides tensors, without LoRA")
     lora_bytes: int = Field(ge=0, description="what loading the LoRA library adds, bytes")
-    allocator_overhead: float = Field(ge=0, allow_inf_nan=False,
+    allocator_overhead: float = Field(default=0.0, ge=0, allow_inf_nan=False,
                                       description="resident bytes the allocator keeps per byte of the step's "
-                                                  "tensor peak (freed chunks it has not returned)")
+                                                  "tensor peak (freed chunks it has not returned); 0 in "
+                                                  "profiles calibrated before caff measured it")
     source: RuntimeSource
 
     @field_validator("footprint_bytes", "lora_bytes", mode="before")
@@ -64,18 +66,14 @@ def load_runtime(name_or_path: str | Path) -> RuntimeProfile:
     """A shipped runtime by name, or the runtime profile in a .json file."""
     text = str(name_or_path)
     if isinstance(name_or_path, Path) or text.endswith(".json") or "/" in text:
-        try:
-            content = Path(text).read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ValueError(f"cannot read runtime profile {text}: {exc.strerror}") from None
-        where = text
+        data, where = read_json_object(text, "runtime"), text
     else:
         shipped = _shipped_runtimes()
         if text not in shipped:
             raise ValueError(f"unknown runtime '{text}'; known: {', '.join(shipped)}, or a profile .json file")
-        content, where = shipped[text], f"catalogue runtimes/{text}.json"
+        data, where = shipped[text], f"catalogue runtimes/{text}.json"
     try:
-        return RuntimeProfile.model_validate_json(content)
+        return (RuntimeProfile.model_validate_json if isinstance(data, str) else RuntimeProfile.model_validate)(data)
     except ValidationError as exc:
         from profiles.specs import one_line_validation_error
 

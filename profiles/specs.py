@@ -16,10 +16,13 @@ from typing import Any, Callable, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from profiles.jsonfile import read_json_object
 from profiles.runtime import DEFAULT_RUNTIME, load_runtime
 from profiles.units import parse_bytes, parse_flops, parse_flops_rate, parse_rate_bits, parse_seconds
 
 _Model = TypeVar("_Model", bound=BaseModel)
+
+MAX_FLEET_DEVICES = 100_000  # a plan file holds an entry per device; beyond this it would take GBs
 
 
 class DeviceSpec(BaseModel):
@@ -27,10 +30,11 @@ class DeviceSpec(BaseModel):
 
     compute_flops may instead be given as flops_per_second and seconds_per_round, and upload_bytes
     as upload_bandwidth and seconds_per_round; after validation both are always set.  When a
-    budget is given both ways the two must agree.
+    budget is given both ways the two must agree.  Counts are strict integers (``"3"`` and ``true``
+    are refused); quantities may be numbers or strings with units.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(min_length=1)
     description: str = Field(default="", description="where the figures come from")
@@ -140,7 +144,7 @@ def _resolve_budget(
 class DeviceClass(BaseModel):
     """Identical devices in a fleet: a fixed count of them, or a share of the devices drawn."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     device: DeviceSpec = Field(description="a device spec, or the name of a catalogue device")
     count: int | None = Field(default=None, ge=1)
@@ -159,9 +163,10 @@ class DeviceClass(BaseModel):
 
 
 class FleetSpec(BaseModel):
-    """A fleet: device classes (all by count or all by share), or an explicit list of devices."""
+    """A fleet: device classes (all by count or all by share), or an explicit list of devices; at most
+    MAX_FLEET_DEVICES devices."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(min_length=1)
     description: str = ""
@@ -176,12 +181,15 @@ class FleetSpec(BaseModel):
             repeated = [name for name, seen in Counter(d.name for d in self.devices).items() if seen > 1]
             if repeated:
                 raise ValueError(f"devices: repeated device names {', '.join(repeated)}")
+            check_fleet_size(len(self.devices))
         elif self.uses_shares:
             if any(c.share is None for c in self.classes):
                 raise ValueError("classes: give every class a count, or every class a share, not a mix")
             total = sum(c.share for c in self.classes)
             if not math.isclose(total, 1.0, abs_tol=1e-6):
                 raise ValueError(f"classes: shares sum to {total:g}; they must sum to 1")
+        else:
+            check_fleet_size(sum(c.count for c in self.classes))
         return self
 
     @property
@@ -200,6 +208,7 @@ class FleetSpec(BaseModel):
         if self.uses_shares:
             if n is None or n < 1:
                 raise ValueError(f"fleet '{self.name}' is given by shares: pass n >= 1 devices to draw")
+            check_fleet_size(n)
             rng = random.Random(seed)
             drawn = rng.choices([c.device for c in self.classes], weights=[c.share for c in self.classes], k=n)
             return _numbered(drawn)
@@ -210,6 +219,12 @@ class FleetSpec(BaseModel):
         if n is not None and n != len(devices):
             raise ValueError(f"fleet '{self.name}' has {len(devices)} devices, not n={n}")
         return devices
+
+
+def check_fleet_size(n: int) -> None:
+    """Refuse fleets of more than MAX_FLEET_DEVICES devices (each gets its own plan file entry)."""
+    if n > MAX_FLEET_DEVICES:
+        raise ValueError(f"a fleet of {n:,} devices: caff plans at most {MAX_FLEET_DEVICES:,} devices")
 
 
 def _numbered(devices: list[DeviceSpec]) -> list[DeviceSpec]:
@@ -264,12 +279,9 @@ def _is_path(name_or_path: str | Path) -> bool:
 
 
 def _load_file(path: Path, model: type[_Model]) -> _Model:
+    data = read_json_object(path, "device" if model is DeviceSpec else "fleet")
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror}") from exc
-    try:
-        return model.model_validate_json(text)
+        return model.model_validate(data)
     except ValidationError as exc:
         raise ValueError(f"{path}: {one_line_validation_error(exc)}") from exc
 

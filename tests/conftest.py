@@ -6,6 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
+
+# hypothesis draws the same examples on every run and machine (a red run replays as is), keeps no
+# example database, and has no per-example deadline (timing varies on shared cores)
+settings.register_profile("caff", derandomize=True, database=None, deadline=None)
+settings.load_profile("caff")
 
 # one intra-op thread per test process: pytest -n 2 on two cores would otherwise oversubscribe them
 torch.set_num_threads(1)
@@ -31,6 +37,19 @@ def caff(capsys):
 
 #: A runtime profile without footprint, for tests whose budgets are about tensors alone.
 TENSORS_ONLY = str(Path(__file__).parent / "data" / "runtime-tensors-only.json")
+
+
+@pytest.fixture
+def need_data():
+    """``need_data(loader, *args)``: what the loader returns, or skip naming the data package it lacks."""
+    def load(loader, *args, **kwargs):
+        try:
+            return loader(*args, **kwargs)
+        except RuntimeError as missing:
+            if "install" not in str(missing):
+                raise
+            pytest.skip(str(missing))
+    return load
 
 
 @pytest.fixture

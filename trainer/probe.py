@@ -68,15 +68,14 @@ def run_probe(job: dict, timeout: float = 600.0) -> dict:
 
 
 def _probe(job: dict) -> dict:
-    """Train job's plan for ``steps`` steps of random batches, as a client that has measured the mode
-    before (no FLOP count, whose math attention kernel needs more memory); read the process's peak;
-    then measure the step's tensor peak and FLOPs (`costmodel.measure`). Job keys: spec (JSON),
-    mode, batch, seq, optimizer, steps, shard_bytes."""
+    """Train job's plan for ``steps`` steps of random batches, measured as a client measures its first
+    round (FLOPs on a meta copy, the tensor peak on the second step), then read the process's peak.
+    Job keys: spec (JSON), mode, batch, seq, optimizer, steps, shard_bytes."""
     import itertools
 
     import torch
 
-    from costmodel import ModelSpec, TrainMode, build_model, make_batch, measure
+    from costmodel import ModelSpec, TrainMode, build_model, make_batch
     from costmodel.process import tensor_bytes
     from trainer.local import local_train
 
@@ -85,14 +84,12 @@ def _probe(job: dict) -> dict:
     shard = torch.ones(job.get("shard_bytes", 0), dtype=torch.uint8)  # the device's data, resident
     received = build_model(spec).state_dict()
     batch = make_batch(spec, job["batch"], job.get("seq"))
-    local_train(received, spec, mode, itertools.repeat(batch), job.get("steps", 2), job["optimizer"], measure=False)
-    peak, maxrss, uss = peak_rss_bytes(), maxrss_bytes(), uss_bytes()
-    received_bytes = tensor_bytes(*received.values())
-    del received, batch
-    seen = measure(spec, mode, job["batch"], job.get("seq"), job["optimizer"])
-    return {"tensor_peak_bytes": seen.peak_bytes, "step_flops": seen.fwd_flops + seen.bwd_flops,
-            "process_peak_bytes": peak, "ru_maxrss_bytes": maxrss, "uss_bytes": uss, "shard_bytes": shard.numel(),
-            "received_bytes": received_bytes, "torch": torch.__version__}
+    steps = job.get("steps", 2)
+    result = local_train(received, spec, mode, itertools.repeat(batch), steps, job["optimizer"])
+    return {"tensor_peak_bytes": result.peak_bytes, "step_flops": result.flops // steps,
+            "process_peak_bytes": peak_rss_bytes(), "ru_maxrss_bytes": maxrss_bytes(), "uss_bytes": uss_bytes(),
+            "shard_bytes": shard.numel(), "received_bytes": tensor_bytes(*received.values()),
+            "torch": torch.__version__}
 
 
 if __name__ == "__main__":
