@@ -5,7 +5,7 @@ feasible, with its own batch size and the LoRA menu off, and run the plan as `ca
 in a fresh process through `trainer.local.local_train`. Prints a Markdown table: the budget, the
 tensor peak and the process peak (VmHWM), predicted and measured, and the process error.
 
-    python bench/device_memory.py [--models char-gpt-s,char-gpt-xs] [--shard-bytes 1MiB]
+    python bench/device_memory.py [--models char-gpt-s,char-gpt-xs] [--shard-bytes 1MiB] [--devices a,b]
 """
 
 from __future__ import annotations
@@ -22,13 +22,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="char-gpt-s,char-gpt-xs", help="zoo models, tried in order")
     parser.add_argument("--shard-bytes", default="1MiB", help="data each device holds (default 1MiB)")
+    parser.add_argument("--devices", default=None, help="catalogue devices, comma-separated (default: all)")
     args = parser.parse_args()
     settings = PlanSettings(shard_bytes=parse_bytes(args.shard_bytes))
     specs = [load_spec(name) for name in args.models.split(",")]
     print("| device | model | plan | batch | memory budget | tensor peak predicted | measured | "
           "process predicted | measured (VmHWM) | process error |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    chosen = args.devices.split(",") if args.devices else None
     for name, device in catalogue_devices().items():
+        if chosen is not None and name not in chosen:
+            continue
         entries = [plan([spec], [device], settings) for spec in specs]
         result = next((p for p in entries if p.devices[0].status == "optimal"), entries[-1])
         entry = result.devices[0]

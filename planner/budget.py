@@ -65,13 +65,19 @@ class Budgets:
     def process_bytes(self, costs: PlanCosts) -> np.ndarray:
         """The planned bound on each plan's process memory: fixed + tensor peak with the allocator's slack
         + kept received tensors."""
-        return self.fixed_bytes + np.ceil(costs.peak_bytes * (1 + self.tensor_overhead)) + costs.upload_bytes
+        return self.fixed_bytes + self._variable_bytes(costs)
+
+    def _variable_bytes(self, costs: PlanCosts) -> np.ndarray:
+        """The plan-dependent part of `process_bytes`: tensor peak, the allocator's slack on it (rounded
+        up) and the kept received tensors (bounded by the upload), in integers."""
+        slack = np.ceil(costs.peak_bytes * self.tensor_overhead).astype(np.int64)
+        return costs.peak_bytes + slack + costs.upload_bytes
 
     def over(self, costs: PlanCosts) -> dict[str, np.ndarray]:
         """Per budget, whether each plan exceeds it (compute counts ``local_steps`` steps), compared
         exactly in integers: a plan's cost exceeds a budget iff it exceeds the budget's `_allowance`
         (memory: the process's tensor peak and kept tensors against what the fixed bytes leave)."""
-        return {"memory": costs.peak_bytes + costs.upload_bytes > _allowance(self.usable_memory_bytes - self.fixed_bytes),
+        return {"memory": self._variable_bytes(costs) > _allowance(self.usable_memory_bytes - self.fixed_bytes),
                 "compute": costs.step_flops > _allowance(self.compute_flops, self.local_steps),
                 "upload": costs.upload_bytes > _allowance(self.upload_bytes)}
 

@@ -64,7 +64,7 @@ class ProcessTerms(_Strict):
 
     runtime_bytes: int = Field(ge=0)
     tensor_peak_bytes: int = Field(gt=0)
-    allocator_bytes: int = Field(ge=0)
+    allocator_bytes: int = Field(default=0, ge=0, description="0 in plans written before caff predicted it")
     shard_bytes: int = Field(ge=0)
     kept_bytes: int = Field(ge=0)
     total_bytes: int = Field(gt=0)
