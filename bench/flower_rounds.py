@@ -48,8 +48,9 @@ def main() -> None:
         return write_run_file(work / f"{name}.json", config, work / "plan.json", work / name)
 
     def deployment() -> None:
-        with localhost_federation(args.devices, work / "logs") as (address, _):
-            flwr_run(run_file("flower"), address, app_dir, log_file=work / "flwr-run.log")
+        with localhost_federation(args.devices, work / "logs") as federation:
+            flwr_run(run_file("flower"), federation.address, app_dir, log_file=work / "flwr-run.log",
+                     root_certificates=federation.root_certificates)
 
     engines = {"in-process": lambda: run(config, planned, work / "in-process"),
                "flower-sim": lambda: run_simulation(run_file("flower-sim"), args.devices),

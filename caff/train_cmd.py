@@ -37,6 +37,10 @@ def add_parser(subparsers) -> dict:
                        help="local: this process; flower-sim: Flower's simulation engine, one virtual node per "
                             "device; flower: a running Flower SuperLink (--superlink) and its SuperNodes")
     train.add_argument("--superlink", default="127.0.0.1:8000", help="the SuperLink's address (--engine flower)")
+    train.add_argument("--root-certificates", help="CA certificate the SuperLink's TLS certificate is signed by "
+                                                   "(--engine flower; caff certs makes one)")
+    train.add_argument("--insecure", action="store_true",
+                       help="connect to the SuperLink without TLS (--engine flower; only on a trusted network)")
     train.add_argument("--round-timeout", type=float, default=600.0,
                        help="seconds a Flower round waits for replies before it goes on without them")
 
@@ -44,8 +48,14 @@ def add_parser(subparsers) -> dict:
     report.add_argument("runs", nargs="+", help="run directories")
     report.add_argument("-o", "--output", default="report.png", help="plot file (default report.png)")
 
-    demo = subparsers.add_parser("demo", help="plan the edge-mix fleet and compare caff with lora on Shakespeare")
-    demo.add_argument("--rounds", type=int, default=8)
+    demo = subparsers.add_parser("demo", help="plan a shipped fleet, validate its plans, and train caff, LoRA and full "
+                                              "fine-tuning on Shakespeare from the English-pretrained char-gpt-xs")
+    demo.add_argument("--fleet", default="edge-mix", help="shipped fleet name or file (default edge-mix)")
+    demo.add_argument("--rounds", type=int, default=20)
+    demo.add_argument("--lr", type=float, default=0.1, help="SGD learning rate of every method")
+    demo.add_argument("--eval-samples", type=int, default=500, help="test samples evaluated each round")
+    demo.add_argument("--central-steps", type=int, default=150,
+                      help="AdamW steps of the centralized full fine-tuning that gives the upper bound")
     demo.add_argument("--out", default="demo-runs")
     return {"validate": run_validate, "train": run_train, "report": run_report, "demo": run_demo}
 
@@ -148,6 +158,8 @@ def _run_on_flower(args, config, plan) -> list[dict]:
     from planner.planfile import write_plan_file
     from trainer.rundir import load_run, plan_digest
 
+    if args.engine == "flower" and bool(args.root_certificates) == bool(args.insecure):
+        raise ValueError("--engine flower: give --root-certificates CA (TLS; caff certs makes one) or --insecure")
     out = Path(args.out).resolve()
     load_run(config, plan_digest(plan), None, out, args.resume)  # refuse before Flower starts, not inside its ServerApp
     out.mkdir(parents=True, exist_ok=True)
@@ -163,7 +175,8 @@ def _run_on_flower(args, config, plan) -> list[dict]:
         app_dir = Path(__file__).resolve().parents[1]
         if not (app_dir / "pyproject.toml").is_file():
             raise ValueError(f"--engine flower runs the Flower app of a source checkout; {app_dir} is not one")
-        flwr_run(run_file, args.superlink, app_dir, log_file=out / "flwr-run.log")
+        flwr_run(run_file, args.superlink, app_dir, log_file=out / "flwr-run.log",
+                 root_certificates=args.root_certificates)
     saved = load_run(config, plan_digest(plan), None, out, True)
     if saved is None or saved[1] <= config.rounds:
         raise ValueError(f"the Flower run stopped before round {config.rounds} (see {out / 'flwr-run.log'} and "
@@ -199,18 +212,48 @@ def run_report(args) -> int:
 
 
 def run_demo(args) -> int:
-    """Plan the shipped edge-mix fleet and run caff and lora under the same budgets."""
+    """Plan a shipped fleet for char-gpt-xs, validate its plans, train caff, LoRA and full fine-tuning on
+    Shakespeare under the same budgets, and plot them against the pretrained model and the upper bound."""
     from types import SimpleNamespace
 
+    from costmodel import ZOO
+    from planner.planfile import write_plan_file
+    from trainer.reference import references
+
     out = Path(args.out)
-    for method in ("caff", "lora"):
+    out.mkdir(parents=True, exist_ok=True)
+    plan = _plan_for({"plan": None, "fleet": args.fleet, "model": "char-gpt-xs"}, 40, 0, "shakespeare")
+    write_plan_file(out / "plan.json", plan)
+    modes: dict[str, int] = {}
+    for device in plan.devices:
+        key = device.mode if device.status == "optimal" else device.status
+        modes[key] = modes.get(key, 0) + 1
+    print(f"== plan: {args.fleet}, 40 devices, char-gpt-xs: " + ", ".join(f"{n} x {m}" for m, n in modes.items()))
+    print("== validate")
+    run_validate(SimpleNamespace(plan=str(out / "plan.json"), device="cpu"))
+    cached = out / "references.json"
+    if not cached.exists():
+        cached.write_text(json.dumps(references("shakespeare", ZOO["char-gpt-xs"], args.central_steps,
+                                                samples=args.eval_samples)))
+    refs = json.loads(cached.read_text())
+    for method in ("caff", "lora", "full"):
         run_args = SimpleNamespace(
-            config=None, task="shakespeare", method=method, plan=None, fleet="edge-mix",
-            model="char-gpt-xs,char-gpt-s,char-gpt-m", fleet_size=40, rounds=args.rounds, clients_per_round=10,
-            local_steps=None, lr=None, seed=0, drop_rate=None, eval_every=None, eval_samples=None, engine="local",
-            no_pretrained=False, out=str(out / method),
-            resume=(out / method / "state.json").exists())
+            config=None, task="shakespeare", method=method, plan=str(out / "plan.json"), fleet=None, model=None,
+            fleet_size=40, rounds=args.rounds, clients_per_round=10, local_steps=None, lr=args.lr, seed=0,
+            drop_rate=None, eval_every=None, eval_samples=args.eval_samples, engine="local", no_pretrained=False,
+            out=str(out / method), resume=(out / method / "state.json").exists())
         print(f"== {method}")
         if run_train(run_args):
             return 1
-    return run_report(SimpleNamespace(runs=[str(out / "caff"), str(out / "lora")], output=str(out / "demo.png")))
+    from trainer.report import load_runs, plot_runs, summary_rows
+
+    runs = load_runs([str(out / m) for m in ("caff", "lora", "full")])
+    for row in summary_rows(runs):
+        print(row)
+    levels = {f"pretrained ({refs['pretrained']['accuracy']:.3f})": refs["pretrained"]["accuracy"],
+              f"central full fine-tuning ({refs['upper_bound']['accuracy']:.3f})": refs["upper_bound"]["accuracy"]}
+    print(f"reference: pretrained accuracy {refs['pretrained']['accuracy']:.3f}, centralized full fine-tuning "
+          f"{refs['upper_bound']['accuracy']:.3f} ({refs['central']}); {refs['test_samples']} test samples")
+    plot_runs(runs, str(out / "demo.png"), levels)
+    print(f"plot written to {out / 'demo.png'}", file=sys.stderr)
+    return 0

