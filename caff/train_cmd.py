@@ -218,30 +218,34 @@ def run_demo(args) -> int:
 
     from costmodel import ZOO
     from planner.planfile import write_plan_file
+    from profiles.atomic import atomic_write
     from trainer.reference import references
+    from trainer.rundir import load_run, plan_digest
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plan = _plan_for({"plan": None, "fleet": args.fleet, "model": "char-gpt-xs"}, 40, 0, "shakespeare")
-    write_plan_file(out / "plan.json", plan)
     modes: dict[str, int] = {}
     for device in plan.devices:
         key = device.mode if device.status == "optimal" else device.status
         modes[key] = modes.get(key, 0) + 1
     print(f"== plan: {args.fleet}, 40 devices, char-gpt-xs: " + ", ".join(f"{n} x {m}" for m, n in modes.items()))
+    runs = {method: SimpleNamespace(
+        config=None, task="shakespeare", method=method, plan=str(out / "plan.json"), fleet=None, model=None,
+        fleet_size=40, rounds=args.rounds, clients_per_round=10, local_steps=None, lr=args.lr, seed=0,
+        drop_rate=None, eval_every=None, eval_samples=args.eval_samples, engine="local", no_pretrained=False,
+        out=str(out / method), resume=(out / method / "state.json").exists()) for method in ("caff", "lora", "full")}
+    for run_args in runs.values():  # refuse a run directory before the long steps below
+        load_run(_train_config(run_args)[0], plan_digest(plan), None, run_args.out, run_args.resume)
+    write_plan_file(out / "plan.json", plan)
     print("== validate")
     run_validate(SimpleNamespace(plan=str(out / "plan.json"), device="cpu"))
     cached = out / "references.json"
     if not cached.exists():
-        cached.write_text(json.dumps(references("shakespeare", ZOO["char-gpt-xs"], args.central_steps,
-                                                samples=args.eval_samples)))
+        atomic_write(cached, json.dumps(references("shakespeare", ZOO["char-gpt-xs"], args.central_steps,
+                                                   samples=args.eval_samples)))
     refs = json.loads(cached.read_text())
-    for method in ("caff", "lora", "full"):
-        run_args = SimpleNamespace(
-            config=None, task="shakespeare", method=method, plan=str(out / "plan.json"), fleet=None, model=None,
-            fleet_size=40, rounds=args.rounds, clients_per_round=10, local_steps=None, lr=args.lr, seed=0,
-            drop_rate=None, eval_every=None, eval_samples=args.eval_samples, engine="local", no_pretrained=False,
-            out=str(out / method), resume=(out / method / "state.json").exists())
+    for method, run_args in runs.items():
         print(f"== {method}")
         if run_train(run_args):
             return 1
