@@ -13,6 +13,7 @@ def add_parser(subparsers) -> dict:
     validate = subparsers.add_parser("validate", help="run each distinct plan of a plan file for real and compare")
     validate.add_argument("plan", help="plan file written by caff plan")
     validate.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present, and cpu)")
+    validate.add_argument("--json", action="store_true", help="print the rows as JSON")
 
     train = subparsers.add_parser("train", help="federated rounds in which every device executes its plan")
     train.add_argument("--config", help="JSON file with the fields below (flags override it)")
@@ -66,21 +67,28 @@ def run_validate(args) -> int:
 
     plan = read_plan_file(args.plan)
     rows = validate_plan(plan, args.device)
+    verdict = 0 if all(row["within_budget"] for row in rows) else 1
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return verdict
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{args.plan}: predicted, measured and budget, per distinct plan")
-    for column in ("model", "mode", "batch", "devices", "peak predicted", "peak measured", "memory budget",
+    table = Table(title=f"{args.plan}: predicted and measured, per distinct plan, each in a fresh process")
+    for column in ("model", "mode", "batch", "devices", "tensor peak predicted", "tensor peak measured",
+                   "process predicted", "process measured (peak RSS)", "USS at end", "memory budget",
                    "FLOPs/round predicted", "FLOPs/round measured", "upload", "verdict"):
         table.add_column(column, justify="left" if column in ("model", "mode", "verdict") else "right")
+    shown = lambda value: "-" if value is None else format_bytes(value)  # noqa: E731
     for row in rows:
         table.add_row(row["model"], row["mode"], str(row["batch"]), str(row["devices"]),
                       format_bytes(row["peak_predicted"]), format_bytes(row["peak_measured"]),
+                      format_bytes(row["process_predicted"]), shown(row["process_measured"]), shown(row["uss"]),
                       format_bytes(row["memory_budget"]), format_flops(row["flops_predicted"]),
                       format_flops(row["flops_measured"]), format_bytes(row["upload"]),
                       "ok" if row["within_budget"] else "OVER BUDGET")
-    Console(width=200).print(table)
-    return 0 if all(row["within_budget"] for row in rows) else 1
+    Console(width=220).print(table)
+    return verdict
 
 
 def _train_config(args):
