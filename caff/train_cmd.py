@@ -182,6 +182,11 @@ def _print_rounds(metrics: list[dict]) -> None:
 def run_report(args) -> int:
     from trainer.report import load_runs, plot_runs, summary_rows
 
+    cached = out / "references.json"
+    if not cached.exists():
+        cached.write_text(json.dumps(references("shakespeare", ZOO["char-gpt-xs"], args.central_steps,
+                                                samples=args.eval_samples)))
+    refs = json.loads(cached.read_text())
     runs = load_runs(args.runs)
     for row in summary_rows(runs):
         print(row)
@@ -210,11 +215,6 @@ def run_demo(args) -> int:
     print(f"== plan: {args.fleet}, 40 devices, char-gpt-xs: " + ", ".join(f"{n} x {m}" for m, n in modes.items()))
     print("== validate")
     run_validate(SimpleNamespace(plan=str(out / "plan.json"), device="cpu"))
-    cached = out / "references.json"
-    if not cached.exists():
-        cached.write_text(json.dumps(references("shakespeare", ZOO["char-gpt-xs"], args.central_steps,
-                                                samples=args.eval_samples)))
-    refs = json.loads(cached.read_text())
     for method in ("caff", "lora", "full"):
         run_args = SimpleNamespace(
             config=None, task="shakespeare", method=method, plan=str(out / "plan.json"), fleet=None, model=None,
@@ -226,6 +226,11 @@ def run_demo(args) -> int:
             return 1
     from trainer.report import load_runs, plot_runs, summary_rows
 
+    cached = out / "references.json"
+    if not cached.exists():
+        cached.write_text(json.dumps(references("shakespeare", ZOO["char-gpt-xs"], args.central_steps,
+                                                samples=args.eval_samples)))
+    refs = json.loads(cached.read_text())
     runs = load_runs([str(out / m) for m in ("caff", "lora", "full")])
     for row in summary_rows(runs):
         print(row)
