@@ -211,6 +211,11 @@ def _print_rounds(metrics: list[dict]) -> set[str]:
 def run_report(args) -> int:
     from trainer.report import load_runs, plot_runs, summary_rows
 
+    cached = out / "references.json"
+    if not cached.exists():
+        atomic_write(cached, json.dumps(references("shakespeare", ZOO["char-gpt-xs"], args.central_steps,
+                                                   samples=args.eval_samples)))
+    refs = json.loads(cached.read_text())
     runs = load_runs(args.runs)
     for row in summary_rows(runs):
         print(row)
@@ -248,24 +253,24 @@ def run_demo(args) -> int:
     write_plan_file(out / "plan.json", plan)
     print("== validate")
     run_validate(SimpleNamespace(plan=str(out / "plan.json"), device="cpu"))
-    cached = out / "references.json"
-    if not cached.exists():
-        atomic_write(cached, json.dumps(references("shakespeare", ZOO["char-gpt-xs"], args.central_steps,
-                                                   samples=args.eval_samples)))
-    refs = json.loads(cached.read_text())
     for method, run_args in runs.items():
         print(f"== {method}")
         if run_train(run_args):
             return 1
     from trainer.report import load_runs, plot_runs, summary_rows
 
-    runs = load_runs([str(out / m) for m in ("caff", "lora", "full")])
-    for row in summary_rows(runs):
+    cached = out / "references.json"
+    if not cached.exists():
+        atomic_write(cached, json.dumps(references("shakespeare", ZOO["char-gpt-xs"], args.central_steps,
+                                                   samples=args.eval_samples)))
+    refs = json.loads(cached.read_text())
+    results = load_runs([run_args.out for run_args in runs.values()])
+    for row in summary_rows(results):
         print(row)
     levels = {f"pretrained ({refs['pretrained']['accuracy']:.3f})": refs["pretrained"]["accuracy"],
               f"central full fine-tuning ({refs['upper_bound']['accuracy']:.3f})": refs["upper_bound"]["accuracy"]}
     print(f"reference: pretrained accuracy {refs['pretrained']['accuracy']:.3f}, centralized full fine-tuning "
           f"{refs['upper_bound']['accuracy']:.3f} ({refs['central']}); {refs['test_samples']} test samples")
-    plot_runs(runs, str(out / "demo.png"), levels)
+    plot_runs(results, str(out / "demo.png"), levels)
     print(f"plot written to {out / 'demo.png'}", file=sys.stderr)
     return 0
