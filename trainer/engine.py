@@ -207,9 +207,17 @@ def received_arrays(task: dict, state: dict[str, torch.Tensor]) -> dict[str, tor
     return state if held is None else renumber_blocks(state, {b: b for b in held})
 
 
-def train_client(task: dict, received: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Run one device's task on its own data from the arrays it ``received`` (`received_arrays`):
-    (its record, its reply: what it trained, as trained, LoRA as factors, under global names).
+def client_shard(task: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training samples (inputs, targets) of the device of ``task``: its share of the task's data."""
+    clients, _ = task_data(task["task"], task["n_devices"], task["seed"])
+    return clients[task["index"] % len(clients)].train
+
+
+def train_client(task: dict, received: dict[str, torch.Tensor],
+                 shard: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Run one device's task on its own data (``shard``, default `client_shard`) from the arrays it
+    ``received`` (`received_arrays`): (its record, its reply: what it trained, as trained, LoRA as
+    factors, under global names).
 
     The record holds the wire bytes (`costmodel.wire`) of the reply (``upload_bytes``) and of what
     it received (``download_bytes``), and the LoRA factors' scale. A mode is measured the first
@@ -220,10 +228,8 @@ def train_client(task: dict, received: dict[str, torch.Tensor]) -> tuple[dict, d
     if held is not None:
         spec, state = shallow_spec(spec, len(held)), renumber_blocks(state, {g: i for i, g in enumerate(held)})
     mode = TrainMode.parse(task["mode"], spec.n_blocks)
-    clients, _ = task_data(task["task"], task["n_devices"], task["seed"])
-    client = clients[task["index"] % len(clients)]
     seed, round_index, name = task["seed"], task["round"], task["device"]
-    stream = _batch_stream(*client.train, task["batch"], _seed(seed, round_index, name, "batches"))
+    stream = _batch_stream(*(shard or client_shard(task)), task["batch"], _seed(seed, round_index, name, "batches"))
     key = (spec.model_dump_json(), task["mode"], task["batch"], task["steps"])
     result = local_train(state, spec, mode, stream, task["steps"], task["optimizer"], task["lr"],
                          seed=_seed(seed, round_index, name, "init"), measure=key not in _MEASURED)
