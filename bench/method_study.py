@@ -1,90 +1,359 @@
-"""Every method under the same memory budgets, several seeds (the README's tables).
+"""What caff buys in accuracy: every method under each budget regime, tuned, several seeds.
 
-Fleets: three homogeneous fleets whose memory is 1/8, 1/4 and 1/2 of what full fine-tuning of
-the task's reference model needs (batch 8 or --batch, sgd), with compute and upload generous so memory
-binds; and the shipped heterogeneous `edge-mix` fleet. Each fleet is planned over the task's
-pretrained candidates (Shakespeare: the char-GPT zoo xs, s, m, against char-gpt-s; Fashion-MNIST:
-vit-tiny; fortunes: all-MiniLM-L6-v2); every method then runs the same rounds with the same seeds.
+For a task and one pretrained model (default Shakespeare on char-gpt-xs, pretrained on English):
 
-    python bench/method_study.py [--task shakespeare] [--rounds 6] [--clients 5] [--steps 8] [--lr 0.05]
-        [--seeds 0,1] [--batch 8] [--eval-every 1] [--fleets 1/8,1/4,1/2,edge-mix] [--methods caff,lora,...] [--out study]
+1. **References** on the server's test set: the pretrained model (for Fashion-MNIST with only its
+   fresh head trained, centrally) and centralized full fine-tuning on the pooled training data of
+   every federated client (the upper bound). Headroom = upper bound - pretrained.
+2. **Tuning**: each method's SGD learning rate, per regime, from ``--lr-grid``, on the
+   validation set (held-out samples of the federated clients disjoint from the test set), seed 0,
+   ``--tune-rounds`` rounds; the lowest final validation loss wins. Never the test set.
+3. **Runs**: every method with its learning rate, ``--seeds``, the same rounds, clients per round,
+   local steps and batch; mean and 95 % interval (Student t) over seeds.
+
+Regimes (budgets relative to full fine-tuning of the model at the study's batch, sgd):
+``mem-1/8``, ``mem-1/4``, ``mem-1/2`` (memory binds; compute and upload ample), ``upload-1/32``,
+``upload-1/8`` (upload binds; memory ample), ``compute-1/4`` (FLOPs per round bind), and
+``edge-mix`` (the catalogue's heterogeneous fleet, budgets as the catalogue states them).
+
+Each finished run is saved (``OUT/runs/<regime>/<method>-lr<lr>-<phase><seed>/``) and skipped
+when the study is run again; ``--jobs N`` runs N at a time in worker processes, and separate
+invocations with different ``--regimes`` can run side by side on one ``--out``. Writes
+``OUT/study.md`` (tables, claims) and ``OUT/<regime>.png`` (accuracy against rounds, uploaded
+bytes and client FLOPs), and prints the CPU time spent.
+
+    nice -n 10 python bench/method_study.py --out study/shakespeare --jobs 2
 """
 
+from __future__ import annotations
+
 import argparse
+import json
+import math
+import resource
 import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from costmodel import ZOO, TrainMode, estimate
-from planner.fleet import PlanSettings, plan
-from profiles import DeviceSpec, format_bytes, format_flops, load_fleet
-from trainer.engine import TASK_SEQ, TrainConfig, run
-from trainer.methods import METHODS
-
-CANDIDATES = {"shakespeare": ["char-gpt-xs", "char-gpt-s", "char-gpt-m"], "fashion-mnist": ["vit-tiny"],
-              "fortunes": ["minilm-l6"]}
-REFERENCE = {"shakespeare": "char-gpt-s", "fashion-mnist": "vit-tiny", "fortunes": "minilm-l6"}
+METHODS = ("caff", "lora", "full", "head", "fedra")
+REGIMES = ("mem-1/8", "mem-1/4", "mem-1/2", "upload-1/32", "upload-1/8", "compute-1/4", "edge-mix")
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def fleets(task: str, n_devices: int, batch: int) -> dict[str, list[DeviceSpec]]:
-    reference = ZOO[REFERENCE[task]]
-    full = estimate(reference, TrainMode.parse("all", reference.n_blocks), batch, TASK_SEQ[task]).peak_bytes
-    out = {}
-    for label, share in (("1/8", 8), ("1/4", 4), ("1/2", 2)):
-        device = DeviceSpec(name=f"mem-{share}", memory_bytes=full // share, compute_flops=1e13, upload_bytes=10**9,
-                            local_steps=4, batch_size=batch)
-        out[label] = [device.model_copy(update={"name": f"mem-{share}#{i}"}) for i in range(n_devices)]
-    out["edge-mix"] = load_fleet("edge-mix").expand(n_devices, seed=0)
-    return out
+def devices(regime: str, spec, task: str, n: int, batch: int, steps: int):
+    """The regime's fleet of ``n`` devices, budgets relative to full fine-tuning's."""
+    from costmodel import TrainMode, estimate
+    from profiles import DeviceSpec, load_fleet
+    from trainer.engine import TASK_SEQ
+
+    if regime == "edge-mix":
+        return load_fleet("edge-mix").expand(n, seed=0)
+    full = estimate(spec, TrainMode.parse("all", spec.n_blocks), batch, TASK_SEQ[task])
+    flops = steps * (full.totals["fwd_flops"] + full.totals["bwd_flops"])
+    budgets = {"memory_bytes": 4 * full.peak_bytes, "compute_flops": 10 * flops,
+               "upload_bytes": 10 * full.totals["upload_bytes"]}
+    kind, share = regime.split("-")
+    key = {"mem": "memory_bytes", "upload": "upload_bytes", "compute": "compute_flops"}[kind]
+    budgets[key] = {"mem": full.peak_bytes, "upload": full.totals["upload_bytes"], "compute": flops}[kind] \
+        / int(share.split("/")[1])
+    budgets = {k: (v if k == "compute_flops" else int(v)) for k, v in budgets.items()}
+    return [DeviceSpec(name=f"{kind}#{i}", local_steps=steps, batch_size=batch, **budgets) for i in range(n)]
+
+
+def _run_one(job: dict) -> dict:
+    """One federated run in this (worker) process; its summary, also saved as ``done.json``."""
+    import torch
+
+    torch.set_num_threads(1)
+    from costmodel import ZOO
+    from planner.fleet import PlanSettings, plan
+    from trainer.engine import TASK_SEQ, TrainConfig, run
+
+    out = Path(job["out"])
+    if (out / "done.json").exists():
+        return json.loads((out / "done.json").read_text())
+    cpu = time.process_time()
+    spec = ZOO[job["model"]]
+    fleet = devices(job["regime"], spec, job["task"], job["devices"], job["batch"], job["steps"])
+    planned = plan([spec], fleet, PlanSettings(seq=TASK_SEQ[job["task"]], lora_ranks=(2, 4, 8, 16)))
+    config = TrainConfig(**job["config"])
+    try:
+        metrics = run(config, planned, out, resume=(out / "state.json").exists())
+    except ValueError as why:
+        summary = {**job, "error": str(why)}
+    else:
+        summary = {**job, "rounds": [{k: m.get(k) for k in ("round", "test_loss", "test_accuracy", "unseen_loss",
+                                                            "unseen_accuracy", "uploaded_bytes", "flops")}
+                                     | {"trained": sum(c["status"] == "trained" for c in m["clients"]),
+                                        "modes": sorted({c["mode"] for c in m["clients"] if "mode" in c})}
+                                     for m in metrics]}
+    summary["cpu_seconds"] = time.process_time() - cpu
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "done.json").write_text(json.dumps(summary))
+    return summary
+
+
+def _execute(jobs: list[dict], workers: int, label: str) -> list[dict]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    done = [json.loads((Path(j["out"]) / "done.json").read_text()) for j in jobs if (Path(j["out"]) / "done.json").exists()]
+    todo = [j for j in jobs if not (Path(j["out"]) / "done.json").exists()]
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[last]}")) as bar:
+        task = bar.add_task(label, total=len(jobs), completed=len(done), last="")
+        if workers > 1 and len(todo) > 1:
+            import multiprocessing
+
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                for future in as_completed([pool.submit(_run_one, j) for j in todo]):
+                    done.append(future.result())
+                    bar.update(task, advance=1, last=_brief(done[-1]))
+        else:
+            for job in todo:
+                done.append(_run_one(job))
+                bar.update(task, advance=1, last=_brief(done[-1]))
+    return done
+
+
+def _brief(summary: dict) -> str:
+    tail = summary.get("error") or f"loss {summary['rounds'][-1]['test_loss']:.3f}"
+    return f"{summary['regime']} {summary['method']} lr {summary['config']['lr']:g}: {tail} ({summary['cpu_seconds']:.0f} s)"
+
+
+def cached_references(args) -> dict:
+    """`trainer.reference.references` for the study's task and model, computed once per ``--out``."""
+    path = Path(args.out) / "references.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from costmodel import ZOO
+    from trainer.reference import references
+
+    refs = references(args.task, ZOO[args.model], args.central_steps, args.central_batch, args.central_lr,
+                      args.eval_samples)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(refs, indent=1))
+    return refs
+
+
+def _job(args, regime: str, method: str, lr: float, phase: str, seed: int) -> dict:
+    rounds = args.tune_rounds if phase == "tune" else args.rounds
+    config = {"task": args.task, "method": method, "rounds": rounds, "clients_per_round": args.clients,
+              "local_steps": args.steps, "lr": lr, "seed": seed, "eval_every": args.eval_every if phase == "run"
+              else rounds, "eval_split": "validation" if phase == "tune" else "test", "eval_samples": args.eval_samples}
+    name = f"{method}-lr{lr:g}-{phase}{seed}"
+    return {"regime": regime, "method": method, "phase": phase, "task": args.task, "model": args.model,
+            "devices": args.devices, "batch": args.batch, "steps": args.steps, "config": config,
+            "out": str(Path(args.out) / "runs" / regime.replace("/", "-") / name)}
+
+
+def _mean_ci(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], float("nan")
+    return statistics.mean(values), T975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def _fmt(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
+    mean, half = _mean_ci([v * scale for v in values])
+    return f"{mean:.{digits}f}" + ("" if math.isnan(half) else f" ± {half:.{digits}f}")
+
+
+def summarize(args, refs: dict, tuned: dict, runs: list[dict]) -> tuple[str, dict]:
+    """The README's tables for these runs (markdown) and {regime: {method: final accuracies, or None when
+    no device could run it}}."""
+    from profiles import format_bytes, format_flops
+
+    pre, top = refs["pretrained"], refs["upper_bound"]
+    headroom = top["accuracy"] - pre["accuracy"]
+    lines = [f"Task {args.task}, model {args.model}; test set {refs['test_samples']} samples. Pretrained: loss "
+             f"{pre['loss']:.3f}, accuracy {pre['accuracy']:.2%}; centralized full fine-tuning (upper bound): loss "
+             f"{top['loss']:.3f}, accuracy {top['accuracy']:.2%}; headroom {100 * headroom:.2f} points "
+             f"({pre['loss'] - top['loss']:.3f} nats). {args.rounds} rounds x {args.clients} clients x {args.steps} "
+             f"local steps of batch {args.batch} (sgd), {args.devices} devices; seeds {args.seeds}; mean ± 95 % "
+             f"interval over seeds; lr per regime and method chosen on the validation set from {args.lr_grid}.", ""]
+    finals: dict[str, dict[str, list[float]]] = {}
+    for regime in args.regimes.split(","):
+        lines += [f"**{regime}**", "", "| method | lr | trains | clients trained/round | accuracy | loss | "
+                  "headroom recovered | unseen clients' accuracy | upload/round | client FLOPs/round |",
+                  "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for method in args.methods.split(","):
+            mine = [r for r in runs if r["regime"] == regime and r["method"] == method and r["phase"] == "run"]
+            if not mine:
+                lines.append(f"| {method} | | | | not run | | | | | |")
+                continue
+            if any("error" in r for r in mine) or not any(x["trained"] for r in mine for x in r["rounds"]):
+                why = next((r["error"] for r in mine if "error" in r), "no device can afford it")
+                lines.append(f"| {method} | {tuned.get((regime, method), '')} | cannot run: {why} | 0 | | | | | | |")
+                finals.setdefault(regime, {})[method] = None
+                continue
+            last = [r["rounds"][-1] for r in mine]
+            acc = [x["test_accuracy"] for x in last]
+            finals.setdefault(regime, {})[method] = acc
+            modes = sorted({m for r in mine for x in r["rounds"] for m in x["modes"]})
+            per_round = [x for r in mine for x in r["rounds"]]
+            lines.append(
+                f"| {method} | {mine[0]['config']['lr']:g} | {', '.join(modes)[:60]} | "
+                f"{statistics.mean(x['trained'] for x in per_round):.1f} | {_fmt(acc, 100, 2)} % | "
+                f"{_fmt([x['test_loss'] for x in last])} | "
+                f"{_fmt([(a - pre['accuracy']) / headroom for a in acc], 100, 0)} % | "
+                f"{_fmt([x['unseen_accuracy'] for x in last], 100, 2)} % | "
+                f"{format_bytes(statistics.mean(x['uploaded_bytes'] for x in per_round))} | "
+                f"{format_flops(statistics.mean(x['flops'] for x in per_round))} |")
+        lines.append("")
+    return "\n".join(lines), finals
+
+
+def claims(finals: dict, refs: dict) -> str:
+    """The paper's claims against our numbers: reproduced, not reproduced, or not run."""
+    pre, top = refs["pretrained"]["accuracy"], refs["upper_bound"]["accuracy"]
+
+    def mean(regime, method):
+        values = finals.get(regime, {}).get(method)
+        return None if values is None else statistics.mean(values)
+
+    def blocked(regime, method):
+        return method in finals.get(regime, {}) and finals[regime][method] is None
+
+    def best_other(regime):
+        others = {m: mean(regime, m) for m in ("lora", "full", "fedra") if mean(regime, m) is not None}
+        return max(others.items(), key=lambda kv: kv[1]) if others else None
+
+    def all_baselines_done(regime):
+        return all(m in finals.get(regime, {}) for m in ("lora", "full", "fedra"))
+
+    rows = ["| claim | regime | verdict | our numbers (final test accuracy, mean over seeds) |", "|---|---|---|---|"]
+    for claim, regimes in (("higher accuracy than the state of the art under memory limits",
+                            ("mem-1/8", "mem-1/4", "mem-1/2")),
+                           ("higher accuracy under compute limits", ("compute-1/4",)),
+                           ("higher accuracy on a heterogeneous fleet", ("edge-mix",))):
+        for regime in regimes:
+            caff, other = mean(regime, "caff"), best_other(regime)
+            if caff is None or not all_baselines_done(regime):
+                rows.append(f"| {claim} | {regime} | not run | |")
+                continue
+            verdict = "reproduced" if other is None or caff > other[1] else "not reproduced"
+            against = "no baseline can run" if other is None else f"best of lora/full/fedra: {other[0]} {other[1]:.2%}"
+            rows.append(f"| {claim} | {regime} | {verdict} | caff {caff:.2%}; {against} |")
+    for regime in ("upload-1/32", "upload-1/8"):
+        caff, lora = mean(regime, "caff"), mean(regime, "lora")
+        if caff is None or lora is None:
+            rows.append(f"| on par with LoRA under upload limits (within 1 point) | {regime} | not run | |")
+            continue
+        verdict = "reproduced" if abs(caff - lora) <= 0.01 or caff > lora else "not reproduced"
+        rows.append(f"| on par with LoRA under upload limits (within 1 point) | {regime} | {verdict} | "
+                    f"caff {caff:.2%}, lora {lora:.2%} |")
+    for regime in ("mem-1/8", "mem-1/4"):
+        caff = mean(regime, "caff")
+        if caff is None:
+            rows.append(f"| issue 11's expectation: caff recovers half the headroom where LoRA and full cannot run "
+                        f"| {regime} | not run | |")
+            continue
+        share = (caff - pre) / (top - pre)
+        cannot = [m for m in ("lora", "full") if blocked(regime, m)]
+        verdict = "reproduced" if share >= 0.5 and len(cannot) == 2 else "not reproduced"
+        rows.append(f"| issue 11's expectation: caff recovers half the headroom where LoRA and full cannot run | "
+                    f"{regime} | {verdict} | caff recovers {share:.0%} of the headroom; cannot run: "
+                    f"{', '.join(cannot) or 'none'} |")
+    rows.append("| fairer device contributions | | not run | not measured by this study |")
+    return "\n".join(rows)
+
+
+def plot(args, refs: dict, runs: list[dict]) -> list[str]:
+    """One PNG per regime: test accuracy against rounds, cumulative upload and cumulative client FLOPs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for regime in args.regimes.split(","):
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for method in args.methods.split(","):
+            mine = [r for r in runs if r["regime"] == regime and r["method"] == method and r["phase"] == "run"
+                    and "error" not in r and any(x["trained"] for x in r["rounds"])]
+            if not mine:
+                continue
+            rounds = [x["round"] for x in mine[0]["rounds"] if x["test_accuracy"] is not None]
+            accuracy = [statistics.mean(next(x["test_accuracy"] for x in r["rounds"] if x["round"] == k)
+                                        for r in mine) for k in rounds]
+            cumulative = {key: [statistics.mean(sum(x[key] for x in r["rounds"] if x["round"] <= k) for r in mine)
+                                for k in rounds] for key in ("uploaded_bytes", "flops")}
+            for axis, xs in zip(axes, (rounds, cumulative["uploaded_bytes"], cumulative["flops"])):
+                axis.plot(xs, accuracy, marker="o", markersize=3, label=method)
+        for axis, label in zip(axes, ("round", "uploaded bytes (all clients, cumulative)",
+                                      "client FLOPs (cumulative)")):
+            axis.axhline(refs["pretrained"]["accuracy"], color="gray", linestyle=":", label="pretrained")
+            axis.axhline(refs["upper_bound"]["accuracy"], color="black", linestyle="--", label="central full FT")
+            axis.set_xlabel(label)
+            axis.set_ylabel("test accuracy")
+            if label != "round":
+                axis.set_xscale("log")
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"{args.task}, {args.model}, {regime} (mean over seeds {args.seeds})")
+        fig.tight_layout()
+        path = Path(args.out) / f"{regime.replace('/', '-')}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(str(path))
+    return written
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="shakespeare", choices=sorted(CANDIDATES))
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--clients", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--devices", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=8, help="batch size of the homogeneous fleets' devices")
-    parser.add_argument("--eval-every", type=int, default=1)
-    parser.add_argument("--fleets", default="1/8,1/4,1/2,edge-mix", help="a subset of 1/8, 1/4, 1/2, edge-mix")
+    parser.add_argument("--task", default="shakespeare", choices=["shakespeare", "fashion-mnist"])
+    parser.add_argument("--model", default=None, help="default: char-gpt-xs (Shakespeare), vit-tiny")
+    parser.add_argument("--regimes", default=",".join(REGIMES))
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--out", default="study")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--tune-rounds", type=int, default=10)
+    parser.add_argument("--clients", type=int, default=5, help="clients per round")
+    parser.add_argument("--steps", type=int, default=8, help="local steps")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--devices", type=int, default=40)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--lr-grid", default="0.03,0.1,0.3")
+    parser.add_argument("--eval-every", type=int, default=5)
+    parser.add_argument("--eval-samples", type=int, default=None, help="default: the whole test set")
+    parser.add_argument("--central-steps", type=int, default=600)
+    parser.add_argument("--central-batch", type=int, default=32)
+    parser.add_argument("--central-lr", type=float, default=1e-3)
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
+    parser.add_argument("--out", default="study/shakespeare")
     args = parser.parse_args()
-    seeds = [int(s) for s in args.seeds.split(",")]
-    print(f"{args.task}: {args.rounds} rounds x {args.clients} clients x {args.steps} local steps (sgd, lr {args.lr}), "
-          f"seeds {seeds}; final test accuracy and loss: mean (min..max over seeds)\n")
-    print("| fleet | method | model | trained clients/round | accuracy | loss | uploaded | client FLOPs |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
-    chosen = args.fleets.split(",")
-    for fleet_name, devices in fleets(args.task, args.devices, args.batch).items():
-        if fleet_name not in chosen:
-            continue
-        planned = plan([ZOO[name] for name in CANDIDATES[args.task]], devices,
-                       PlanSettings(seq=TASK_SEQ[args.task], lora_ranks=(2, 4, 8, 16)))
-        for method in args.methods.split(","):
-            finals = []
-            for seed in seeds:
-                out = Path(args.out) / fleet_name.replace(" ", "_").replace("/", "-") / f"{method}-{seed}"
-                config = TrainConfig(task=args.task, method=method, rounds=args.rounds,
-                                     clients_per_round=args.clients, local_steps=args.steps, lr=args.lr,
-                                     seed=seed, eval_every=args.eval_every)
-                try:
-                    finals.append(run(config, planned, out, resume=(out / "state.json").exists()))
-                except ValueError as why:  # e.g. smallest: no architecture every device can train
-                    print(f"| {fleet_name} | {method} | - | - | {why} | | | |", flush=True)
-                    break
-            if len(finals) < len(seeds):
-                continue
-            acc = [m[-1]["test_accuracy"] for m in finals]
-            loss = [m[-1]["test_loss"] for m in finals]
-            trained = statistics.mean(sum(c["status"] == "trained" for c in r["clients"]) for m in finals for r in m)
-            print(f"| {fleet_name} | {method} | {finals[0][0]['model']} | {trained:.1f} | "
-                  f"{statistics.mean(acc):.3f} ({min(acc):.3f}..{max(acc):.3f}) | "
-                  f"{statistics.mean(loss):.3f} ({min(loss):.3f}..{max(loss):.3f}) | "
-                  f"{format_bytes(statistics.mean(sum(r['uploaded_bytes'] for r in m) for m in finals))} | "
-                  f"{format_flops(statistics.mean(sum(r['flops'] for r in m) for m in finals))} |", flush=True)
+    args.model = args.model or {"shakespeare": "char-gpt-xs", "fashion-mnist": "vit-tiny"}[args.task]
+    bad = set(args.regimes.split(",")) - set(REGIMES) or set(args.methods.split(",")) - set(METHODS)
+    if bad:
+        parser.error(f"unknown regime or method: {', '.join(sorted(bad))}")
+    import torch
+
+    torch.set_num_threads(1)
+    started, wall = time.process_time(), time.perf_counter()
+    refs = cached_references(args)
+    print(f"pretrained {refs['pretrained']}, upper bound {refs['upper_bound']}", flush=True)
+    regimes, methods = args.regimes.split(","), args.methods.split(",")
+    grid, seeds = [float(v) for v in args.lr_grid.split(",")], [int(s) for s in args.seeds.split(",")]
+    tuning = _execute([_job(args, g, m, lr, "tune", 0) for g in regimes for m in methods for lr in grid],
+                      args.jobs, "tuning")
+    tuned = {}
+    for regime in regimes:
+        for method in methods:
+            scored = [(t["rounds"][-1]["test_loss"], t["config"]["lr"]) for t in tuning
+                      if t["regime"] == regime and t["method"] == method and "error" not in t
+                      and t["rounds"][-1]["test_loss"] is not None and any(x["trained"] for x in t["rounds"])]
+            tuned[(regime, method)] = min(scored)[1] if scored else grid[0]
+    runs = _execute([_job(args, g, m, tuned[(g, m)], "run", s) for g in regimes for m in methods for s in seeds],
+                    args.jobs, "runs")
+    table, finals = summarize(args, refs, tuned, runs)
+    text = f"{table}\n{claims(finals, refs)}\n"
+    (Path(args.out) / "study.md").write_text(text)
+    print(text)
+    print(f"plots: {', '.join(plot(args, refs, runs))}")
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = time.process_time() - started + children.ru_utime + children.ru_stime
+    recorded = sum(r["cpu_seconds"] for r in tuning + runs)
+    print(f"CPU time: {cpu:.0f} s in this invocation ({time.perf_counter() - wall:.0f} s wall); "
+          f"{recorded:.0f} s recorded by all {len(tuning) + len(runs)} runs, earlier invocations included "
+          f"(+{refs['central_cpu_seconds']:.0f} s central fine-tuning)", flush=True)
 
 
 if __name__ == "__main__":

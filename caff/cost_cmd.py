@@ -48,6 +48,8 @@ def run(args) -> int:
         out["measured"] = {"total": measured.total(), "layers": measured.layers,
                            "relative_error": {k: _relative(out["total"][k], v) for k, v in measured.total().items()
                                               if k in out["total"]}}
+        if measured.fvcore_fwd_flops is not None:
+            out["measured"]["fvcore_fwd_flops"] = measured.fvcore_fwd_flops
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -97,3 +99,7 @@ def _print_table(out: dict) -> None:
             fmt = format_flops if "flops" in key else format_bytes
             console.print(f"measured {key}: {fmt(seen[key])}  predicted {fmt(total[key])}  "
                           f"error {errors[key]:+.2%}")
+        if "fvcore_fwd_flops" in out["measured"]:
+            console.print(f"fvcore forward FLOPs (a second counter; blind to SDPA attention and elementwise ops): "
+                          f"{format_flops(out['measured']['fvcore_fwd_flops'])}  predicted "
+                          f"{format_flops(total['fwd_flops'])}")

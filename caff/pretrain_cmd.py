@@ -42,8 +42,8 @@ def _positive_float(text: str) -> float:
 
 def add_parser(subparsers) -> dict:
     p = subparsers.add_parser(
-        "pretrain", help="pretrain zoo models (char GPTs on held-back Shakespeare plays, vit-tiny on "
-                         "Fashion-MNIST images 0-29,999) and save safetensors checkpoints")
+        "pretrain", help="pretrain zoo models (char GPTs on English fortunes, never Shakespeare; vit-tiny on "
+                         "five Fashion-MNIST classes) and save safetensors checkpoints")
     p.add_argument("models", metavar="MODEL[,MODEL...]",
                    help="comma-separated zoo names or spec JSON files (kinds gpt with vocab 80, or vit)")
     p.add_argument("--steps", type=_positive_int, default=None, help="optimizer steps (default: per model)")

@@ -48,8 +48,14 @@ def add_parser(subparsers) -> dict:
     report.add_argument("runs", nargs="+", help="run directories")
     report.add_argument("-o", "--output", default="report.png", help="plot file (default report.png)")
 
-    demo = subparsers.add_parser("demo", help="plan the edge-mix fleet and compare caff with lora on Shakespeare")
-    demo.add_argument("--rounds", type=int, default=8)
+    demo = subparsers.add_parser("demo", help="plan a shipped fleet, validate its plans, and train caff, LoRA and full "
+                                              "fine-tuning on Shakespeare from the English-pretrained char-gpt-xs")
+    demo.add_argument("--fleet", default="edge-mix", help="shipped fleet name or file (default edge-mix)")
+    demo.add_argument("--rounds", type=int, default=20)
+    demo.add_argument("--lr", type=float, default=0.1, help="SGD learning rate of every method")
+    demo.add_argument("--eval-samples", type=int, default=500, help="test samples evaluated each round")
+    demo.add_argument("--central-steps", type=int, default=150,
+                      help="AdamW steps of the centralized full fine-tuning that gives the upper bound")
     demo.add_argument("--out", default="demo-runs")
     return {"validate": run_validate, "train": run_train, "report": run_report, "demo": run_demo}
 
@@ -202,18 +208,48 @@ def run_report(args) -> int:
 
 
 def run_demo(args) -> int:
-    """Plan the shipped edge-mix fleet and run caff and lora under the same budgets."""
+    """Plan a shipped fleet for char-gpt-xs, validate its plans, train caff, LoRA and full fine-tuning on
+    Shakespeare under the same budgets, and plot them against the pretrained model and the upper bound."""
     from types import SimpleNamespace
 
+    from costmodel import ZOO
+    from planner.planfile import write_plan_file
+    from trainer.reference import references
+
     out = Path(args.out)
-    for method in ("caff", "lora"):
+    out.mkdir(parents=True, exist_ok=True)
+    plan = _plan_for({"plan": None, "fleet": args.fleet, "model": "char-gpt-xs"}, 40, 0, "shakespeare")
+    write_plan_file(out / "plan.json", plan)
+    modes: dict[str, int] = {}
+    for device in plan.devices:
+        key = device.mode if device.status == "optimal" else device.status
+        modes[key] = modes.get(key, 0) + 1
+    print(f"== plan: {args.fleet}, 40 devices, char-gpt-xs: " + ", ".join(f"{n} x {m}" for m, n in modes.items()))
+    print("== validate")
+    run_validate(SimpleNamespace(plan=str(out / "plan.json"), device="cpu"))
+    cached = out / "references.json"
+    if not cached.exists():
+        cached.write_text(json.dumps(references("shakespeare", ZOO["char-gpt-xs"], args.central_steps,
+                                                samples=args.eval_samples)))
+    refs = json.loads(cached.read_text())
+    for method in ("caff", "lora", "full"):
         run_args = SimpleNamespace(
-            config=None, task="shakespeare", method=method, plan=None, fleet="edge-mix",
-            model="char-gpt-xs,char-gpt-s,char-gpt-m", fleet_size=40, rounds=args.rounds, clients_per_round=10,
-            local_steps=None, lr=None, seed=0, drop_rate=None, eval_every=None, eval_samples=None, engine="local",
-            no_pretrained=False, out=str(out / method),
-            resume=(out / method / "state.json").exists())
+            config=None, task="shakespeare", method=method, plan=str(out / "plan.json"), fleet=None, model=None,
+            fleet_size=40, rounds=args.rounds, clients_per_round=10, local_steps=None, lr=args.lr, seed=0,
+            drop_rate=None, eval_every=None, eval_samples=args.eval_samples, engine="local", no_pretrained=False,
+            out=str(out / method), resume=(out / method / "state.json").exists())
         print(f"== {method}")
         if run_train(run_args):
             return 1
-    return run_report(SimpleNamespace(runs=[str(out / "caff"), str(out / "lora")], output=str(out / "demo.png")))
+    from trainer.report import load_runs, plot_runs, summary_rows
+
+    runs = load_runs([str(out / m) for m in ("caff", "lora", "full")])
+    for row in summary_rows(runs):
+        print(row)
+    levels = {f"pretrained ({refs['pretrained']['accuracy']:.3f})": refs["pretrained"]["accuracy"],
+              f"central full fine-tuning ({refs['upper_bound']['accuracy']:.3f})": refs["upper_bound"]["accuracy"]}
+    print(f"reference: pretrained accuracy {refs['pretrained']['accuracy']:.3f}, centralized full fine-tuning "
+          f"{refs['upper_bound']['accuracy']:.3f} ({refs['central']}); {refs['test_samples']} test samples")
+    plot_runs(runs, str(out / "demo.png"), levels)
+    print(f"plot written to {out / 'demo.png'}", file=sys.stderr)
+    return 0

@@ -35,17 +35,17 @@ def test_a_few_steps_reduce_the_loss():
     assert sum(losses[-5:]) / 5 < losses[0] - 0.8
     assert stats["heldout_loss"] < math.log(80) - 0.8
     assert stats["heldout_bpc"] == pytest.approx(stats["heldout_loss"] / math.log(2))
-    assert "split_plays(0)" in stats["data"] and "hamlet" in stats["data"]  # a pretraining play
+    assert "English Debian fortune files" in stats["data"] and "no Shakespeare is ever read" in stats["data"]
     assert model.training
 
 
-def test_vit_pretraining_runs_on_the_first_images_only(need_data):
-    from trainer.data import fashion_mnist
+def test_vit_pretraining_runs_on_five_classes_only(need_data):
+    from trainer.tasks.fashion_mnist import read_labels
 
-    need_data(fashion_mnist, "test")
+    need_data(read_labels)
     _, stats = pretrain(TINY_VIT, steps=5, batch=16, lr=1e-3, seed=0, progress=False)
     assert 0.0 <= stats["heldout_accuracy"] <= 1.0 and math.isfinite(stats["heldout_loss"])
-    assert "0-27,999" in stats["data"] and "28,000-29,999" in stats["heldout_data"]
+    assert "classes T-shirt/top, Trouser, Pullover, Dress, Coat only" in stats["data"]
 
 
 def test_same_seed_same_weights_other_seed_other_weights():
@@ -92,7 +92,8 @@ def test_save_overwrites_atomically_and_accepts_a_state_dict(tmp_path):
 
 @pytest.mark.parametrize("name", COMMITTED)
 def test_committed_checkpoint_loads_strictly_and_beats_an_untrained_model(name, need_data):
-    from trainer.data import fashion_mnist, shakespeare_corpus, split_plays
+    from trainer.tasks.fashion_mnist import PRETRAIN_CLASSES, fashion_mnist
+    from trainer.tasks.shakespeare import shakespeare_corpus
 
     path = CHECKPOINT_DIR / f"{name}.safetensors"
     assert path.is_file(), f"missing committed checkpoint {path}"
@@ -103,14 +104,14 @@ def test_committed_checkpoint_loads_strictly_and_beats_an_untrained_model(name, 
     assert meta["command"].startswith(f"caff pretrain {name} ") and meta["seed"] == "0"
     untrained = build_model(ZOO[name], seed=0)
     if ZOO[name].kind == "gpt":
-        federated = split_plays(0)[1]
-        text = shakespeare_corpus([federated[0]])[:6000]  # never seen in pretraining
+        text = shakespeare_corpus(["hamlet"])[:6000]  # the federated task, never seen in pretraining
         pretrained_loss, untrained_loss = lm_loss(model, text), lm_loss(untrained, text)
         assert untrained_loss == pytest.approx(math.log(80), abs=0.1)
         assert pretrained_loss < math.log(80) - 1.5, pretrained_loss
         assert float(meta["heldout_loss"]) < math.log(80) - 1.5
     else:
         x, y = need_data(fashion_mnist, "test")
+        x, y = x[y < len(PRETRAIN_CLASSES)], y[y < len(PRETRAIN_CLASSES)]  # the classes it was pretrained on
         pretrained, baseline = evaluate(model, x[:1000], y[:1000]), evaluate(untrained, x[:1000], y[:1000])
         assert pretrained["accuracy"] > 0.7 and pretrained["loss"] < baseline["loss"] - 1.0
         assert float(meta["heldout_accuracy"]) > 0.7

@@ -108,7 +108,7 @@ def _strip(metrics):
 def test_a_killed_run_resumes_to_identical_metrics(tmp_path, three_device_plan):
     plan_path = three_device_plan
     args = ["train", "--task", "shakespeare", "--method", "caff", "--plan", str(plan_path), "--rounds", "4",
-            "--clients-per-round", "2", "--seed", "3", "--no-pretrained"]
+            "--clients-per-round", "2", "--seed", "3", "--no-pretrained", "--eval-samples", "64"]
     from caff.cli import main
 
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
@@ -161,8 +161,8 @@ def test_fedra_devices_run_a_shallow_model_of_their_held_blocks(tmp_path, three_
 
 
 def test_the_real_minilm_starting_point_does_not_depend_on_the_global_rng():
-    from trainer.data import minilm_dir
     from trainer.engine import initial_state
+    from trainer.tasks.fortunes import minilm_dir
 
     try:
         minilm_dir()
@@ -170,9 +170,9 @@ def test_the_real_minilm_starting_point_does_not_depend_on_the_global_rng():
         pytest.skip(str(missing))
     spec = ZOO["minilm-l6"].model_copy(update={"n_classes": 7})
     torch.manual_seed(1)
-    first = initial_state(spec, pretrained=True)
+    first = initial_state("fortunes", spec, pretrained=True)
     torch.manual_seed(2)
-    second = initial_state(spec, pretrained=True)
+    second = initial_state("fortunes", spec, pretrained=True)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[k], second[k]) for k in first)
 

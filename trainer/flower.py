@@ -53,6 +53,8 @@ from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 
+from profiles.atomic import atomic_write  # noqa: E402
+
 if TYPE_CHECKING:  # torch and caff's engine load when a handler needs them: a query message needs neither
     import torch
 
@@ -74,7 +76,7 @@ def write_run_file(path: str | Path, config: TrainConfig, plan_path: str | Path,
     """Write the run file the ServerApp reads; paths are made absolute. Returns its path."""
     from trainer.checkpoint import CHECKPOINT_DIR
 
-    Path(path).write_text(json.dumps({
+    atomic_write(path, json.dumps({
         "config": config.model_dump(), "plan": str(Path(plan_path).resolve()), "out": str(Path(out).resolve()),
         "resume": resume, "timeout": timeout, "checkpoints": str(CHECKPOINT_DIR)}))
     return str(path)

