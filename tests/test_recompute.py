@@ -115,3 +115,9 @@ def test_measured_peak_falls_with_recompute_as_predicted():
     predicted = [estimate(spec, mode, 8, 64).peak_bytes for mode in (plain, recomputed)]
     assert measured[1] < measured[0]
     assert abs((predicted[0] - predicted[1]) / (measured[0] - measured[1]) - 1) <= 0.10
+
+
+def test_cli_refuses_recompute_of_an_untrained_block(caff):
+    result = caff("cost", "char-gpt-xs", "--train", "blocks:1+recompute:2", "--json")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().count("\n") == 0 and "block 2 is recomputed but not trained" in result.stderr
