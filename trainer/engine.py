@@ -24,8 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from costmodel import ModelSpec, TrainMode, build_model, estimate
 from costmodel.measure import check_fits
+from costmodel.process import kept_bytes, process_memory, tensor_bytes
 from costmodel.wire import wire_bytes
 from planner.planfile import PlanFile
+from profiles.runtime import DEFAULT_RUNTIME, load_runtime
 from trainer.local import local_train, renumber_blocks
 from trainer.methods import METHODS, device_task, shallow_spec, smallest_common_architecture
 from trainer.rundir import load_run, plan_digest, save_round
@@ -141,7 +143,7 @@ class Server:
             else:
                 tasks.append({**record, "index": index, "mode": str(mode), "round": round_index, "task": config.task,
                               "n_devices": len(plan.devices), "seed": config.seed, "spec": spec.model_dump_json(),
-                              "steps": config.local_steps or device.budgets.local_steps,
+                              "steps": config.local_steps or device.budgets.local_steps, "runtime": device.runtime,
                               "batch": device.budgets.batch_size, "optimizer": plan.optimizer, "lr": config.lr})
         return tasks, idle
 
@@ -195,9 +197,16 @@ def received_arrays(task: dict, state: dict[str, torch.Tensor]) -> dict[str, tor
     return state if held is None else renumber_blocks(state, {b: b for b in held})
 
 
-def train_client(task: dict, received: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Run one device's task on its own data from the arrays it ``received`` (`received_arrays`):
-    (its record, its reply: what it trained, as trained, LoRA as factors, under global names).
+def client_shard(task: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training samples (inputs, targets) of the device of ``task``: its share of the task's data."""
+    return device_client(task["task"], task["seed"], task["n_devices"], task["index"]).train
+
+
+def train_client(task: dict, received: dict[str, torch.Tensor],
+                 shard: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Run one device's task on its own data (``shard``, default `client_shard`) from the arrays it
+    ``received`` (`received_arrays`): (its record, its reply: what it trained, as trained, LoRA as
+    factors, under global names).
 
     The record holds the wire bytes (`costmodel.wire`) of the reply (``upload_bytes``) and of what
     it received (``download_bytes``), and the LoRA factors' scale. A mode is measured the first
@@ -208,9 +217,8 @@ def train_client(task: dict, received: dict[str, torch.Tensor]) -> tuple[dict, d
     if held is not None:
         spec, state = shallow_spec(spec, len(held)), renumber_blocks(state, {g: i for i, g in enumerate(held)})
     mode = TrainMode.parse(task["mode"], spec.n_blocks)
-    client = device_client(task["task"], task["seed"], task["n_devices"], task["index"])
     seed, round_index, name = task["seed"], task["round"], task["device"]
-    stream = _batch_stream(*client.train, task["batch"], _seed(seed, round_index, name, "batches"))
+    stream = _batch_stream(*(shard or client_shard(task)), task["batch"], _seed(seed, round_index, name, "batches"))
     key = (spec.model_dump_json(), task["mode"], task["batch"], task["steps"])
     check_fits(spec, mode, task["batch"], TASK_SEQ[task["task"]], task["optimizer"],
                budget_bytes=task["memory_budget_bytes"])  # refuse, before the step, what cannot fit
@@ -220,6 +228,8 @@ def train_client(task: dict, received: dict[str, torch.Tensor]) -> tuple[dict, d
     reply = result.update if held is None else renumber_blocks(result.update, dict(enumerate(held)))
     predicted = estimate(spec, mode, task["batch"], TASK_SEQ[task["task"]], task["optimizer"])
     totals = predicted.totals
+    process = process_memory(load_runtime(task.get("runtime") or DEFAULT_RUNTIME), mode, predicted.peak_bytes,
+                             tensor_bytes(*client.train), kept_bytes(spec, mode, predicted))
     scales = set(result.lora_scales.values())  # alpha = 2 x rank: one scale for every adapter
     if len(scales) > 1:
         raise ValueError(f"LoRA adapters of one device with different scales {sorted(scales)}")
@@ -227,8 +237,8 @@ def train_client(task: dict, received: dict[str, torch.Tensor]) -> tuple[dict, d
         task, status="trained", samples=result.n_samples, loss=result.loss, upload_bytes=wire_bytes(reply),
         predicted_upload_bytes=totals["upload_bytes"], download_bytes=wire_bytes(received), flops=result.flops,
         predicted_flops=task["steps"] * (totals["fwd_flops"] + totals["bwd_flops"]), peak_bytes=result.peak_bytes,
-        predicted_peak_bytes=predicted.peak_bytes, seconds=result.seconds) | (
-        {"lora_scale": scales.pop()} if scales else {})
+        predicted_peak_bytes=predicted.peak_bytes, predicted_process_bytes=process.total_bytes,
+        seconds=result.seconds) | ({"lora_scale": scales.pop()} if scales else {})
     return record, reply
 
 
