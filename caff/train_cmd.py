@@ -211,11 +211,6 @@ def _print_rounds(metrics: list[dict]) -> set[str]:
 def run_report(args) -> int:
     from trainer.report import load_runs, plot_runs, summary_rows
 
-    cached = out / "references.json"
-    if not cached.exists():
-        atomic_write(cached, json.dumps(references("shakespeare", ZOO["char-gpt-xs"], args.central_steps,
-                                                   samples=args.eval_samples)))
-    refs = json.loads(cached.read_text())
     runs = load_runs(args.runs)
     for row in summary_rows(runs):
         print(row)
