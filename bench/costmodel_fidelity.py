@@ -3,8 +3,10 @@
 Draws N random configurations (costmodel.sampling: 1-12 blocks, width 32-512, sequence 1-256,
 batch 1-64, every training mode, LoRA ranks 1-64, fp32/bf16, matmul/SDPA attention), measures
 each on the CPU, and prints the distribution of relative errors of forward FLOPs, backward
-FLOPs, saved activation bytes and peak memory; then the time of one analytic estimate per
-block, uncached (every layer cost computed afresh) and cached (as the planner calls it).
+FLOPs, saved activation bytes and peak memory, and of forward FLOPs against fvcore's
+FlopCountAnalysis, a second counter (on matmul-attention configurations: fvcore counts SDPA as 0);
+then the time of one analytic estimate per block, uncached (every layer cost computed afresh)
+and cached (as the planner calls it).
 
     python bench/costmodel_fidelity.py [--n 100] [--seed 0]
 """
@@ -20,11 +22,12 @@ from costmodel.estimate import layer_cost
 from costmodel.sampling import random_config
 
 KEYS = ("fwd_flops", "bwd_flops", "activation_bytes", "peak_bytes")
+FVCORE = "fwd_flops (fvcore)"
 
 
 def errors(n: int, seed: int) -> dict[str, list[float]]:
     rng = random.Random(seed)
-    found = {key: [] for key in KEYS}
+    found = {key: [] for key in (*KEYS, FVCORE)}
     for index in range(n):
         spec, mode, batch, seq, optimizer = random_config(rng)
         report, measured = estimate(spec, mode, batch, seq, optimizer), measure(spec, mode, batch, seq, optimizer)
@@ -32,6 +35,8 @@ def errors(n: int, seed: int) -> dict[str, list[float]]:
         for key, seen in measured.total().items():
             if key in found:
                 found[key].append((predicted[key] - seen) / seen if seen else float(predicted[key] != seen))
+        if spec.attention == "matmul":
+            found[FVCORE].append(predicted["fwd_flops"] / measured.fvcore_fwd_flops - 1)
         print(f"\r{index + 1}/{n} configurations measured", end="", flush=True)
     print()
     return found
@@ -61,12 +66,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     found = errors(args.n, args.seed)
-    print(f"relative error (predicted - measured) / measured over {args.n} configurations")
-    print(f"{'quantity':18s} {'exact':>7s} {'|e|<=1%':>8s} {'|e|<=5%':>8s} {'median':>8s} {'p95 |e|':>8s} {'max |e|':>8s}")
+    print(f"relative error (predicted - measured) / measured over {args.n} configurations "
+          f"({len(found[FVCORE])} with matmul attention for fvcore)")
+    print(f"{'quantity':19s} {'exact':>7s} {'|e|<=1%':>8s} {'|e|<=5%':>8s} {'median':>8s} {'p95 |e|':>8s} {'max |e|':>8s}")
     for key, values in found.items():
         magnitudes = sorted(abs(v) for v in values)
         share = lambda bound: sum(m <= bound for m in magnitudes) / len(magnitudes)  # noqa: E731
-        print(f"{key:18s} {share(0):7.0%} {share(0.01):8.0%} {share(0.05):8.0%} {statistics.median(values):+8.2%} "
+        print(f"{key:19s} {share(0):7.0%} {share(0.01):8.0%} {share(0.05):8.0%} {statistics.median(values):+8.2%} "
               f"{magnitudes[int(0.95 * (len(magnitudes) - 1))]:8.2%} {magnitudes[-1]:8.2%}")
     uncached, cached = estimate_time_per_block()
     print(f"analytic estimate per block: {uncached * 1e6:.0f} us uncached, {cached * 1e6:.1f} us cached "

@@ -66,7 +66,7 @@ def check_against_ilp(result, devices, settings: PlanSettings, sample: int, rng:
             continue
         costs = table.evaluate(np.array(selection))
         agree += (entry.status == "optimal" and len(entry.trained_blocks) == costs.primary[0]
-                  and entry.upload_bytes == costs.trained_bytes[0] and entry.peak_bytes == costs.peak_bytes[0])
+                  and entry.upload_bytes == costs.upload_bytes[0] and entry.peak_bytes == costs.peak_bytes[0])
     print(f"  ILP check on {sample} sampled devices of {spec.name}: {agree}/{sample} optimal keys and peaks equal; "
           f"ILP {np.mean(seconds):.2f} s per device (median {np.median(seconds):.2f} s, max {np.max(seconds):.1f} s)")
 

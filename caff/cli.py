@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from caff import calibrate_cmd, cost_cmd, plan_cmd, pretrain_cmd, train_cmd
+from caff import calibrate_cmd, certs_cmd, cost_cmd, plan_cmd, pretrain_cmd, train_cmd
 from trainer.data import DataUnavailable
 
-SUBCOMMANDS = (cost_cmd, plan_cmd, train_cmd, pretrain_cmd, calibrate_cmd)
+SUBCOMMANDS = (cost_cmd, plan_cmd, train_cmd, pretrain_cmd, calibrate_cmd, certs_cmd)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -13,6 +13,7 @@ def add_parser(subparsers) -> dict:
     validate = subparsers.add_parser("validate", help="run each distinct plan of a plan file for real and compare")
     validate.add_argument("plan", help="plan file written by caff plan")
     validate.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present, and cpu)")
+    validate.add_argument("--json", action="store_true", help="print the rows as JSON")
 
     train = subparsers.add_parser("train", help="federated rounds in which every device executes its plan")
     train.add_argument("--config", help="JSON file with the fields below (flags override it)")
@@ -38,6 +39,10 @@ def add_parser(subparsers) -> dict:
                        help="local: this process; flower-sim: Flower's simulation engine, one virtual node per "
                             "device; flower: a running Flower SuperLink (--superlink) and its SuperNodes")
     train.add_argument("--superlink", default="127.0.0.1:8000", help="the SuperLink's address (--engine flower)")
+    train.add_argument("--root-certificates", help="CA certificate the SuperLink's TLS certificate is signed by "
+                                                   "(--engine flower; caff certs makes one)")
+    train.add_argument("--insecure", action="store_true",
+                       help="connect to the SuperLink without TLS (--engine flower; only on a trusted network)")
     train.add_argument("--round-timeout", type=float, default=600.0,
                        help="seconds a Flower round waits for replies before it goes on without them")
 
@@ -63,21 +68,28 @@ def run_validate(args) -> int:
 
     plan = read_plan_file(args.plan)
     rows = validate_plan(plan, args.device)
+    verdict = 0 if all(row["within_budget"] for row in rows) else 1
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return verdict
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{args.plan}: predicted, measured and budget, per distinct plan")
-    for column in ("model", "mode", "batch", "devices", "peak predicted", "peak measured", "memory budget",
+    table = Table(title=f"{args.plan}: predicted and measured, per distinct plan, each in a fresh process")
+    for column in ("model", "mode", "batch", "devices", "tensor peak predicted", "tensor peak measured",
+                   "process predicted", "process measured (peak RSS)", "USS at end", "memory budget",
                    "FLOPs/round predicted", "FLOPs/round measured", "upload", "verdict"):
         table.add_column(column, justify="left" if column in ("model", "mode", "verdict") else "right")
+    shown = lambda value: "-" if value is None else format_bytes(value)  # noqa: E731
     for row in rows:
         table.add_row(row["model"], row["mode"], str(row["batch"]), str(row["devices"]),
                       format_bytes(row["peak_predicted"]), format_bytes(row["peak_measured"]),
+                      format_bytes(row["process_predicted"]), shown(row["process_measured"]), shown(row["uss"]),
                       format_bytes(row["memory_budget"]), format_flops(row["flops_predicted"]),
                       format_flops(row["flops_measured"]), format_bytes(row["upload"]),
                       "ok" if row["within_budget"] else "OVER BUDGET")
-    Console(width=200).print(table)
-    return 0 if all(row["within_budget"] for row in rows) else 1
+    Console(width=220).print(table)
+    return verdict
 
 
 def _train_config(args):
@@ -128,6 +140,10 @@ def _plan_for(source: dict, fleet_size: int, seed: int, task: str):
 def run_train(args) -> int:
     config, source = _train_config(args)
     plan = _plan_for(source, args.fleet_size, config.seed, config.task)
+    if args.engine != "flower":  # steps run on this machine
+        from trainer.validate import check_smallest_steps_fit
+
+        check_smallest_steps_fit(plan)
     if args.engine == "local":
         from rich.progress import Progress
 
@@ -138,17 +154,23 @@ def run_train(args) -> int:
             metrics = run(config, plan, args.out, resume=args.resume, progress=lambda n: bar.advance(task, n))
     else:
         metrics = _run_on_flower(args, config, plan)
-    _print_rounds(metrics)
+    over = _print_rounds(metrics)
+    if over:
+        print(f"caff: error: {len(over)} device(s) went over their memory budget: {', '.join(sorted(over)[:5])}",
+              file=sys.stderr)
+        return 1
     return 0
 
 
 def _run_on_flower(args, config, plan) -> list[dict]:
     """Write the run file (and the plan) into --out and run it on Flower; the metrics the server wrote."""
     from planner.planfile import write_plan_file
-    from trainer.engine import saved_round
+    from trainer.rundir import load_run, plan_digest
 
+    if args.engine == "flower" and bool(args.root_certificates) == bool(args.insecure):
+        raise ValueError("--engine flower: give --root-certificates CA (TLS; caff certs makes one) or --insecure")
     out = Path(args.out).resolve()
-    saved_round(config, out, args.resume)  # refuse before Flower starts, not inside its ServerApp
+    load_run(config, plan_digest(plan), None, out, args.resume)  # refuse before Flower starts, not inside its ServerApp
     out.mkdir(parents=True, exist_ok=True)
     write_plan_file(out / "plan.json", plan)
     try:
@@ -162,22 +184,29 @@ def _run_on_flower(args, config, plan) -> list[dict]:
         app_dir = Path(__file__).resolve().parents[1]
         if not (app_dir / "pyproject.toml").is_file():
             raise ValueError(f"--engine flower runs the Flower app of a source checkout; {app_dir} is not one")
-        flwr_run(run_file, args.superlink, app_dir, log_file=out / "flwr-run.log")
-    if saved_round(config, out, True) < config.rounds:
+        flwr_run(run_file, args.superlink, app_dir, log_file=out / "flwr-run.log",
+                 root_certificates=args.root_certificates)
+    saved = load_run(config, plan_digest(plan), None, out, True)
+    if saved is None or saved[1] <= config.rounds:
         raise ValueError(f"the Flower run stopped before round {config.rounds} (see {out / 'flwr-run.log'} and "
                          "Flower's output)")
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return saved[2]
 
 
-def _print_rounds(metrics: list[dict]) -> None:
+def _print_rounds(metrics: list[dict]) -> set[str]:
+    """Print one line per round; the devices that went over their memory budget in any round."""
+    over_any = set()
     for m in metrics:
         trained = [c for c in m["clients"] if c["status"] == "trained"]
         over = [c["device"] for c in trained if c["peak_bytes"] > c["memory_budget_bytes"]]
+        over_any.update(over)
         tested = (f"test loss {m['test_loss']:.3f}  accuracy {m['test_accuracy']:.3f}" if m["test_loss"] is not None
                   else "(not evaluated this round)")
-        print(f"round {m['round']:3d}  {m['method']:8s} {tested}  trained {len(trained)}/{len(m['clients'])}  upload "
-              f"{format_bytes(m['uploaded_bytes'])}  {format_flops(m['flops'])}  {m['seconds']:.1f} s"
-              + (f"  OVER MEMORY BUDGET: {', '.join(over)}" if over else ""))
+        rejected = f", {len(m['rejected'])} update(s) rejected" if m["rejected"] else ""
+        print(f"round {m['round']:3d}  {m['method']:8s} {tested}  trained {len(trained)}/{len(m['clients'])}"
+              f"{rejected}  upload {format_bytes(m['uploaded_bytes'])}  {format_flops(m['flops'])}  "
+              f"{m['seconds']:.1f} s" + (f"  OVER MEMORY BUDGET: {', '.join(over)}" if over else ""))
+    return over_any
 
 
 def run_report(args) -> int:
@@ -185,8 +214,8 @@ def run_report(args) -> int:
 
     cached = out / "references.json"
     if not cached.exists():
-        cached.write_text(json.dumps(references("shakespeare", ZOO["char-gpt-xs"], args.central_steps,
-                                                samples=args.eval_samples)))
+        atomic_write(cached, json.dumps(references("shakespeare", ZOO["char-gpt-xs"], args.central_steps,
+                                                   samples=args.eval_samples)))
     refs = json.loads(cached.read_text())
     runs = load_runs(args.runs)
     for row in summary_rows(runs):
@@ -203,25 +232,29 @@ def run_demo(args) -> int:
 
     from costmodel import ZOO
     from planner.planfile import write_plan_file
+    from profiles.atomic import atomic_write
     from trainer.reference import references
+    from trainer.rundir import load_run, plan_digest
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plan = _plan_for({"plan": None, "fleet": args.fleet, "model": "char-gpt-xs"}, 40, 0, "shakespeare")
-    write_plan_file(out / "plan.json", plan)
     modes: dict[str, int] = {}
     for device in plan.devices:
         key = device.mode if device.status == "optimal" else device.status
         modes[key] = modes.get(key, 0) + 1
     print(f"== plan: {args.fleet}, 40 devices, char-gpt-xs: " + ", ".join(f"{n} x {m}" for m, n in modes.items()))
+    runs = {method: SimpleNamespace(
+        config=None, task="shakespeare", method=method, plan=str(out / "plan.json"), fleet=None, model=None,
+        fleet_size=40, rounds=args.rounds, clients_per_round=10, local_steps=None, lr=args.lr, seed=0,
+        drop_rate=None, eval_every=None, eval_samples=args.eval_samples, engine="local", no_pretrained=False,
+        out=str(out / method), resume=(out / method / "state.json").exists()) for method in ("caff", "lora", "full")}
+    for run_args in runs.values():  # refuse a run directory before the long steps below
+        load_run(_train_config(run_args)[0], plan_digest(plan), None, run_args.out, run_args.resume)
+    write_plan_file(out / "plan.json", plan)
     print("== validate")
     run_validate(SimpleNamespace(plan=str(out / "plan.json"), device="cpu"))
-    for method in ("caff", "lora", "full"):
-        run_args = SimpleNamespace(
-            config=None, task="shakespeare", method=method, plan=str(out / "plan.json"), fleet=None, model=None,
-            fleet_size=40, rounds=args.rounds, clients_per_round=10, local_steps=None, lr=args.lr, seed=0,
-            drop_rate=None, eval_every=None, eval_samples=args.eval_samples, engine="local", no_pretrained=False,
-            out=str(out / method), resume=(out / method / "state.json").exists())
+    for method, run_args in runs.items():
         print(f"== {method}")
         if run_train(run_args):
             return 1
@@ -229,16 +262,16 @@ def run_demo(args) -> int:
 
     cached = out / "references.json"
     if not cached.exists():
-        cached.write_text(json.dumps(references("shakespeare", ZOO["char-gpt-xs"], args.central_steps,
-                                                samples=args.eval_samples)))
+        atomic_write(cached, json.dumps(references("shakespeare", ZOO["char-gpt-xs"], args.central_steps,
+                                                   samples=args.eval_samples)))
     refs = json.loads(cached.read_text())
-    runs = load_runs([str(out / m) for m in ("caff", "lora", "full")])
-    for row in summary_rows(runs):
+    results = load_runs([run_args.out for run_args in runs.values()])
+    for row in summary_rows(results):
         print(row)
     levels = {f"pretrained ({refs['pretrained']['accuracy']:.3f})": refs["pretrained"]["accuracy"],
               f"central full fine-tuning ({refs['upper_bound']['accuracy']:.3f})": refs["upper_bound"]["accuracy"]}
     print(f"reference: pretrained accuracy {refs['pretrained']['accuracy']:.3f}, centralized full fine-tuning "
           f"{refs['upper_bound']['accuracy']:.3f} ({refs['central']}); {refs['test_samples']} test samples")
-    plot_runs(runs, str(out / "demo.png"), levels)
+    plot_runs(results, str(out / "demo.png"), levels)
     print(f"plot written to {out / 'demo.png'}", file=sys.stderr)
     return 0

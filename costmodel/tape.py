@@ -27,6 +27,8 @@ import itertools
 import math
 from dataclasses import dataclass, field
 
+from costmodel.wire import array_wire_bound
+
 _storage_ids = itertools.count()
 
 
@@ -85,7 +87,7 @@ class LayerCost:
     trained_tensors: int = 0
     largest_trained_tensor_bytes: int = 0
     step_temp_bytes: int = 0
-    upload_bytes: int = 0
+    upload_bytes: int = 0  # trained tensors on the wire, a bound (`costmodel.wire`)
     external_saved_bytes: int = 0
     fwd_peak_bytes: int = 0
     bwd_peak_bytes: int = 0
@@ -142,6 +144,7 @@ class Tape:
             self.cost.trained_param_bytes += nbytes
             self.cost.grad_bytes += 0 if grad_exists else nbytes
             self.cost.trained_tensors += len(sizes)
+            self.cost.upload_bytes += sum(array_wire_bound(size * self.itemsize) for size in sizes)
             self.cost.largest_trained_tensor_bytes = max(self.cost.largest_trained_tensor_bytes,
                                                          max(sizes) * self.itemsize)
         return nbytes

@@ -59,13 +59,15 @@ class Needs(_Strict):
 
 class ProcessTerms(_Strict):
     """A plan's predicted process memory, term by term (`costmodel.process`), bytes: the runtime's
-    footprint, the step's tensor peak, the data shard and the received tensors kept; their sum."""
+    footprint, the step's tensor peak, the allocator's slack, the data shard and the received tensors
+    kept; their sum."""
 
-    runtime_bytes: int
-    tensor_peak_bytes: int
-    shard_bytes: int
-    kept_bytes: int
-    total_bytes: int
+    runtime_bytes: int = Field(ge=0)
+    tensor_peak_bytes: int = Field(gt=0)
+    allocator_bytes: int = Field(ge=0)
+    shard_bytes: int = Field(ge=0)
+    kept_bytes: int = Field(ge=0)
+    total_bytes: int = Field(gt=0)
 
 
 class DevicePlan(_Strict):
@@ -165,7 +167,7 @@ def write_plan_file(path: str | Path, plan: PlanFile) -> None:
 def read_plan_file(path: str | Path) -> PlanFile:
     """Read and check a plan file; ValueError with one line naming the file and the bad field."""
     data = read_json_object(path, "plan")
-    if data.get("version") != PLAN_FILE_VERSION:
+    if data.get("version") != PLAN_FILE_VERSION or isinstance(data.get("version"), bool):
         raise ValueError(f"{path}: plan file version {data.get('version')!r} is not supported "
                          f"(this caff reads version {PLAN_FILE_VERSION})")
     try:

@@ -133,3 +133,16 @@ def test_live_bytes_tracker_agrees_with_torch_memtracker(text, optimizer):
             opt.zero_grad(set_to_none=True)
         peaks.append((ours.peak, theirs.get_tracker_snapshot("peak")[inputs.device]["Total"]))
     assert peaks[-1][0] == peaks[-1][1], peaks
+
+
+@pytest.mark.parametrize("name, text", [("char-gpt-xs", "all"), ("char-gpt-xs", "lora:4"), ("vit-tiny", "last:2"),
+                                        ("minilm-l6", "head")])
+def test_fvcore_counts_the_forward_flops_the_estimate_predicts(name, text):
+    """fvcore's FlopCountAnalysis (jit trace, its own formulas; x2 per multiply-add) is a second reference
+    for the forward. Its blind spot, SDPA, shows exactly: it misses the attention matmuls, 2 * 2*b*s^2*d
+    FLOPs per block (QK^T and AV)."""
+    spec, batch, seq = ZOO[name], 2, 16
+    measured = measure(spec, TrainMode.parse(text, spec.n_blocks), batch, seq)
+    predicted = estimate(spec, TrainMode.parse(text, spec.n_blocks), batch, seq).totals["fwd_flops"]
+    missed = spec.n_blocks * 4 * batch * seq * seq * spec.d_model if spec.attention == "sdpa" else 0
+    assert measured.fvcore_fwd_flops == predicted - missed

@@ -24,6 +24,7 @@ from costmodel import ZOO, TrainMode, build_model, estimate
 from planner.fleet import PlanSettings, plan
 from planner.planfile import read_plan_file, write_plan_file
 from profiles import DeviceSpec
+from tests.conftest import TENSORS_ONLY
 from trainer.engine import TrainConfig
 from trainer.local import local_train
 
@@ -38,7 +39,7 @@ def _plan(path, spec=SPEC, seq=80, memory=(0.6, 1.2), compute=1e12, steps=2):
     """A plan of ``spec`` for devices with ``memory`` x full fine-tuning's peak (batch 2)."""
     full = estimate(spec, TrainMode.parse("all", spec.n_blocks), 2, seq).peak_bytes
     devices = [DeviceSpec(name=f"d{i}", memory_bytes=int(f * full), compute_flops=compute, upload_bytes=10**8,
-                          local_steps=steps, batch_size=2) for i, f in enumerate(memory)]
+                          local_steps=steps, batch_size=2, runtime=TENSORS_ONLY) for i, f in enumerate(memory)]
     write_plan_file(path, plan([spec], devices, PlanSettings(seq=seq, lora_ranks=(2, 4))))
     return path
 
@@ -170,6 +171,17 @@ def test_resume_with_another_plan_is_refused(caff, interrupted, tmp_path):
     _refused(caff(*ARGS, "--plan", str(other), "--out", str(run), "--resume"), "different plan or fleet")
 
 
+def test_a_plan_made_again_from_the_same_fleet_has_the_same_hash_and_another_fleet_another(tmp_path):
+    """``--resume --fleet F`` plans again: only the solver's timings differ, and the hash leaves them out."""
+    from trainer.rundir import plan_digest
+
+    first, again, other = (read_plan_file(_plan(tmp_path / f"{i}.json", memory=memory))
+                           for i, memory in enumerate([(0.6, 1.2), (0.6, 1.2), (0.6, 1.3)]))
+    again = again.model_copy(update={"devices": [d.model_copy(update={"solver_seconds": d.solver_seconds + 1})
+                                                 for d in again.devices]})
+    assert plan_digest(first) == plan_digest(again) != plan_digest(other)
+
+
 def test_resume_with_another_configuration_names_the_difference_and_how_to_start_afresh(caff, interrupted,
                                                                                         tmp_path):
     run, plan_path = _copy(interrupted, tmp_path)
@@ -223,7 +235,7 @@ def test_a_run_in_which_a_device_exceeds_its_memory_budget_exits_non_zero(caff, 
     data["devices"][0]["budgets"]["memory_bytes"] = 1000  # the plan claims a budget its mode cannot meet
     plan_path.write_text(json.dumps(data))
     result = caff(*ARGS[:-2], "--rounds", "1", "--plan", str(plan_path), "--out", str(tmp_path / "run"))
-    assert result.returncode in (1, 2) and "memory" in result.stderr and result.stderr.count("\n") == 1
+    assert result.returncode in (1, 2) and "budget" in result.stderr and result.stderr.count("\n") == 1
 
 
 def test_a_plan_without_devices_is_refused(caff, tmp_path):

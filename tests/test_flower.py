@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 pytest.importorskip("flwr", reason="the Flower tests need flwr: pip install -e '.[flower]'")
 
 from planner.planfile import read_plan_file  # noqa: E402
-from trainer.engine import Server, TrainConfig, train_client  # noqa: E402
+from trainer.engine import Server, TrainConfig, run, train_client  # noqa: E402
+from trainer.server import lora_deltas  # noqa: E402
 
 TIMING = {"seconds", "client_seconds", "total_seconds", "eval_seconds"}
 CONFIG = TrainConfig(task="shakespeare", method="caff", rounds=2, clients_per_round=3, pretrained=False,
@@ -24,10 +25,13 @@ def _run_file(tmp_path, plan_path, out, timeout=300):
     return write_run_file(tmp_path / f"{out.name}.json", CONFIG, plan_path, out, timeout=timeout)
 
 
-def _metrics(out):
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+def _strip_timing(rows):
     return [{k: v for k, v in m.items() if k not in TIMING} | {"clients": [
         {k: v for k, v in c.items() if k not in TIMING} for c in m["clients"]]} for m in rows]
+
+
+def _metrics(out):
+    return _strip_timing([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
 
 
 def _same_model(a, b):
@@ -37,9 +41,12 @@ def _same_model(a, b):
         assert torch.allclose(first[key], second[key], atol=1e-6), key
 
 
-def test_flower_simulation_gives_the_in_process_engines_model(tmp_path, three_device_plan, monkeypatch, caff):
+@pytest.mark.parametrize("method", ["caff", *(pytest.param(m, marks=pytest.mark.slow)
+                                             for m in ("lora", "fedra", "full", "head"))])
+def test_flower_simulation_gives_the_in_process_engines_model(tmp_path, three_device_plan, monkeypatch, caff, method):
+    """Also the wire: every client's measured upload (Flower's serialization) fits its planned upload."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # Ray's workers: the same float sums as this process
-    args = ["train", "--task", "shakespeare", "--method", "caff", "--plan", str(three_device_plan), "--rounds", "2",
+    args = ["train", "--task", "shakespeare", "--method", method, "--plan", str(three_device_plan), "--rounds", "2",
             "--clients-per-round", "3", "--seed", "3", "--no-pretrained", "--eval-samples", "16"]
     assert caff(*args, "--out", str(tmp_path / "local")).returncode == 0
     simulated = caff(*args, "--engine", "flower-sim", "--out", str(tmp_path / "sim"))
@@ -47,6 +54,8 @@ def test_flower_simulation_gives_the_in_process_engines_model(tmp_path, three_de
     assert "round   2" in simulated.stdout
     _same_model(tmp_path / "local", tmp_path / "sim")
     assert _metrics(tmp_path / "sim") == _metrics(tmp_path / "local")
+    trained = [c for m in _metrics(tmp_path / "sim") for c in m["clients"] if c["status"] == "trained"]
+    assert trained and all(c["upload_bytes"] <= c["predicted_upload_bytes"] for c in trained)
 
 
 def _strategy(tmp_path, plan_path, config=CONFIG):
@@ -80,7 +89,39 @@ def flower_task_identity():
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
-def test_a_failed_node_loses_its_update_and_the_round_goes_on(tmp_path, three_device_plan, flower_task_identity):
+@pytest.fixture
+def node_context(tmp_path):
+    """A node's context in run 1, its data shards cached under tmp_path."""
+    from flwr.app import Context, RecordDict
+
+    return Context(run_id=1, node_id=0, node_config={"cache-dir": str(tmp_path / "shards")}, state=RecordDict(),
+                   run_config={})
+
+
+def test_a_node_prepares_its_data_shard_once_and_reads_it_back_exactly(tmp_path, three_device_plan, node_context):
+    from safetensors import SafetensorError
+
+    from trainer.engine import client_shard
+    from trainer.flower import node_shard
+
+    strategy = _strategy(tmp_path, three_device_plan)
+    task = strategy.server.tasks(1)[0][0]
+    path = tmp_path / "shards" / "1" / f"shakespeare-3-{task['seed']}-{task['index']}.safetensors"
+    first = node_shard(task, node_context)
+    assert path.exists()
+    on_disk = load_file(str(path))
+    assert on_disk["inputs"].dtype == torch.uint8  # characters: one byte each, not eight
+    expected = client_shard(task)
+    second = node_shard(task, node_context)  # read back from the file
+    for made, read, want in zip(first, second, expected):
+        assert read.dtype == want.dtype and torch.equal(read, want) and torch.equal(made, want)
+    path.write_bytes(b"")  # the second read came from the file: a broken file now fails
+    with pytest.raises(SafetensorError):
+        node_shard(task, node_context)
+
+
+def test_a_failed_node_loses_its_update_and_the_round_goes_on(tmp_path, three_device_plan, flower_task_identity,
+                                                              node_context):
     from flwr.app import Error, Message
 
     from trainer.flower import client_train
@@ -92,19 +133,43 @@ def test_a_failed_node_loses_its_update_and_the_round_goes_on(tmp_path, three_de
     for message in messages:  # each node gets its own plan and every global array
         assert message.content["arrays"].keys() == before.keys()
     survivor, lost = messages
-    replies = [client_train(survivor, None), Message(Error(code=5, reason="node went away"), reply_to=lost)]
+    replies = [client_train(survivor, node_context), Message(Error(code=5, reason="node went away"), reply_to=lost)]
     strategy.aggregate_train(1, replies)
 
     clients = {c["device"]: c for c in strategy.server.metrics[-1]["clients"]}
     lost_device = dict(lost.content["task"])["device"]
     assert clients[lost_device]["status"] == "failed" and "node went away" in clients[lost_device]["reason"]
     # one contributor: every tensor it trained moves by its own change, every other keeps its value
-    _, deltas = train_client(dict(survivor.content["task"]), before)
+    record, reply = train_client(dict(survivor.content["task"]), before)
+    deltas = lora_deltas(reply, record.get("lora_scale"), before)
     after = strategy.server.state
     for key in before:
         expected = before[key] + deltas[key] if key in deltas else before[key]
         assert torch.allclose(after[key], expected, atol=1e-6), key
     assert deltas and set(deltas) != set(before)
+
+
+@pytest.mark.parametrize("method", ["caff", "lora", "fedra", "full", "head"])
+def test_replies_carry_what_was_trained_and_the_planned_upload_bounds_the_wire(tmp_path, three_device_plan,
+                                                                             flower_task_identity, node_context, method):
+    """A round through the strategy and the ClientApp (Flower's serialization, no transport): every
+    reply's serialized arrays fit the planned upload, and the round equals the in-process engine's."""
+    from trainer.flower import client_train
+
+    config = CONFIG.model_copy(update={"method": method, "rounds": 1})
+    strategy = _strategy(tmp_path / "flower", three_device_plan, config)
+    messages = strategy.configure_train(1, None, None, grid=KnownNodes(strategy))
+    replies = [client_train(message, node_context) for message in messages]
+    for reply in replies:
+        record, arrays = dict(reply.content["record"]), reply.content["arrays"]
+        assert record["upload_bytes"] <= record["predicted_upload_bytes"], record
+        assert record["upload_bytes"] > sum(len(a.data) for a in arrays.values()) and record["download_bytes"] > 0
+        if "lora" in record["mode"]:  # factors as trained, not dense B A products
+            assert any(".lora_A." in key for key in arrays.keys()) and record["lora_scale"] == 2.0
+    strategy.aggregate_train(1, replies)
+    in_process = run(config, read_plan_file(three_device_plan), tmp_path / "in-process")
+    assert _strip_timing(strategy.server.metrics) == _strip_timing(in_process)
+    assert in_process[0]["uploaded_bytes"] == sum(dict(r.content["record"])["upload_bytes"] for r in replies) > 0
 
 
 def test_a_round_without_replies_records_every_device_failed(tmp_path, three_device_plan, flower_task_identity):
@@ -117,7 +182,8 @@ def test_a_round_without_replies_records_every_device_failed(tmp_path, three_dev
     assert all(torch.equal(before[k], strategy.server.state[k]) for k in before)
 
 
-def test_a_reply_for_another_nodes_device_is_refused(tmp_path, three_device_plan, flower_task_identity):
+def test_a_reply_for_another_nodes_device_is_refused(tmp_path, three_device_plan, flower_task_identity,
+                                                     node_context):
     from flwr.app import Message
 
     from trainer.flower import client_train
@@ -125,7 +191,7 @@ def test_a_reply_for_another_nodes_device_is_refused(tmp_path, three_device_plan
     strategy = _strategy(tmp_path, three_device_plan)
     before = dict(strategy.server.state)
     honest, impostor = strategy.configure_train(1, None, None, grid=KnownNodes(strategy))
-    reply = client_train(honest, None)
+    reply = client_train(honest, node_context)
     strategy.aggregate_train(1, [Message(reply.content, reply_to=impostor)])  # the other node sends it
     statuses = {c["device"]: (c["status"], c.get("reason", "")) for c in strategy.server.metrics[-1]["clients"]}
     assert [status for status, _ in statuses.values()].count("failed") == 2
@@ -133,7 +199,8 @@ def test_a_reply_for_another_nodes_device_is_refused(tmp_path, three_device_plan
     assert all(torch.equal(before[k], strategy.server.state[k]) for k in before)
 
 
-def test_a_fedra_node_receives_only_the_blocks_it_holds(tmp_path, three_device_plan, flower_task_identity):
+def test_a_fedra_node_receives_only_the_blocks_it_holds(tmp_path, three_device_plan, flower_task_identity,
+                                                        node_context):
     from trainer.flower import client_train
 
     strategy = _strategy(tmp_path, three_device_plan, CONFIG.model_copy(update={"method": "fedra"}))
@@ -144,7 +211,7 @@ def test_a_fedra_node_receives_only_the_blocks_it_holds(tmp_path, three_device_p
         blocks = {int(k.split(".")[1]) for k in message.content["arrays"].keys() if k.startswith("blocks.")}
         assert blocks == held
         assert {"embed.tok.weight", "head.out.weight"} <= set(message.content["arrays"].keys())
-        reply = dict(client_train(message, None).content["record"])
+        reply = dict(client_train(message, node_context).content["record"])
         assert reply["status"] == "trained" and reply["peak_bytes"] <= reply["memory_budget_bytes"]
 
 
@@ -153,19 +220,23 @@ def _pids_gone(processes):
 
 
 def test_localhost_deployment_gives_the_in_process_engines_model(tmp_path, three_device_plan, monkeypatch, caff):
-    """flower-superlink and three flower-supernodes on free ports, two rounds with ``flwr run``."""
+    """flower-superlink and three flower-supernodes on free ports, with TLS and SuperNode
+    authentication, two rounds with ``flwr run``; a fourth node, whose key nobody registered, is refused."""
     from trainer.flower import localhost_federation
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     args = ["train", "--task", "shakespeare", "--method", "caff", "--plan", str(three_device_plan), "--rounds", "2",
             "--clients-per-round", "3", "--seed", "3", "--no-pretrained", "--eval-samples", "16"]
     assert caff(*args, "--out", str(tmp_path / "local")).returncode == 0
-    # node 0 names its device; nodes 1 and 2 give a partition id (device d1 and device d0)
-    configs = ["device='d2'", "partition-id=1", "partition-id=0"]
-    with localhost_federation(3, tmp_path / "logs", node_config=lambda i: configs[i]) as (address, processes):
-        deployed = caff(*args, "--engine", "flower", "--superlink", address, "--out", str(tmp_path / "flower"))
+    # node 0 names its device; nodes 1 and 2 give a partition id (device d1 and device d0); node 3 is unregistered
+    configs = ["device='d2'", "partition-id=1", "partition-id=0", "device='d1'"]
+    with localhost_federation(3, tmp_path / "logs", node_config=lambda i: configs[i], unregistered=1) as federation:
+        deployed = caff(*args, "--engine", "flower", "--superlink", federation.address, "--root-certificates",
+                        str(federation.root_certificates), "--out", str(tmp_path / "flower"))
+        intruder = (tmp_path / "logs" / "process-4.log").read_text()
     assert deployed.returncode == 0, deployed.stderr
-    assert _pids_gone(processes)
+    assert _pids_gone(federation.processes)
+    assert "Failed to activate SuperNode" in intruder, intruder[-2000:]
     _same_model(tmp_path / "local", tmp_path / "flower")
     assert _metrics(tmp_path / "flower") == _metrics(tmp_path / "local")
 
@@ -178,8 +249,10 @@ def test_a_node_killed_mid_round_does_not_stall_the_run(tmp_path, three_device_p
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "flower"
-    with localhost_federation(3, tmp_path / "logs") as (address, processes):
+    with localhost_federation(3, tmp_path / "logs") as federation:
         import threading
+
+        processes = federation.processes
 
         def kill_d2_when_it_trains():  # node 2 acts for device d2, the one that trains all blocks
             log = tmp_path / "logs" / "process-3.log"
@@ -191,8 +264,9 @@ def test_a_node_killed_mid_round_does_not_stall_the_run(tmp_path, three_device_p
         killer = threading.Thread(target=kill_d2_when_it_trains, daemon=True)
         killer.start()
         started = time.time()
-        flwr_run(_run_file(tmp_path, three_device_plan, out, timeout=240), address,
-                 os.path.dirname(os.path.dirname(__file__)), log_file=tmp_path / "flwr-run.log", timeout=600)
+        flwr_run(_run_file(tmp_path, three_device_plan, out, timeout=240), federation.address,
+                 os.path.dirname(os.path.dirname(__file__)), log_file=tmp_path / "flwr-run.log", timeout=600,
+                 root_certificates=federation.root_certificates)
         killer.join()
     assert _pids_gone(processes)
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -206,9 +280,32 @@ def test_a_node_killed_mid_round_does_not_stall_the_run(tmp_path, three_device_p
 def test_no_superlink_is_a_one_line_error(tmp_path, three_device_plan, caff):
     from trainer.flower import free_port
 
-    result = caff("train", "--task", "shakespeare", "--plan", str(three_device_plan), "--rounds", "1",
-                  "--no-pretrained", "--engine", "flower", "--superlink", f"127.0.0.1:{free_port()}",
-                  "--out", str(tmp_path / "run"))
+    args = ["train", "--task", "shakespeare", "--plan", str(three_device_plan), "--rounds", "1", "--no-pretrained",
+            "--engine", "flower", "--superlink", f"127.0.0.1:{free_port()}", "--out", str(tmp_path / "run")]
+    result = caff(*args, "--insecure")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "flwr run exited" in result.stderr, result.stderr
     assert not (tmp_path / "run" / "state.json").exists()
+    unsaid = caff(*args)  # neither TLS nor an explicit --insecure
+    assert unsaid.returncode == 2 and unsaid.stderr.count("\n") == 1 and "--insecure" in unsaid.stderr
+
+
+def test_caff_certs_makes_a_chain_for_the_hosts_and_openssh_node_keys(tmp_path, caff):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    assert caff("certs", str(tmp_path), "--host", "127.0.0.1", "--host", "link.example", "--nodes", "2").returncode == 0
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((tmp_path / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)  # raises unless the CA signed it
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert names.get_values_for_type(x509.DNSName) == ["link.example"]
+    for i in range(2):
+        private = load_ssh_private_key((tmp_path / f"node-{i}").read_bytes(), password=None)
+        public = load_ssh_public_key((tmp_path / f"node-{i}.pub").read_bytes())
+        assert isinstance(private.curve, ec.SECP384R1) and private.public_key() == public
+        assert (tmp_path / f"node-{i}").stat().st_mode & 0o077 == 0
+    again = caff("certs", str(tmp_path), "--host", "127.0.0.1")
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "already holds" in again.stderr

@@ -88,7 +88,8 @@ def random_budgets(rng: random.Random, costs: dict) -> Budgets:
 def fits(budgets: Budgets, peak, flops, upload):
     """The budget test written out, independent of `Budgets.fits`: the process holds the fixed bytes
     (runtime, shard), the tensor peak and the received tensors it trains (bounded by the upload)."""
-    return ((budgets.fixed_bytes + peak + upload <= budgets.memory_bytes * (1 - budgets.margin))
+    return ((budgets.fixed_bytes + peak * (1 + budgets.tensor_overhead) + upload
+             <= budgets.memory_bytes * (1 - budgets.margin))
             & (upload <= budgets.upload_bytes)
             & (budgets.local_steps * flops <= budgets.compute_flops))
 
@@ -177,12 +178,13 @@ def test_linear_forms_and_plans_on_a_branching_graph(monkeypatch):
         peaks = np.array([r.peak_bytes for r in reports])
         flops = np.array([r.totals["fwd_flops"] + r.totals["bwd_flops"] for r in reports])
         uploads = np.array([r.totals["upload_bytes"] for r in reports])
+        trained = np.array([r.totals["grad_bytes"] for r in reports])  # the tie-break: trained bytes
         for trial in range(40):
             process = peaks + uploads
             budgets = Budgets(rng.uniform(process.min(), process.max()), rng.uniform(flops.min(), flops.max()),
                               rng.uniform(uploads.min(), uploads.max()), 1, 0.0)
             ok = fits(budgets, peaks, flops, uploads)
-            best = max((len(m.blocks), int(u), -int(p)) for m, u, p, f in zip(modes, uploads, peaks, ok) if f) \
+            best = max((len(m.blocks), int(t), -int(p)) for m, t, p, f in zip(modes, trained, peaks, ok) if f) \
                 if ok.any() else None
             index = frontier.best(Budgets.stack([budgets]))[0]
             got = None if index < 0 else (int(frontier.costs.primary[index]), int(frontier.costs.trained_bytes[index]),

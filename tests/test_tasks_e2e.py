@@ -1,16 +1,22 @@
 """Every task with every method, end to end through ``caff train``: one round, one step, a tiny
 evaluation. The committed checkpoints start Shakespeare and Fashion-MNIST; fortunes runs a small
-encoder from random weights (the real MiniLM is tested in test_trainer and test_hf)."""
+encoder from random weights (the real MiniLM is tested in test_trainer and test_hf). Then, on the
+same data, a run of the task's model with SDPA attention, stopped after round 1 and resumed in a
+"new process" (one that has measured nothing yet), is bit-identical to the uninterrupted run."""
 
 import json
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from costmodel import ZOO, ModelSpec, TrainMode, estimate
 from planner.fleet import PlanSettings, plan
 from planner.planfile import write_plan_file
 from profiles import DeviceSpec
-from trainer.engine import TASK_SEQ
+from tests.conftest import TENSORS_ONLY
+from trainer import engine
+from trainer.engine import TASK_SEQ, TrainConfig
 from trainer.methods import METHODS
 from trainer.tasks import get_task
 
@@ -29,13 +35,46 @@ def _spec(task: str) -> tuple[ModelSpec, bool]:
 def _plan(path, spec: ModelSpec, seq: int | None, memory: tuple[float, ...]):
     full = estimate(spec, TrainMode.parse("all", spec.n_blocks), 2, seq).peak_bytes
     devices = [DeviceSpec(name=f"d{i}", memory_bytes=int(f * full), compute_flops=1e12, upload_bytes=10**8,
-                          local_steps=1, batch_size=2) for i, f in enumerate(memory)]
+                          local_steps=1, batch_size=2, runtime=TENSORS_ONLY) for i, f in enumerate(memory)]
     write_plan_file(path, plan([spec], devices, PlanSettings(seq=seq, lora_ranks=(2, 4))))
     return path
 
 
+class _Killed(Exception):
+    pass
+
+
+def _assert_resume_is_bit_identical(task: str, spec: ModelSpec, tmp_path) -> None:
+    from planner.planfile import read_plan_file
+
+    plan = read_plan_file(_plan(tmp_path / "sdpa.json", spec.model_copy(update={"attention": "sdpa"}),
+                                TASK_SEQ[task], (0.6, 1.5)))
+    config = TrainConfig(task=task, method="caff", rounds=2, clients_per_round=2, pretrained=False, eval_samples=8)
+    engine._MEASURED.clear()
+    whole = engine.run(config, plan, tmp_path / "whole")
+    finish = engine.Server.finish
+
+    def finish_then_die(self, round_index, *args):
+        finish(self, round_index, *args)
+        raise _Killed
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine.Server, "finish", finish_then_die)
+        with pytest.raises(_Killed):
+            engine.run(config, plan, tmp_path / "cut")
+    engine._MEASURED.clear()  # as in a new process: the resumed round is measured again
+    resumed = engine.run(config, plan, tmp_path / "cut", resume=True)
+    timing = {"seconds", "client_seconds", "total_seconds", "eval_seconds"}
+
+    def strip(rows):
+        return [{k: v for k, v in m.items() if k not in timing} | {"clients": [
+            {k: v for k, v in c.items() if k not in timing} for c in m["clients"]]} for m in rows]
+    assert strip(resumed) == strip(whole)
+    weights = [load_file(str(tmp_path / run / "global-2.safetensors")) for run in ("whole", "cut")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 @pytest.mark.parametrize("task", ["shakespeare", "fortunes", "fashion-mnist"])
-def test_every_method_runs_a_round_of_every_task(caff, tmp_path, task, need_data):
+def test_every_method_runs_a_round_of_every_task_and_resumes_bit_identically(caff, tmp_path, task, need_data):
     need_data(get_task(task).client_names)  # skips naming a missing package
     spec, pretrained = _spec(task)
     seq = TASK_SEQ[task]
@@ -54,4 +93,5 @@ def test_every_method_runs_a_round_of_every_task(caff, tmp_path, task, need_data
         for client in trained:
             assert client["peak_bytes"] <= client["memory_budget_bytes"], (method, client)
             assert client["flops"] == client["predicted_flops"] > 0, (method, client)
-            assert client["upload_bytes"] == client["predicted_upload_bytes"] > 0, (method, client)
+            assert 0 < client["upload_bytes"] <= client["predicted_upload_bytes"], (method, client)  # wire bytes
+    _assert_resume_is_bit_identical(task, spec, tmp_path)

@@ -23,8 +23,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from costmodel import ModelSpec, TrainMode, build_model, estimate
+from costmodel.measure import check_fits
+from costmodel.process import kept_bytes, process_memory, tensor_bytes
+from costmodel.wire import wire_bytes
 from planner.planfile import PlanFile
-from trainer.local import local_train, lora_deltas, renumber_blocks
+from profiles.runtime import DEFAULT_RUNTIME, load_runtime
+from trainer.local import local_train, renumber_blocks
 from trainer.methods import METHODS, device_task, shallow_spec, smallest_common_architecture
 from trainer.rundir import load_run, plan_digest, save_round
 from trainer.server import aggregate, collect
@@ -111,6 +115,10 @@ class Server:
         self.config, self.plan, self.out = config, plan, Path(out)
         self.spec = _architecture(config, plan)
         self.test = evaluation_set(get_task(config.task), config.eval_split)
+        outputs, needed = self.spec.vocab_size if self.spec.kind == "gpt" else self.spec.n_classes, int(self.test[1].max()) + 1
+        if outputs < needed:
+            raise ValueError(f"the plan's {self.spec.name} has {outputs} outputs; {config.task}'s test set has "
+                             f"targets up to {needed - 1}: plan a model with at least {needed}")
         self.state, self.first_round, self.metrics = _start(config, self.plan_sha256, self.spec, self.out, resume,
                                                             checkpoints)
 
@@ -135,19 +143,21 @@ class Server:
             else:
                 tasks.append({**record, "index": index, "mode": str(mode), "round": round_index, "task": config.task,
                               "n_devices": len(plan.devices), "seed": config.seed, "spec": spec.model_dump_json(),
-                              "steps": config.local_steps or device.budgets.local_steps,
+                              "steps": config.local_steps or device.budgets.local_steps, "runtime": device.runtime,
                               "batch": device.budgets.batch_size, "optimizer": plan.optimizer, "lr": config.lr})
         return tasks, idle
 
     def finish(self, round_index: int, records: list[dict], updates: dict[str, dict[str, torch.Tensor]],
                started: float) -> dict:
-        """Aggregate this round's updates (device -> deltas), evaluate, record and checkpoint; the metrics row.
+        """Aggregate this round's replies (device -> arrays, `trainer.server`), evaluate, record and
+        checkpoint; the metrics row.
 
         ``records`` holds one record per sampled device (trained, sat out, dropped or failed)."""
         records = sorted(records, key=lambda r: r["order"])
         samples = {r["device"]: r["samples"] for r in records if r["status"] == "trained"}
-        contributions, rejected = collect([(r["device"], updates[r["device"]], samples[r["device"]])
-                                           for r in records if r["device"] in updates], self.state)
+        contributions, rejected = collect([(r["device"], updates[r["device"]], r.get("lora_scale"),
+                                            samples[r["device"]]) for r in records if r["device"] in updates],
+                                          self.state)
         self.state = aggregate(self.state, contributions)
         evaluated = time.perf_counter()
         if round_index % self.config.eval_every == 0 or round_index == self.config.rounds:
@@ -163,6 +173,7 @@ class Server:
         self.metrics.append({
             "round": round_index, "method": self.config.method, "model": self.spec.name, "test_loss": loss,
             "test_accuracy": accuracy, **unseen, "uploaded_bytes": sum(r.get("upload_bytes", 0) for r in records),
+            "downloaded_bytes": sum(r.get("download_bytes", 0) for r in records),
             "flops": sum(r.get("flops", 0) for r in records), "clients": records, "rejected": rejected,
             "trained_tensors": len(contributions), "eval_seconds": evaluated, "seconds": time.perf_counter() - started,
             "client_seconds": sum(r.get("seconds", 0.0) for r in records)})
@@ -179,32 +190,56 @@ def task_record(task: dict, **fields) -> dict:
 _MEASURED: dict[tuple, tuple[int, int]] = {}  # (spec, mode, batch, steps) -> (FLOPs, peak bytes), per process
 
 
-def train_client(task: dict, state: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Run one device's task on its own data from the global ``state``: (its record, its deltas).
+def received_arrays(task: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The global arrays a device is sent for ``task``: all of them (its plan runs the whole forward
+    pass), or for a FedRA device only the blocks its shallow model holds, with embeddings and head."""
+    held = task.get("held_blocks")
+    return state if held is None else renumber_blocks(state, {b: b for b in held})
 
-    A mode is measured the first time this process trains it at given shapes; the same mode at
-    the same shapes has the same FLOPs and live bytes, so later runs reuse those figures."""
-    spec = ModelSpec.model_validate_json(task["spec"])
+
+def client_shard(task: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training samples (inputs, targets) of the device of ``task``: its share of the task's data."""
+    return device_client(task["task"], task["seed"], task["n_devices"], task["index"]).train
+
+
+def train_client(task: dict, received: dict[str, torch.Tensor],
+                 shard: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Run one device's task on its own data (``shard``, default `client_shard`) from the arrays it
+    ``received`` (`received_arrays`): (its record, its reply: what it trained, as trained, LoRA as
+    factors, under global names).
+
+    The record holds the wire bytes (`costmodel.wire`) of the reply (``upload_bytes``) and of what
+    it received (``download_bytes``), and the LoRA factors' scale. A mode is measured the first
+    time this process trains it at given shapes; the same mode at the same shapes has the same
+    FLOPs and live bytes, so later runs reuse those figures."""
+    spec, state = ModelSpec.model_validate_json(task["spec"]), received
     held = task.get("held_blocks")  # FedRA: run a shallow model of only these blocks, in order
     if held is not None:
         spec, state = shallow_spec(spec, len(held)), renumber_blocks(state, {g: i for i, g in enumerate(held)})
     mode = TrainMode.parse(task["mode"], spec.n_blocks)
-    client = device_client(task["task"], task["seed"], task["n_devices"], task["index"])
     seed, round_index, name = task["seed"], task["round"], task["device"]
-    stream = _batch_stream(*client.train, task["batch"], _seed(seed, round_index, name, "batches"))
+    stream = _batch_stream(*(shard or client_shard(task)), task["batch"], _seed(seed, round_index, name, "batches"))
     key = (spec.model_dump_json(), task["mode"], task["batch"], task["steps"])
+    check_fits(spec, mode, task["batch"], TASK_SEQ[task["task"]], task["optimizer"],
+               budget_bytes=task["memory_budget_bytes"])  # refuse, before the step, what cannot fit
     result = local_train(state, spec, mode, stream, task["steps"], task["optimizer"], task["lr"],
                          seed=_seed(seed, round_index, name, "init"), measure=key not in _MEASURED)
     result.flops, result.peak_bytes = _MEASURED.setdefault(key, (result.flops, result.peak_bytes))
+    reply = result.update if held is None else renumber_blocks(result.update, dict(enumerate(held)))
     predicted = estimate(spec, mode, task["batch"], TASK_SEQ[task["task"]], task["optimizer"])
     totals = predicted.totals
+    process = process_memory(load_runtime(task.get("runtime") or DEFAULT_RUNTIME), mode, predicted.peak_bytes,
+                             tensor_bytes(*client.train), kept_bytes(spec, mode, predicted))
+    scales = set(result.lora_scales.values())  # alpha = 2 x rank: one scale for every adapter
+    if len(scales) > 1:
+        raise ValueError(f"LoRA adapters of one device with different scales {sorted(scales)}")
     record = task_record(
-        task, status="trained", samples=result.n_samples, loss=result.loss, upload_bytes=result.upload_bytes,
-        predicted_upload_bytes=totals["upload_bytes"], flops=result.flops,
+        task, status="trained", samples=result.n_samples, loss=result.loss, upload_bytes=wire_bytes(reply),
+        predicted_upload_bytes=totals["upload_bytes"], download_bytes=wire_bytes(received), flops=result.flops,
         predicted_flops=task["steps"] * (totals["fwd_flops"] + totals["bwd_flops"]), peak_bytes=result.peak_bytes,
-        predicted_peak_bytes=predicted.peak_bytes, seconds=result.seconds)
-    deltas = lora_deltas(result, state)
-    return record, deltas if held is None else renumber_blocks(deltas, dict(enumerate(held)))
+        predicted_peak_bytes=predicted.peak_bytes, predicted_process_bytes=process.total_bytes,
+        seconds=result.seconds) | ({"lora_scale": scales.pop()} if scales else {})
+    return record, reply
 
 
 def run(config: TrainConfig, plan: PlanFile, out: str | Path, resume: bool = False,
@@ -220,7 +255,7 @@ def run(config: TrainConfig, plan: PlanFile, out: str | Path, resume: bool = Fal
         progress(len(records))
         updates = {}
         for task in tasks:
-            record, updates[task["device"]] = train_client(task, server.state)
+            record, updates[task["device"]] = train_client(task, received_arrays(task, server.state))
             records.append(record)
             progress(1)
         server.finish(round_index, records, updates, started)

@@ -3,9 +3,9 @@
 `local_train` builds the model from the global weights, makes it train what the `TrainMode`
 says (frozen parameters have ``requires_grad=False``, blocks below the lowest trained one run
 under ``torch.no_grad()``, LoRA via peft, the optimizer holds only trained parameters), runs
-``steps`` steps and returns the update a device uploads: only what it trained. LoRA adapters
-are sent as their A and B factors (that is the upload); `lora_deltas` turns them into the dense
-change B A * scale of each adapted weight, so the server averages changes, whatever the ranks.
+``steps`` steps and returns the update a device uploads: only what it trained, as trained. LoRA
+adapters are sent as their A and B factors, with their scale; the server forms the dense change
+B A * scale of each adapted weight (`trainer.server.lora_deltas`).
 
 Measuring never changes what is trained, so a round trains the same floats whether or not it
 is measured (a resumed run measures its first round again). FLOPs are counted as
@@ -43,7 +43,6 @@ class LocalResult:
     update: dict[str, torch.Tensor]  # parameter name -> new value or, for LoRA factors, the factor
     n_samples: int
     loss: float
-    upload_bytes: int
     flops: int
     peak_bytes: int
     seconds: float
@@ -91,9 +90,7 @@ def local_train(global_state: dict[str, torch.Tensor], spec: ModelSpec, mode: Tr
                 tracker.track([*state_tensors(model, opt), inputs, targets])
             losses.append(_step(model, opt, inputs, targets))
     peak = tracker.peak if measure else 0
-    update = _trained_state(model)
-    return LocalResult(update=update, n_samples=n_samples, loss=sum(losses) / len(losses),
-                       upload_bytes=sum(t.numel() * t.element_size() for t in update.values()),
+    return LocalResult(update=_trained_state(model), n_samples=n_samples, loss=sum(losses) / len(losses),
                        flops=flops, peak_bytes=peak, seconds=time.perf_counter() - started,
                        lora_scales=_lora_scales(model))
 
@@ -122,7 +119,7 @@ def _model_holding(state: dict[str, torch.Tensor], spec: ModelSpec) -> torch.nn.
 
 def _own_trained(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Give trained parameters their own copy: the received tensor stays the old value the update
-    is taken against (`lora_deltas`), and a server in this process keeps its global state."""
+    is taken against (`trainer.server.lora_deltas`), and a server in this process keeps its global state."""
     received = {t.untyped_storage().data_ptr() for t in state.values()}
     for param in model.parameters():
         if param.requires_grad and param.untyped_storage().data_ptr() in received:
@@ -135,20 +132,6 @@ def _step(model, opt, inputs, targets) -> float:
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss.item()
-
-
-def lora_deltas(result: LocalResult, global_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The update as changes of global tensors: new - old for trained tensors, B A * scale for LoRA."""
-    deltas = {}
-    for name, value in result.update.items():
-        if ".lora_A." in name or ".lora_B." in name:
-            continue
-        deltas[name] = value - global_state[name]
-    for weight, scale in result.lora_scales.items():
-        base = weight[: -len(".weight")]
-        down, up = result.update[f"{base}.lora_A.default.weight"], result.update[f"{base}.lora_B.default.weight"]
-        deltas[weight] = (up @ down) * scale
-    return deltas
 
 
 def renumber_blocks(tensors: dict[str, torch.Tensor], numbers: dict[int, int]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,59 @@
+"""Bytes on the wire: caff's count against Flower's own serialization, and the cost model's bound."""
+
+import pytest
+import torch
+
+from costmodel import ZOO, TrainMode, apply_mode, build_model, estimate
+from costmodel.wire import array_wire_bound, wire_bytes
+
+pytest.importorskip("flwr")
+
+
+def _flower_bytes(tensors):
+    from flwr.app import ArrayRecord
+
+    from trainer.flower import serialized_bytes
+
+    return serialized_bytes(ArrayRecord({k: v.contiguous() for k, v in tensors.items()}))
+
+
+def _lora_model_tensors(spec):
+    model = apply_mode(build_model(spec), TrainMode.parse("lora:8", spec.n_blocks))
+    return {n.replace(".base_layer.", "."): p.detach() for n, p in model.named_parameters()}
+
+
+RECORDS = {
+    "empty": {},
+    "equal arrays cross once": {"a": torch.zeros(3), "b": torch.zeros(3), "c": torch.ones(2, 3)},
+    "several 5 MiB chunks, two equal": {"big": torch.randn(1_500_000), "zeros": torch.zeros(3_000_000)},
+    "a long name, 4 dimensions": {"x" * 150: torch.randn(4, 3, 2, 2)},
+    "ints and doubles": {"i": torch.arange(7), "d": torch.randn(5, dtype=torch.float64)},
+    "char-gpt-xs with LoRA factors (zero B: equal chunks)": _lora_model_tensors(ZOO["char-gpt-xs"]),
+}
+
+
+@pytest.mark.parametrize("name", RECORDS)
+def test_wire_bytes_equal_flowers_serialized_record(name):
+    assert wire_bytes(RECORDS[name]) == _flower_bytes(RECORDS[name])
+
+
+@pytest.mark.parametrize("spec", [s for s in ZOO.values() if s.name != "char-gpt-l"], ids=lambda s: s.name)
+def test_the_estimates_bound_holds_for_every_array_of_every_model(spec):
+    """Every parameter and LoRA factor, alone in a record (the worst case: no record to share),
+    with random values (nothing deduplicated)."""
+    for name, tensor in _lora_model_tensors(spec).items():
+        tensor = torch.randn_like(tensor)
+        nbytes = tensor.numel() * tensor.element_size()
+        assert nbytes < _flower_bytes({name: tensor}) <= array_wire_bound(nbytes), name
+
+
+def test_the_estimated_upload_bounds_the_serialized_reply_of_every_mode():
+    spec = ZOO["char-gpt-xs"]
+    for text in ("head", "lora:2", "last:2", "blocks:3+lora:0=2,1=4", "all"):
+        mode = TrainMode.parse(text, spec.n_blocks)
+        model = apply_mode(build_model(spec), mode)
+        trained = {n.replace(".base_layer.", "."): torch.randn_like(p) for n, p in model.named_parameters()
+                   if p.requires_grad}
+        raw = sum(t.numel() * t.element_size() for t in trained.values())
+        planned = estimate(spec, mode, 2, 80).totals["upload_bytes"]
+        assert raw < _flower_bytes(trained) <= planned < raw + 700 * len(trained), text
