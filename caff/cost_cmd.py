@@ -7,7 +7,7 @@ from pathlib import Path
 
 from costmodel import TrainMode, estimate, load_spec, measure
 from costmodel.hf import measure_hf
-from costmodel.process import ProcessMemory, kept_bytes
+from costmodel.process import kept_bytes, process_memory
 from profiles import DEFAULT_RUNTIME, load_runtime, parse_bytes
 
 
@@ -37,8 +37,7 @@ def run(args) -> int:
         shard = parse_bytes(args.shard_bytes)
     except ValueError as exc:
         raise ValueError(f"--shard-bytes: {exc}") from None
-    process = ProcessMemory(load_runtime(args.runtime).bytes_for(bool(mode.lora)), report.peak_bytes, shard,
-                            kept_bytes(spec, mode, report))
+    process = process_memory(load_runtime(args.runtime), mode, report.peak_bytes, shard, kept_bytes(spec, mode, report))
     out["process"] = {"runtime": args.runtime, **process.to_json()}
     if args.measure:
         if Path(args.model).is_dir():  # the real transformers model, pretrained weights and all
@@ -91,7 +90,8 @@ def _print_table(out: dict) -> None:
                   f"elementwise FLOPs not counted above: {format_flops(total['elementwise_flops'])}")
     p = out["process"]
     console.print(f"predicted process memory: {format_bytes(p['total_bytes'])} = runtime {p['runtime']} "
-                  f"{format_bytes(p['runtime_bytes'])} + tensor peak {format_bytes(p['tensor_peak_bytes'])} + data "
+                  f"{format_bytes(p['runtime_bytes'])} + tensor peak {format_bytes(p['tensor_peak_bytes'])} + allocator "
+                  f"slack {format_bytes(p['allocator_bytes'])} + data "
                   f"shard {format_bytes(p['shard_bytes'])} + received tensors kept {format_bytes(p['kept_bytes'])}")
     if "measured" in out:
         seen, errors = out["measured"]["total"], out["measured"]["relative_error"]

@@ -13,6 +13,7 @@ def add_parser(subparsers) -> dict:
     validate = subparsers.add_parser("validate", help="run each distinct plan of a plan file for real and compare")
     validate.add_argument("plan", help="plan file written by caff plan")
     validate.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present, and cpu)")
+    validate.add_argument("--json", action="store_true", help="print the rows as JSON")
 
     train = subparsers.add_parser("train", help="federated rounds in which every device executes its plan")
     train.add_argument("--config", help="JSON file with the fields below (flags override it)")
@@ -66,21 +67,28 @@ def run_validate(args) -> int:
 
     plan = read_plan_file(args.plan)
     rows = validate_plan(plan, args.device)
+    verdict = 0 if all(row["within_budget"] for row in rows) else 1
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return verdict
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{args.plan}: predicted, measured and budget, per distinct plan")
-    for column in ("model", "mode", "batch", "devices", "peak predicted", "peak measured", "memory budget",
+    table = Table(title=f"{args.plan}: predicted and measured, per distinct plan, each in a fresh process")
+    for column in ("model", "mode", "batch", "devices", "tensor peak predicted", "tensor peak measured",
+                   "process predicted", "process measured (peak RSS)", "USS at end", "memory budget",
                    "FLOPs/round predicted", "FLOPs/round measured", "upload", "verdict"):
         table.add_column(column, justify="left" if column in ("model", "mode", "verdict") else "right")
+    shown = lambda value: "-" if value is None else format_bytes(value)  # noqa: E731
     for row in rows:
         table.add_row(row["model"], row["mode"], str(row["batch"]), str(row["devices"]),
                       format_bytes(row["peak_predicted"]), format_bytes(row["peak_measured"]),
+                      format_bytes(row["process_predicted"]), shown(row["process_measured"]), shown(row["uss"]),
                       format_bytes(row["memory_budget"]), format_flops(row["flops_predicted"]),
                       format_flops(row["flops_measured"]), format_bytes(row["upload"]),
                       "ok" if row["within_budget"] else "OVER BUDGET")
-    Console(width=200).print(table)
-    return 0 if all(row["within_budget"] for row in rows) else 1
+    Console(width=220).print(table)
+    return verdict
 
 
 def _train_config(args):
@@ -131,6 +139,10 @@ def _plan_for(source: dict, fleet_size: int, seed: int, task: str):
 def run_train(args) -> int:
     config, source = _train_config(args)
     plan = _plan_for(source, args.fleet_size, config.seed, config.task)
+    if args.engine != "flower":  # steps run on this machine
+        from trainer.validate import check_smallest_steps_fit
+
+        check_smallest_steps_fit(plan)
     if args.engine == "local":
         from rich.progress import Progress
 
@@ -199,6 +211,11 @@ def _print_rounds(metrics: list[dict]) -> set[str]:
 def run_report(args) -> int:
     from trainer.report import load_runs, plot_runs, summary_rows
 
+    cached = out / "references.json"
+    if not cached.exists():
+        atomic_write(cached, json.dumps(references("shakespeare", ZOO["char-gpt-xs"], args.central_steps,
+                                                   samples=args.eval_samples)))
+    refs = json.loads(cached.read_text())
     runs = load_runs(args.runs)
     for row in summary_rows(runs):
         print(row)
@@ -214,42 +231,46 @@ def run_demo(args) -> int:
 
     from costmodel import ZOO
     from planner.planfile import write_plan_file
+    from profiles.atomic import atomic_write
     from trainer.reference import references
+    from trainer.rundir import load_run, plan_digest
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plan = _plan_for({"plan": None, "fleet": args.fleet, "model": "char-gpt-xs"}, 40, 0, "shakespeare")
-    write_plan_file(out / "plan.json", plan)
     modes: dict[str, int] = {}
     for device in plan.devices:
         key = device.mode if device.status == "optimal" else device.status
         modes[key] = modes.get(key, 0) + 1
     print(f"== plan: {args.fleet}, 40 devices, char-gpt-xs: " + ", ".join(f"{n} x {m}" for m, n in modes.items()))
+    runs = {method: SimpleNamespace(
+        config=None, task="shakespeare", method=method, plan=str(out / "plan.json"), fleet=None, model=None,
+        fleet_size=40, rounds=args.rounds, clients_per_round=10, local_steps=None, lr=args.lr, seed=0,
+        drop_rate=None, eval_every=None, eval_samples=args.eval_samples, engine="local", no_pretrained=False,
+        out=str(out / method), resume=(out / method / "state.json").exists()) for method in ("caff", "lora", "full")}
+    for run_args in runs.values():  # refuse a run directory before the long steps below
+        load_run(_train_config(run_args)[0], plan_digest(plan), None, run_args.out, run_args.resume)
+    write_plan_file(out / "plan.json", plan)
     print("== validate")
     run_validate(SimpleNamespace(plan=str(out / "plan.json"), device="cpu"))
-    cached = out / "references.json"
-    if not cached.exists():
-        cached.write_text(json.dumps(references("shakespeare", ZOO["char-gpt-xs"], args.central_steps,
-                                                samples=args.eval_samples)))
-    refs = json.loads(cached.read_text())
-    for method in ("caff", "lora", "full"):
-        run_args = SimpleNamespace(
-            config=None, task="shakespeare", method=method, plan=str(out / "plan.json"), fleet=None, model=None,
-            fleet_size=40, rounds=args.rounds, clients_per_round=10, local_steps=None, lr=args.lr, seed=0,
-            drop_rate=None, eval_every=None, eval_samples=args.eval_samples, engine="local", no_pretrained=False,
-            out=str(out / method), resume=(out / method / "state.json").exists())
+    for method, run_args in runs.items():
         print(f"== {method}")
         if run_train(run_args):
             return 1
     from trainer.report import load_runs, plot_runs, summary_rows
 
-    runs = load_runs([str(out / m) for m in ("caff", "lora", "full")])
-    for row in summary_rows(runs):
+    cached = out / "references.json"
+    if not cached.exists():
+        atomic_write(cached, json.dumps(references("shakespeare", ZOO["char-gpt-xs"], args.central_steps,
+                                                   samples=args.eval_samples)))
+    refs = json.loads(cached.read_text())
+    results = load_runs([run_args.out for run_args in runs.values()])
+    for row in summary_rows(results):
         print(row)
     levels = {f"pretrained ({refs['pretrained']['accuracy']:.3f})": refs["pretrained"]["accuracy"],
               f"central full fine-tuning ({refs['upper_bound']['accuracy']:.3f})": refs["upper_bound"]["accuracy"]}
     print(f"reference: pretrained accuracy {refs['pretrained']['accuracy']:.3f}, centralized full fine-tuning "
           f"{refs['upper_bound']['accuracy']:.3f} ({refs['central']}); {refs['test_samples']} test samples")
-    plot_runs(runs, str(out / "demo.png"), levels)
+    plot_runs(results, str(out / "demo.png"), levels)
     print(f"plot written to {out / 'demo.png'}", file=sys.stderr)
     return 0

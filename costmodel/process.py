@@ -1,11 +1,14 @@
 """Predicted memory of a device's whole training process, term by term (bytes).
 
-    process = runtime footprint + the step's tensor peak + data shard + received arrays kept
+    process = runtime footprint + the step's tensor peak x (1 + allocator overhead)
+              + data shard + received arrays kept
 
 - runtime: the runtime profile's fixed footprint (`profiles.RuntimeProfile`), with what loading
   the LoRA library adds when the mode has adapters;
 - tensor peak: `costmodel.estimate`'s peak of live tensor bytes (weights once, gradients,
   optimizer state, batch, activations, temporaries);
+- allocator slack: the runtime profile's measured overhead per byte of tensor peak (memory the
+  allocator keeps resident after tensors are freed);
 - data shard: the bytes of the device's own training data, resident while it trains;
 - received arrays kept: local training trains a copy of each fully trained tensor and keeps the
   received one as the old value its update is taken against (new - old); frozen tensors and
@@ -14,6 +17,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from costmodel.estimate import CostReport, estimate, layer_state, normalize_mode
@@ -28,12 +32,13 @@ class ProcessMemory:
 
     runtime_bytes: int
     tensor_peak_bytes: int
+    allocator_bytes: int
     shard_bytes: int
     kept_bytes: int
 
     @property
     def total_bytes(self) -> int:
-        return self.runtime_bytes + self.tensor_peak_bytes + self.shard_bytes + self.kept_bytes
+        return self.runtime_bytes + self.tensor_peak_bytes + self.allocator_bytes + self.shard_bytes + self.kept_bytes
 
     def to_json(self) -> dict:
         return asdict(self) | {"total_bytes": self.total_bytes}
@@ -46,9 +51,22 @@ def kept_bytes(spec: ModelSpec, mode: TrainMode, report: CostReport) -> int:
     return sum(cost.trained_param_bytes for cost in report.layers if layer_state(mode, cost.name) in ("full", True))
 
 
+def tensor_bytes(*tensors) -> int:
+    """Bytes of the storages behind ``tensors``, each storage once (views and windows share one)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
 def predict_process(spec: ModelSpec, mode: TrainMode, batch: int, seq: int | None, optimizer: str,
                     runtime: RuntimeProfile, shard_bytes: int = 0) -> ProcessMemory:
     """The predicted peak memory of a process that trains ``mode`` of ``spec`` holding ``shard_bytes``."""
     report = estimate(spec, mode, batch, seq, optimizer)
-    return ProcessMemory(runtime.bytes_for(bool(mode.lora)), report.peak_bytes, shard_bytes, kept_bytes(spec, mode, report))
+    return process_memory(runtime, mode, report.peak_bytes, shard_bytes, kept_bytes(spec, mode, report))
+
+
+def process_memory(runtime: RuntimeProfile, mode: TrainMode, tensor_peak: int, shard_bytes: int,
+                   kept: int) -> ProcessMemory:
+    """The terms of a process that trains ``mode`` with this tensor peak, shard and kept bytes."""
+    return ProcessMemory(runtime.bytes_for(bool(mode.lora)), tensor_peak,
+                         math.ceil(runtime.allocator_overhead * tensor_peak), shard_bytes, kept)
 

@@ -20,7 +20,8 @@ class Budgets:
     """Per round: memory in bytes (of which ``margin`` stays free), FLOPs, upload bytes; steps per round.
 
     Memory is the whole training process's (`costmodel.process`): ``fixed_bytes`` (the runtime's
-    footprint and the data shard) + the plan's tensor peak + the received tensors it keeps, which
+    footprint and the data shard) + the plan's tensor peak x (1 + ``tensor_overhead``, the allocator's
+    slack) + the received tensors it keeps, which
     are the old values of what it trains, bounded by its upload bytes (they add LoRA's factors).
     Fields are numbers for one device or column arrays, shape (devices, 1), for many (`stack`):
     then `over` and `fits` compare every device with every plan. ``math.inf`` lifts a budget.
@@ -32,6 +33,7 @@ class Budgets:
     local_steps: int | np.ndarray = 1
     margin: float = 0.05
     fixed_bytes: int | np.ndarray = 0
+    tensor_overhead: float | np.ndarray = 0.0
 
     def __post_init__(self):
         if not 0 <= self.margin < 1:
@@ -41,15 +43,16 @@ class Budgets:
     def of_device(cls, device, margin: float = 0.05, shard_bytes: int = 0, lora: bool = False) -> "Budgets":
         """The budgets of a `profiles.DeviceSpec` holding ``shard_bytes`` of data; ``lora``: plans may
         use LoRA adapters, so the runtime counts the LoRA library."""
-        fixed = load_runtime(device.runtime).bytes_for(lora) + shard_bytes
-        return cls(device.memory_bytes, device.compute_flops, device.upload_bytes, device.local_steps, margin, fixed)
+        runtime = load_runtime(device.runtime)
+        return cls(device.memory_bytes, device.compute_flops, device.upload_bytes, device.local_steps, margin,
+                   runtime.bytes_for(lora) + shard_bytes, runtime.allocator_overhead)
 
     @classmethod
     def stack(cls, budgets: list["Budgets"]) -> "Budgets":
         """Many devices' budgets (sharing one margin) as column arrays."""
         column = lambda name: np.array([getattr(b, name) for b in budgets])[:, None]  # noqa: E731
         return cls(column("memory_bytes"), column("compute_flops").astype(float), column("upload_bytes"),
-                   column("local_steps"), budgets[0].margin, column("fixed_bytes"))
+                   column("local_steps"), budgets[0].margin, column("fixed_bytes"), column("tensor_overhead"))
 
     def without(self, budget: str) -> "Budgets":
         """The same budgets with ``budget`` ('memory', 'compute' or 'upload') lifted."""
@@ -60,8 +63,9 @@ class Budgets:
         return self.memory_bytes * (1 - self.margin)
 
     def process_bytes(self, costs: PlanCosts) -> np.ndarray:
-        """The planned bound on each plan's process memory: fixed + tensor peak + kept received tensors."""
-        return self.fixed_bytes + costs.peak_bytes + costs.upload_bytes
+        """The planned bound on each plan's process memory: fixed + tensor peak with the allocator's slack
+        + kept received tensors."""
+        return self.fixed_bytes + np.ceil(costs.peak_bytes * (1 + self.tensor_overhead)) + costs.upload_bytes
 
     def over(self, costs: PlanCosts) -> dict[str, np.ndarray]:
         """Per budget, whether each plan exceeds it (compute counts ``local_steps`` steps), compared

@@ -92,7 +92,8 @@ class DeviceIlp:
             problem += self.peak >= (table.batch_bytes + self._sum(row)) / MiB
         if math.isfinite(budgets.memory_bytes):
             kept = self._sum(table.upload_bytes, MiB)  # received tensors kept, as `Budgets.process_bytes`
-            problem += self.peak + kept <= (budgets.usable_memory_bytes - budgets.fixed_bytes) / MiB
+            slack = 1 + budgets.tensor_overhead  # the allocator's, per byte of tensor peak
+            problem += slack * self.peak + kept <= (budgets.usable_memory_bytes - budgets.fixed_bytes) / MiB
         if math.isfinite(budgets.compute_flops):
             problem += budgets.local_steps * self._sum(table.step_flops, GFLOP) <= budgets.compute_flops / GFLOP
         if math.isfinite(budgets.upload_bytes):

@@ -59,10 +59,12 @@ class Needs(_Strict):
 
 class ProcessTerms(_Strict):
     """A plan's predicted process memory, term by term (`costmodel.process`), bytes: the runtime's
-    footprint, the step's tensor peak, the data shard and the received tensors kept; their sum."""
+    footprint, the step's tensor peak, the allocator's slack, the data shard and the received tensors
+    kept; their sum."""
 
     runtime_bytes: int = Field(ge=0)
     tensor_peak_bytes: int = Field(gt=0)
+    allocator_bytes: int = Field(ge=0)
     shard_bytes: int = Field(ge=0)
     kept_bytes: int = Field(ge=0)
     total_bytes: int = Field(gt=0)

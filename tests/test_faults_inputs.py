@@ -235,6 +235,19 @@ def test_a_measurement_that_cannot_fit_is_refused_before_allocating(tmp_path):
     assert "batch 1000000000" in assert_refused(run_cli("validate", path))
 
 
+def test_train_refuses_a_plan_whose_smallest_step_cannot_fit(tmp_path):
+    from costmodel import ZOO
+
+    device = DeviceSpec(name="d", memory_bytes=2**30, compute_flops=1e12, upload_bytes=10**8, batch_size=2)
+    result = plan([ZOO["char-gpt-xs"]], [device], PlanSettings(seq=80)).model_dump()
+    result["devices"][0]["budgets"]["batch_size"] = 10**9
+    path = put(tmp_path / "plan.json", json.dumps(result))
+    line = assert_refused(run_cli("train", "--plan", path, "--task", "shakespeare", "--method", "head", "--rounds", 1,
+                                  "--no-pretrained", "--out", tmp_path / "out"))
+    assert "batch 1000000000" in line and "needs an estimated" in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_check_fits_refuses_over_the_machine_or_the_budget(monkeypatch):
     measuring = importlib.import_module("costmodel.measure")  # the package's `measure` is the function
     check_fits = measuring.check_fits

@@ -88,7 +88,8 @@ def random_budgets(rng: random.Random, costs: dict) -> Budgets:
 def fits(budgets: Budgets, peak, flops, upload):
     """The budget test written out, independent of `Budgets.fits`: the process holds the fixed bytes
     (runtime, shard), the tensor peak and the received tensors it trains (bounded by the upload)."""
-    return ((budgets.fixed_bytes + peak + upload <= budgets.memory_bytes * (1 - budgets.margin))
+    return ((budgets.fixed_bytes + peak * (1 + budgets.tensor_overhead) + upload
+             <= budgets.memory_bytes * (1 - budgets.margin))
             & (upload <= budgets.upload_bytes)
             & (budgets.local_steps * flops <= budgets.compute_flops))
 

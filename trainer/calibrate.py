@@ -4,7 +4,8 @@ Each repetition is a fresh process (`trainer.probe`) that imports what local tra
 trains a tiny step (char-gpt-xs, head only, batch 1); its footprint is its peak resident set less
 the bytes predicted for its tensors (the step's measured tensor peak and the received tensors it
 keeps, `costmodel.process`). The profile's footprint is the maximum over repetitions; the same
-with LoRA adapters (which loads peft and transformers) gives ``lora_bytes`` as the difference.
+with LoRA adapters (which loads peft and transformers) gives ``lora_bytes`` as the difference, and
+a step with tens of MiB of tensors gives the allocator's slack per byte of tensor peak.
 """
 
 from __future__ import annotations
@@ -19,24 +20,30 @@ from trainer.probe import run_probe
 
 PROBE_MODEL = "char-gpt-xs"
 PROBE_MODES = {"plain": "head", "lora": "lora:2"}
+SLACK_PROBE = ("char-gpt-s", "all", 8)  # a step with tens of MiB of tensors, for the allocator's slack
 
 
-def footprint(mode_text: str, repetitions: int) -> tuple[int, str]:
-    """(largest footprint over ``repetitions`` fresh processes training ``mode_text``, torch version)."""
-    spec = ZOO[PROBE_MODEL]
+def _residue(name: str, mode_text: str, batch: int, repetitions: int) -> tuple[list[int], list[int], str]:
+    """Per fresh process: (resident bytes besides predicted tensors, measured tensor peak), torch version."""
+    spec = ZOO[name]
     mode = TrainMode.parse(mode_text, spec.n_blocks)
-    kept = kept_bytes(spec, mode, estimate(spec, mode, 1, None, "sgd"))
-    job = {"spec": spec.model_dump_json(), "mode": mode_text, "batch": 1, "seq": None, "optimizer": "sgd", "steps": 2}
+    kept = kept_bytes(spec, mode, estimate(spec, mode, batch, None, "sgd"))
+    job = {"spec": spec.model_dump_json(), "mode": mode_text, "batch": batch, "seq": None, "optimizer": "sgd",
+           "steps": 2}
     seen = [run_probe(job) for _ in range(repetitions)]
-    return max(s["process_peak_bytes"] - s["tensor_peak_bytes"] - kept for s in seen), seen[0]["torch"]
+    residue = [s["process_peak_bytes"] - s["tensor_peak_bytes"] - kept for s in seen]
+    return residue, [s["tensor_peak_bytes"] for s in seen], seen[0]["torch"]
 
 
 def calibrate(name: str, repetitions: int = 5, machine: str | None = None) -> RuntimeProfile:
     """The runtime profile of this machine, measured ``repetitions`` times (the maximum)."""
     if repetitions < 1:
         raise ValueError(f"--repetitions: must be >= 1, got {repetitions}")
-    plain, torch_version = footprint(PROBE_MODES["plain"], repetitions)
-    with_lora, _ = footprint(PROBE_MODES["lora"], repetitions)
+    plain, _, torch_version = _residue(PROBE_MODEL, PROBE_MODES["plain"], 1, repetitions)
+    with_lora, _, _ = _residue(PROBE_MODEL, PROBE_MODES["lora"], 1, repetitions)
+    footprint = max(plain)
+    residue, tensors = _residue(*SLACK_PROBE, repetitions)[:2]
+    overhead = max((r - footprint) / t for r, t in zip(residue, tensors))
     machine = machine or f"{platform.machine()} {platform.system()} {platform.release()}"
     source = RuntimeSource(
         machine=machine, torch=torch_version, python=platform.python_version(), repetitions=repetitions,
@@ -44,6 +51,9 @@ def calibrate(name: str, repetitions: int = 5, machine: str | None = None) -> Ru
         method=(f"caff calibrate: {repetitions} fresh processes each import trainer.local and train "
                 f"{PROBE_MODEL} ({PROBE_MODES['plain']}, and {PROBE_MODES['lora']} for lora_bytes), batch 1, 2 "
                 "steps; peak resident set (VmHWM) less the step's measured tensor peak and the kept received "
-                "tensors; the maximum"))
+                "tensors; the maximum. allocator_overhead: the same for "
+                f"{' '.join(map(str, SLACK_PROBE))} (model, mode, batch), what exceeds the footprint per byte of "
+                "tensor peak; the maximum"))
     return RuntimeProfile(name=name, description=f"PyTorch on {machine}, measured by caff calibrate",
-                          footprint_bytes=plain, lora_bytes=max(0, with_lora - plain), source=source)
+                          footprint_bytes=footprint, lora_bytes=max(0, max(with_lora) - footprint),
+                          allocator_overhead=round(max(0.0, overhead), 3), source=source)

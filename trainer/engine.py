@@ -24,8 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from costmodel import ModelSpec, TrainMode, build_model, estimate
 from costmodel.measure import check_fits
+from costmodel.process import kept_bytes, process_memory, tensor_bytes
 from costmodel.wire import wire_bytes
 from planner.planfile import PlanFile
+from profiles.runtime import DEFAULT_RUNTIME, load_runtime
 from trainer.local import local_train, renumber_blocks
 from trainer.methods import METHODS, device_task, shallow_spec, smallest_common_architecture
 from trainer.rundir import load_run, plan_digest, save_round
@@ -141,7 +143,7 @@ class Server:
             else:
                 tasks.append({**record, "index": index, "mode": str(mode), "round": round_index, "task": config.task,
                               "n_devices": len(plan.devices), "seed": config.seed, "spec": spec.model_dump_json(),
-                              "steps": config.local_steps or device.budgets.local_steps,
+                              "steps": config.local_steps or device.budgets.local_steps, "runtime": device.runtime,
                               "batch": device.budgets.batch_size, "optimizer": plan.optimizer, "lr": config.lr})
         return tasks, idle
 
@@ -226,6 +228,8 @@ def train_client(task: dict, received: dict[str, torch.Tensor],
     reply = result.update if held is None else renumber_blocks(result.update, dict(enumerate(held)))
     predicted = estimate(spec, mode, task["batch"], TASK_SEQ[task["task"]], task["optimizer"])
     totals = predicted.totals
+    process = process_memory(load_runtime(task.get("runtime") or DEFAULT_RUNTIME), mode, predicted.peak_bytes,
+                             tensor_bytes(*client.train), kept_bytes(spec, mode, predicted))
     scales = set(result.lora_scales.values())  # alpha = 2 x rank: one scale for every adapter
     if len(scales) > 1:
         raise ValueError(f"LoRA adapters of one device with different scales {sorted(scales)}")
@@ -233,8 +237,8 @@ def train_client(task: dict, received: dict[str, torch.Tensor],
         task, status="trained", samples=result.n_samples, loss=result.loss, upload_bytes=wire_bytes(reply),
         predicted_upload_bytes=totals["upload_bytes"], download_bytes=wire_bytes(received), flops=result.flops,
         predicted_flops=task["steps"] * (totals["fwd_flops"] + totals["bwd_flops"]), peak_bytes=result.peak_bytes,
-        predicted_peak_bytes=predicted.peak_bytes, seconds=result.seconds) | (
-        {"lora_scale": scales.pop()} if scales else {})
+        predicted_peak_bytes=predicted.peak_bytes, predicted_process_bytes=process.total_bytes,
+        seconds=result.seconds) | ({"lora_scale": scales.pop()} if scales else {})
     return record, reply
 
 

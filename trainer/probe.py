@@ -68,13 +68,15 @@ def run_probe(job: dict, timeout: float = 600.0) -> dict:
 
 
 def _probe(job: dict) -> dict:
-    """Train job's plan for ``steps`` steps of random batches: keys spec (JSON), mode, batch, seq,
-    optimizer, steps, shard_bytes."""
+    """Train job's plan for ``steps`` steps of random batches, measured as a client measures its first
+    round (FLOPs on a meta copy, the tensor peak on the second step), then read the process's peak.
+    Job keys: spec (JSON), mode, batch, seq, optimizer, steps, shard_bytes."""
     import itertools
 
     import torch
 
     from costmodel import ModelSpec, TrainMode, build_model, make_batch
+    from costmodel.process import tensor_bytes
     from trainer.local import local_train
 
     spec = ModelSpec.model_validate_json(job["spec"])
@@ -82,12 +84,11 @@ def _probe(job: dict) -> dict:
     shard = torch.ones(job.get("shard_bytes", 0), dtype=torch.uint8)  # the device's data, resident
     received = build_model(spec).state_dict()
     batch = make_batch(spec, job["batch"], job.get("seq"))
-    result = local_train(received, spec, mode, itertools.repeat(batch), job.get("steps", 2), job["optimizer"])
-    return {"tensor_peak_bytes": result.peak_bytes, "process_peak_bytes": peak_rss_bytes(),
-            "ru_maxrss_bytes": maxrss_bytes(),
-            "uss_bytes": uss_bytes(), "shard_bytes": shard.numel(),
-            "received_bytes": sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                                   for t in received.values()}.values()),
+    steps = job.get("steps", 2)
+    result = local_train(received, spec, mode, itertools.repeat(batch), steps, job["optimizer"])
+    return {"tensor_peak_bytes": result.peak_bytes, "step_flops": result.flops // steps,
+            "process_peak_bytes": peak_rss_bytes(), "ru_maxrss_bytes": maxrss_bytes(), "uss_bytes": uss_bytes(),
+            "shard_bytes": shard.numel(), "received_bytes": tensor_bytes(*received.values()),
             "torch": torch.__version__}
 
 
