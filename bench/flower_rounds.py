@@ -58,9 +58,12 @@ def breakdown(timings: Path, first_round: int = 2) -> list[tuple[str, float]]:
         sends.append(min(c["sent"] for c in mine) - server["configured"])
         waits.append(server["replied"] - max(c["replied"] for c in mine))
     rows.insert(0, ("server: sample, plan and send the round's tasks", statistics.mean(sends)))
-    rows.append(("last reply reaches the ServerApp (SuperNode's 3 s poll, ServerApp's 3 s poll)", statistics.mean(waits)))
-    rows.append(("server: aggregate, evaluate, checkpoint", statistics.mean(s["finished"] - s["replied"] for s in servers)))
-    rows.append(("round, the server's clock", statistics.mean(s["finished"] - s["configured"] for s in servers)))
+    rows.append(("last reply reaches the ServerApp (SuperNode's 3 s poll, ServerApp's 3 s poll)",
+                 statistics.mean(waits)))
+    rows.append(("server: aggregate, evaluate, checkpoint",
+                 statistics.mean(s["finished"] - s["replied"] for s in servers)))
+    rows.append(("round, the server's clock",
+                 statistics.mean(s["finished"] - s["configured"] for s in servers)))
     rows.append(("CPU of a ClientApp process before caff's module (Python, Flower, app bundle)",
                  statistics.mean(c["cpu_module"] for c in clients)))
     rows.append(("CPU of a ClientApp process in caff's module (imports, data, training, reply)",
@@ -73,6 +76,8 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", default="char-gpt-xs")
+    parser.add_argument("--engines", default="in-process,flower-sim,flower",
+                        help="comma-separated; in-process always runs (the reference)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # every engine one thread per process: the same float sums everywhere
     os.environ.update({"OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0"})
@@ -98,6 +103,8 @@ def main() -> None:
     engines = {"in-process": lambda: run(config, planned, work / "in-process"),
                "flower-sim": lambda: run_simulation(run_file("flower-sim"), args.devices),
                "flower": deployment}
+    engines = {name: start for name, start in engines.items()
+               if name == "in-process" or name in args.engines.split(",")}
     walls = {}
     for name, start in engines.items():
         started = time.perf_counter()
@@ -115,6 +122,8 @@ def main() -> None:
         difference = max((weights[k] - reference[k]).abs().max().item() for k in reference)
         mean = statistics.mean(rounds[1:])
         print(f"{name:12s} {walls[name]:8.1f} {mean:12.2f} {mean / base:12.1f} {difference:22.2e}")
+    if "flower" not in engines:
+        return
     print("\nwhere a deployment round goes (rounds 2+; client stages: mean per message, in parallel across nodes)")
     for label, seconds in breakdown(work / "timings.jsonl"):
         print(f"{seconds:7.2f} s  {label}")

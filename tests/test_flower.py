@@ -150,8 +150,8 @@ def test_a_failed_node_loses_its_update_and_the_round_goes_on(tmp_path, three_de
 
 
 @pytest.mark.parametrize("method", ["caff", "lora", "fedra", "full", "head"])
-def test_replies_carry_what_was_trained_and_the_planned_upload_bounds_the_wire(tmp_path, three_device_plan,
-                                                                             flower_task_identity, node_context, method):
+def test_replies_carry_what_was_trained_and_the_planned_upload_bounds_the_wire(
+        tmp_path, three_device_plan, flower_task_identity, node_context, method):
     """A round through the strategy and the ClientApp (Flower's serialization, no transport): every
     reply's serialized arrays fit the planned upload, and the round equals the in-process engine's."""
     from trainer.flower import client_train

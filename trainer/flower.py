@@ -24,7 +24,9 @@ engine's, up to the order of floating-point sums.
   and its update is lost for that round: the global model is averaged over the devices that did
   reply, as if it had not been sampled.
 
-The ServerApp reads one JSON file named by the run config key ``run-file`` (`write_run_file`):
+The ClientApp imports torch and caff only in its train handler, and a node keeps its data shard
+once per run in its Flower home (`node_shard`). The ServerApp reads one JSON file named by the run
+config key ``run-file`` (`write_run_file`):
 the `TrainConfig`, the plan file, the run directory, resume, seconds a round waits for replies,
 and the folder of pretrained checkpoints (the app bundle that Flower ships carries code only).
 Its paths are read on the SuperLink's machine. ``caff train --engine flower|flower-sim`` writes it.
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 import time
 
-MODULE_STARTED, MODULE_CPU = time.time(), time.process_time()  # a ClientApp starts importing this module (`timing`)
+MODULE_STARTED, MODULE_CPU = time.time(), time.process_time()  # this module's import starts (`timing`)
 
 import contextlib  # noqa: E402
 import json  # noqa: E402
@@ -235,7 +237,8 @@ def node_shard(task: dict, context: Context) -> tuple[torch.Tensor, torch.Tensor
 
     cache = Path(context.node_config.get("cache-dir")
                  or Path(os.environ.get("FLWR_HOME", "~/.flwr")).expanduser() / "caff-shards")
-    path = cache / str(context.run_id) / f"{task['task']}-{task['n_devices']}-{task['seed']}-{task['index']}.safetensors"
+    name = f"{task['task']}-{task['n_devices']}-{task['seed']}-{task['index']}.safetensors"
+    path = cache / str(context.run_id) / name
     if path.exists():
         with safe_open(str(path), "pt") as saved:
             dtypes = saved.metadata()
@@ -320,7 +323,8 @@ def _flwr(args: list[str], env: dict, log_file, timeout: float | None = None) ->
         finished = subprocess.run([str(Path(sys.executable).parent / "flwr"), *args], env=env, stdout=output,
                                   stderr=subprocess.STDOUT, timeout=timeout, check=False)
     if finished.returncode != 0:
-        raise ValueError(f"flwr {args[0]} exited with {finished.returncode}" + (f" (see {log_file})" if log_file else ""))
+        raise ValueError(f"flwr {args[0]} exited with {finished.returncode}"
+                         + (f" (see {log_file})" if log_file else ""))
 
 
 def register_node(public_key: str | Path, address: str, root_certificates: str | Path,
@@ -431,11 +435,13 @@ def flwr_run(run_file: str, control_address: str, app_dir: str | Path, log_file:
         started = re.findall(r"Successfully started run (\d+)", Path(log_file).read_text(errors="replace")) \
             if log_file != os.devnull else []
         while started:
-            listed = subprocess.run([str(Path(sys.executable).parent / "flwr"), "ls", "caff", "--run-id", started[-1],
-                                     "--format", "json"], env=env, capture_output=True, text=True, timeout=60)
-            runs = json.loads(listed.stdout or "{}").get("runs", [])
-            if not runs or runs[0]["status"].startswith("finished"):
-                return
+            with contextlib.suppress(subprocess.TimeoutExpired):  # a busy machine: ask again
+                listed = subprocess.run([str(Path(sys.executable).parent / "flwr"), "ls", "caff", "--run-id",
+                                         started[-1], "--format", "json"], env=env, capture_output=True, text=True,
+                                        timeout=120)
+                runs = json.loads(listed.stdout or "{}").get("runs", [])
+                if not runs or runs[0]["status"].startswith("finished"):
+                    return
             if deadline is not None and time.monotonic() > deadline:
                 raise ValueError(f"the Flower run {started[-1]} did not finish within {timeout:.0f} s")
             time.sleep(1.0)
