@@ -1,22 +1,27 @@
-"""Round time on Flower against the in-process engine, for the same plan, seed and rounds.
+"""Round time on Flower against the in-process engine, for the same plan, seed and rounds, and
+where a deployment round's time goes.
 
 Runs one federated run three ways: in this process (`trainer.engine.run`), on Flower's
-simulation engine (Ray, one virtual node per device) and on a real localhost deployment (a
-``flower-superlink`` and one ``flower-supernode`` per device, driven by ``flwr run``). Prints
-each engine's wall time, its mean round time after round 1 (the server's own clock, from
-sending the tasks to the checkpoint) and the ratio to in-process, and the largest difference
-of the final global weights from the in-process engine's.
+simulation engine (one virtual node per device) and on a real localhost deployment (a
+``flower-superlink`` and one ``flower-supernode`` per device, TLS and SuperNode authentication,
+driven by ``flwr run``). Prints each engine's wall time, its mean round time after round 1 (the
+server's own clock, from sending the tasks to the checkpoint), the ratio to in-process and the
+largest difference of the final global weights from the in-process engine's; then the
+deployment's rounds split into stages, from the wall-clock times the ServerApp and every
+ClientApp process record (`trainer.flower.timing`).
 
-    OMP_NUM_THREADS=1 python bench/flower_rounds.py [--devices 4] [--rounds 3] [--model char-gpt-xs]
+    python bench/flower_rounds.py [--devices 4] [--rounds 3] [--model char-gpt-xs]
 """
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 from costmodel import ZOO
@@ -26,9 +31,44 @@ from profiles import load_fleet
 from trainer.engine import TrainConfig, run
 from trainer.flower import flwr_run, localhost_federation, run_simulation, write_run_file
 
+CLIENT_STAGES = [  # (label, from, to): wall-clock marks a ClientApp process records
+    ("message waits for its node (SuperNode's 3 s poll, SuperExec's poll, process spawn)", "sent", "process"),
+    ("Python and Flower start, app bundle installed", "process", "module"),
+    ("Flower loads the app and hands it the message", "module", "handler"),
+    ("caff imports (torch, costmodel, engine)", "handler", "imported"),
+    ("data shard (parsed on the first message, then read from the node's cache)", "imported", "data"),
+    ("local training and its records", "data", "trained"),
+    ("reply: arrays serialized and measured", "trained", "replied"),
+]
+
 
 def _round_seconds(out: Path) -> list[float]:
     return [json.loads(line)["seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def breakdown(timings: Path, first_round: int = 2) -> list[tuple[str, float]]:
+    """Mean seconds of each stage over the rounds from ``first_round`` (clients: mean per message)."""
+    lines = [json.loads(line) for line in timings.read_text().splitlines()]
+    clients = [t for t in lines if t["who"] == "client" and t["round"] >= first_round]
+    servers = [t for t in lines if t["who"] == "server" and t["round"] >= first_round]
+    rows = [(label, statistics.mean(c[end] - c[start] for c in clients)) for label, start, end in CLIENT_STAGES]
+    waits, sends = [], []
+    for server in servers:
+        mine = [c for c in clients if c["round"] == server["round"]]
+        sends.append(min(c["sent"] for c in mine) - server["configured"])
+        waits.append(server["replied"] - max(c["replied"] for c in mine))
+    rows.insert(0, ("server: sample, plan and send the round's tasks", statistics.mean(sends)))
+    rows.append(("last reply reaches the ServerApp (SuperNode's 3 s poll, ServerApp's 3 s poll)",
+                 statistics.mean(waits)))
+    rows.append(("server: aggregate, evaluate, checkpoint",
+                 statistics.mean(s["finished"] - s["replied"] for s in servers)))
+    rows.append(("round, the server's clock",
+                 statistics.mean(s["finished"] - s["configured"] for s in servers)))
+    rows.append(("CPU of a ClientApp process before caff's module (Python, Flower, app bundle)",
+                 statistics.mean(c["cpu_module"] for c in clients)))
+    rows.append(("CPU of a ClientApp process in caff's module (imports, data, training, reply)",
+                 statistics.mean(c["cpu_replied"] - c["cpu_module"] for c in clients)))
+    return rows
 
 
 def main() -> None:
@@ -36,7 +76,11 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", default="char-gpt-xs")
+    parser.add_argument("--engines", default="in-process,flower-sim,flower",
+                        help="comma-separated; in-process always runs (the reference)")
     args = parser.parse_args()
+    torch.set_num_threads(1)  # every engine one thread per process: the same float sums everywhere
+    os.environ.update({"OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0"})
     devices = load_fleet("edge-mix").expand(args.devices, seed=0)
     planned = plan([ZOO[args.model]], devices, PlanSettings(seq=80, lora_ranks=(2, 4, 8)))
     config = TrainConfig(task="shakespeare", rounds=args.rounds, clients_per_round=args.devices, eval_samples=64)
@@ -48,13 +92,19 @@ def main() -> None:
         return write_run_file(work / f"{name}.json", config, work / "plan.json", work / name)
 
     def deployment() -> None:
-        with localhost_federation(args.devices, work / "logs") as federation:
-            flwr_run(run_file("flower"), federation.address, app_dir, log_file=work / "flwr-run.log",
-                     root_certificates=federation.root_certificates)
+        os.environ["CAFF_FLOWER_TIMINGS"] = str(work / "timings.jsonl")
+        try:
+            with localhost_federation(args.devices, work / "logs") as federation:
+                flwr_run(run_file("flower"), federation.address, app_dir, log_file=work / "flwr-run.log",
+                         root_certificates=federation.root_certificates)
+        finally:
+            del os.environ["CAFF_FLOWER_TIMINGS"]
 
     engines = {"in-process": lambda: run(config, planned, work / "in-process"),
                "flower-sim": lambda: run_simulation(run_file("flower-sim"), args.devices),
                "flower": deployment}
+    engines = {name: start for name, start in engines.items()
+               if name == "in-process" or name in args.engines.split(",")}
     walls = {}
     for name, start in engines.items():
         started = time.perf_counter()
@@ -63,7 +113,8 @@ def main() -> None:
     reference = load_file(str(work / "in-process" / f"global-{args.rounds}.safetensors"))
     base = statistics.mean(_round_seconds(work / "in-process")[1:])
     print(f"\n{args.model}, {args.devices} edge-mix devices, all sampled, {args.rounds} rounds, "
-          f"{sum(d.status == 'optimal' for d in planned.devices)} train")
+          f"{sum(d.status == 'optimal' for d in planned.devices)} train; {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(f"{'engine':12s} {'wall s':>8s} {'round s (2+)':>12s} {'x in-process':>12s} {'max |w - w_in-process|':>22s}")
     for name in engines:
         rounds = _round_seconds(work / name)
@@ -71,6 +122,11 @@ def main() -> None:
         difference = max((weights[k] - reference[k]).abs().max().item() for k in reference)
         mean = statistics.mean(rounds[1:])
         print(f"{name:12s} {walls[name]:8.1f} {mean:12.2f} {mean / base:12.1f} {difference:22.2e}")
+    if "flower" not in engines:
+        return
+    print("\nwhere a deployment round goes (rounds 2+; client stages: mean per message, in parallel across nodes)")
+    for label, seconds in breakdown(work / "timings.jsonl"):
+        print(f"{seconds:7.2f} s  {label}")
     print(f"(runs and logs in {work})")
 
 

@@ -11,7 +11,8 @@ For a task and one pretrained model (default Shakespeare on char-gpt-xs, pretrai
 3. **Runs**: every method with its learning rate, ``--seeds``, the same rounds, clients per round,
    local steps and batch; mean and 95 % interval (Student t) over seeds.
 
-Regimes (budgets relative to full fine-tuning of the model at the study's batch, sgd):
+Regimes (budgets relative to full fine-tuning of the model at the study's batch, sgd; the
+homogeneous ones budget the step's tensors, their devices naming a runtime of no footprint):
 ``mem-1/8``, ``mem-1/4``, ``mem-1/2`` (memory binds; compute and upload ample), ``upload-1/32``,
 ``upload-1/8`` (upload binds; memory ample), ``compute-1/4`` (FLOPs per round bind), and
 ``edge-mix`` (the catalogue's heterogeneous fleet, budgets as the catalogue states them).
@@ -41,8 +42,22 @@ REGIMES = ("mem-1/8", "mem-1/4", "mem-1/2", "upload-1/32", "upload-1/8", "comput
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
-def devices(regime: str, spec, task: str, n: int, batch: int, steps: int):
-    """The regime's fleet of ``n`` devices, budgets relative to full fine-tuning's."""
+def tensors_only_runtime(out: Path) -> Path:
+    """A runtime profile of no footprint, so a homogeneous regime's memory budgets the step's tensors
+    only, as the paper's memory limits do (a real device adds its runtime: see ``caff calibrate``)."""
+    path = out / "tensors-only-runtime.json"
+    if not path.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({
+            "name": "tensors-only", "footprint_bytes": 0, "lora_bytes": 0,
+            "description": "the study's homogeneous regimes budget the step's tensors only",
+            "source": {"machine": "none", "method": "not measured: a budget on tensors alone", "torch": "any",
+                       "python": "any", "date": "2026-11-30", "repetitions": 1}}))
+    return path
+
+
+def devices(regime: str, spec, task: str, n: int, batch: int, steps: int, runtime: Path):
+    """The regime's fleet of ``n`` devices, budgets relative to full fine-tuning's (tensors only)."""
     from costmodel import TrainMode, estimate
     from profiles import DeviceSpec, load_fleet
     from trainer.engine import TASK_SEQ
@@ -58,7 +73,8 @@ def devices(regime: str, spec, task: str, n: int, batch: int, steps: int):
     budgets[key] = {"mem": full.peak_bytes, "upload": full.totals["upload_bytes"], "compute": flops}[kind] \
         / int(share.split("/")[1])
     budgets = {k: (v if k == "compute_flops" else int(v)) for k, v in budgets.items()}
-    return [DeviceSpec(name=f"{kind}#{i}", local_steps=steps, batch_size=batch, **budgets) for i in range(n)]
+    return [DeviceSpec(name=f"{kind}#{i}", local_steps=steps, batch_size=batch, runtime=str(runtime), **budgets)
+            for i in range(n)]
 
 
 def _run_one(job: dict) -> dict:
@@ -75,7 +91,8 @@ def _run_one(job: dict) -> dict:
         return json.loads((out / "done.json").read_text())
     cpu = time.process_time()
     spec = ZOO[job["model"]]
-    fleet = devices(job["regime"], spec, job["task"], job["devices"], job["batch"], job["steps"])
+    fleet = devices(job["regime"], spec, job["task"], job["devices"], job["batch"], job["steps"],
+                    tensors_only_runtime(Path(job["out"]).parents[2]))
     planned = plan([spec], fleet, PlanSettings(seq=TASK_SEQ[job["task"]], lora_ranks=(2, 4, 8, 16)))
     config = TrainConfig(**job["config"])
     try:

@@ -30,7 +30,8 @@ def add_parser(subparsers) -> dict:
     train.add_argument("--seed", type=int)
     train.add_argument("--drop-rate", type=float, help="chance that a sampled device fails mid-round")
     train.add_argument("--eval-every", type=int, help="evaluate the global model every N rounds (and after the last)")
-    train.add_argument("--eval-samples", type=int, help="test samples the server evaluates on (default 256)")
+    train.add_argument("--eval-samples", type=int,
+                       help="test samples the server evaluates on (default: the task's whole test set)")
     train.add_argument("--no-pretrained", action="store_true", help="start from random weights")
     train.add_argument("--out", required=True, help="run directory (metrics.jsonl, checkpoints)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -139,6 +140,10 @@ def _plan_for(source: dict, fleet_size: int, seed: int, task: str):
 def run_train(args) -> int:
     config, source = _train_config(args)
     plan = _plan_for(source, args.fleet_size, config.seed, config.task)
+    if args.engine != "flower":  # steps run on this machine
+        from trainer.validate import check_smallest_steps_fit
+
+        check_smallest_steps_fit(plan)
     if args.engine == "local":
         from rich.progress import Progress
 
@@ -222,42 +227,46 @@ def run_demo(args) -> int:
 
     from costmodel import ZOO
     from planner.planfile import write_plan_file
+    from profiles.atomic import atomic_write
     from trainer.reference import references
+    from trainer.rundir import load_run, plan_digest
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     plan = _plan_for({"plan": None, "fleet": args.fleet, "model": "char-gpt-xs"}, 40, 0, "shakespeare")
-    write_plan_file(out / "plan.json", plan)
     modes: dict[str, int] = {}
     for device in plan.devices:
         key = device.mode if device.status == "optimal" else device.status
         modes[key] = modes.get(key, 0) + 1
     print(f"== plan: {args.fleet}, 40 devices, char-gpt-xs: " + ", ".join(f"{n} x {m}" for m, n in modes.items()))
+    runs = {method: SimpleNamespace(
+        config=None, task="shakespeare", method=method, plan=str(out / "plan.json"), fleet=None, model=None,
+        fleet_size=40, rounds=args.rounds, clients_per_round=10, local_steps=None, lr=args.lr, seed=0,
+        drop_rate=None, eval_every=None, eval_samples=args.eval_samples, engine="local", no_pretrained=False,
+        out=str(out / method), resume=(out / method / "state.json").exists()) for method in ("caff", "lora", "full")}
+    for run_args in runs.values():  # refuse a run directory before the long steps below
+        load_run(_train_config(run_args)[0], plan_digest(plan), None, run_args.out, run_args.resume)
+    write_plan_file(out / "plan.json", plan)
     print("== validate")
     run_validate(SimpleNamespace(plan=str(out / "plan.json"), device="cpu"))
-    cached = out / "references.json"
-    if not cached.exists():
-        cached.write_text(json.dumps(references("shakespeare", ZOO["char-gpt-xs"], args.central_steps,
-                                                samples=args.eval_samples)))
-    refs = json.loads(cached.read_text())
-    for method in ("caff", "lora", "full"):
-        run_args = SimpleNamespace(
-            config=None, task="shakespeare", method=method, plan=str(out / "plan.json"), fleet=None, model=None,
-            fleet_size=40, rounds=args.rounds, clients_per_round=10, local_steps=None, lr=args.lr, seed=0,
-            drop_rate=None, eval_every=None, eval_samples=args.eval_samples, engine="local", no_pretrained=False,
-            out=str(out / method), resume=(out / method / "state.json").exists())
+    for method, run_args in runs.items():
         print(f"== {method}")
         if run_train(run_args):
             return 1
     from trainer.report import load_runs, plot_runs, summary_rows
 
-    runs = load_runs([str(out / m) for m in ("caff", "lora", "full")])
-    for row in summary_rows(runs):
+    cached = out / "references.json"
+    if not cached.exists():
+        atomic_write(cached, json.dumps(references("shakespeare", ZOO["char-gpt-xs"], args.central_steps,
+                                                   samples=args.eval_samples)))
+    refs = json.loads(cached.read_text())
+    results = load_runs([run_args.out for run_args in runs.values()])
+    for row in summary_rows(results):
         print(row)
     levels = {f"pretrained ({refs['pretrained']['accuracy']:.3f})": refs["pretrained"]["accuracy"],
               f"central full fine-tuning ({refs['upper_bound']['accuracy']:.3f})": refs["upper_bound"]["accuracy"]}
     print(f"reference: pretrained accuracy {refs['pretrained']['accuracy']:.3f}, centralized full fine-tuning "
           f"{refs['upper_bound']['accuracy']:.3f} ({refs['central']}); {refs['test_samples']} test samples")
-    plot_runs(runs, str(out / "demo.png"), levels)
+    plot_runs(results, str(out / "demo.png"), levels)
     print(f"plot written to {out / 'demo.png'}", file=sys.stderr)
     return 0

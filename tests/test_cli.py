@@ -68,7 +68,7 @@ def test_bad_spec_files(caff, tmp_path):
     unknown = tmp_path / "unknown"
     unknown.mkdir()
     (unknown / "config.json").write_text(json.dumps({"model_type": "t5"}))
-    for path, message in [(heads, "does not divide"), (broken, "unreadable JSON"), (unknown, "unsupported model_type")]:
+    for path, message in [(heads, "does not divide"), (broken, "not a JSON model spec file"), (unknown, "unsupported model_type")]:
         result = caff("cost", str(path))
         assert result.returncode == 2 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1

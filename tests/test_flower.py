@@ -89,7 +89,39 @@ def flower_task_identity():
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
-def test_a_failed_node_loses_its_update_and_the_round_goes_on(tmp_path, three_device_plan, flower_task_identity):
+@pytest.fixture
+def node_context(tmp_path):
+    """A node's context in run 1, its data shards cached under tmp_path."""
+    from flwr.app import Context, RecordDict
+
+    return Context(run_id=1, node_id=0, node_config={"cache-dir": str(tmp_path / "shards")}, state=RecordDict(),
+                   run_config={})
+
+
+def test_a_node_prepares_its_data_shard_once_and_reads_it_back_exactly(tmp_path, three_device_plan, node_context):
+    from safetensors import SafetensorError
+
+    from trainer.engine import client_shard
+    from trainer.flower import node_shard
+
+    strategy = _strategy(tmp_path, three_device_plan)
+    task = strategy.server.tasks(1)[0][0]
+    path = tmp_path / "shards" / "1" / f"shakespeare-3-{task['seed']}-{task['index']}.safetensors"
+    first = node_shard(task, node_context)
+    assert path.exists()
+    on_disk = load_file(str(path))
+    assert on_disk["inputs"].dtype == torch.uint8  # characters: one byte each, not eight
+    expected = client_shard(task)
+    second = node_shard(task, node_context)  # read back from the file
+    for made, read, want in zip(first, second, expected):
+        assert read.dtype == want.dtype and torch.equal(read, want) and torch.equal(made, want)
+    path.write_bytes(b"")  # the second read came from the file: a broken file now fails
+    with pytest.raises(SafetensorError):
+        node_shard(task, node_context)
+
+
+def test_a_failed_node_loses_its_update_and_the_round_goes_on(tmp_path, three_device_plan, flower_task_identity,
+                                                              node_context):
     from flwr.app import Error, Message
 
     from trainer.flower import client_train
@@ -101,7 +133,7 @@ def test_a_failed_node_loses_its_update_and_the_round_goes_on(tmp_path, three_de
     for message in messages:  # each node gets its own plan and every global array
         assert message.content["arrays"].keys() == before.keys()
     survivor, lost = messages
-    replies = [client_train(survivor, None), Message(Error(code=5, reason="node went away"), reply_to=lost)]
+    replies = [client_train(survivor, node_context), Message(Error(code=5, reason="node went away"), reply_to=lost)]
     strategy.aggregate_train(1, replies)
 
     clients = {c["device"]: c for c in strategy.server.metrics[-1]["clients"]}
@@ -118,8 +150,8 @@ def test_a_failed_node_loses_its_update_and_the_round_goes_on(tmp_path, three_de
 
 
 @pytest.mark.parametrize("method", ["caff", "lora", "fedra", "full", "head"])
-def test_replies_carry_what_was_trained_and_the_planned_upload_bounds_the_wire(tmp_path, three_device_plan,
-                                                                             flower_task_identity, method):
+def test_replies_carry_what_was_trained_and_the_planned_upload_bounds_the_wire(
+        tmp_path, three_device_plan, flower_task_identity, node_context, method):
     """A round through the strategy and the ClientApp (Flower's serialization, no transport): every
     reply's serialized arrays fit the planned upload, and the round equals the in-process engine's."""
     from trainer.flower import client_train
@@ -127,7 +159,7 @@ def test_replies_carry_what_was_trained_and_the_planned_upload_bounds_the_wire(t
     config = CONFIG.model_copy(update={"method": method, "rounds": 1})
     strategy = _strategy(tmp_path / "flower", three_device_plan, config)
     messages = strategy.configure_train(1, None, None, grid=KnownNodes(strategy))
-    replies = [client_train(message, None) for message in messages]
+    replies = [client_train(message, node_context) for message in messages]
     for reply in replies:
         record, arrays = dict(reply.content["record"]), reply.content["arrays"]
         assert record["upload_bytes"] <= record["predicted_upload_bytes"], record
@@ -150,7 +182,8 @@ def test_a_round_without_replies_records_every_device_failed(tmp_path, three_dev
     assert all(torch.equal(before[k], strategy.server.state[k]) for k in before)
 
 
-def test_a_reply_for_another_nodes_device_is_refused(tmp_path, three_device_plan, flower_task_identity):
+def test_a_reply_for_another_nodes_device_is_refused(tmp_path, three_device_plan, flower_task_identity,
+                                                     node_context):
     from flwr.app import Message
 
     from trainer.flower import client_train
@@ -158,7 +191,7 @@ def test_a_reply_for_another_nodes_device_is_refused(tmp_path, three_device_plan
     strategy = _strategy(tmp_path, three_device_plan)
     before = dict(strategy.server.state)
     honest, impostor = strategy.configure_train(1, None, None, grid=KnownNodes(strategy))
-    reply = client_train(honest, None)
+    reply = client_train(honest, node_context)
     strategy.aggregate_train(1, [Message(reply.content, reply_to=impostor)])  # the other node sends it
     statuses = {c["device"]: (c["status"], c.get("reason", "")) for c in strategy.server.metrics[-1]["clients"]}
     assert [status for status, _ in statuses.values()].count("failed") == 2
@@ -166,7 +199,8 @@ def test_a_reply_for_another_nodes_device_is_refused(tmp_path, three_device_plan
     assert all(torch.equal(before[k], strategy.server.state[k]) for k in before)
 
 
-def test_a_fedra_node_receives_only_the_blocks_it_holds(tmp_path, three_device_plan, flower_task_identity):
+def test_a_fedra_node_receives_only_the_blocks_it_holds(tmp_path, three_device_plan, flower_task_identity,
+                                                        node_context):
     from trainer.flower import client_train
 
     strategy = _strategy(tmp_path, three_device_plan, CONFIG.model_copy(update={"method": "fedra"}))
@@ -177,7 +211,7 @@ def test_a_fedra_node_receives_only_the_blocks_it_holds(tmp_path, three_device_p
         blocks = {int(k.split(".")[1]) for k in message.content["arrays"].keys() if k.startswith("blocks.")}
         assert blocks == held
         assert {"embed.tok.weight", "head.out.weight"} <= set(message.content["arrays"].keys())
-        reply = dict(client_train(message, None).content["record"])
+        reply = dict(client_train(message, node_context).content["record"])
         assert reply["status"] == "trained" and reply["peak_bytes"] <= reply["memory_budget_bytes"]
 
 

@@ -197,9 +197,16 @@ def received_arrays(task: dict, state: dict[str, torch.Tensor]) -> dict[str, tor
     return state if held is None else renumber_blocks(state, {b: b for b in held})
 
 
-def train_client(task: dict, received: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Run one device's task on its own data from the arrays it ``received`` (`received_arrays`):
-    (its record, its reply: what it trained, as trained, LoRA as factors, under global names).
+def client_shard(task: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training samples (inputs, targets) of the device of ``task``: its share of the task's data."""
+    return device_client(task["task"], task["seed"], task["n_devices"], task["index"]).train
+
+
+def train_client(task: dict, received: dict[str, torch.Tensor],
+                 shard: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Run one device's task on its own data (``shard``, default `client_shard`) from the arrays it
+    ``received`` (`received_arrays`): (its record, its reply: what it trained, as trained, LoRA as
+    factors, under global names).
 
     The record holds the wire bytes (`costmodel.wire`) of the reply (``upload_bytes``) and of what
     it received (``download_bytes``), and the LoRA factors' scale. A mode is measured the first
@@ -210,9 +217,9 @@ def train_client(task: dict, received: dict[str, torch.Tensor]) -> tuple[dict, d
     if held is not None:
         spec, state = shallow_spec(spec, len(held)), renumber_blocks(state, {g: i for i, g in enumerate(held)})
     mode = TrainMode.parse(task["mode"], spec.n_blocks)
-    client = device_client(task["task"], task["seed"], task["n_devices"], task["index"])
     seed, round_index, name = task["seed"], task["round"], task["device"]
-    stream = _batch_stream(*client.train, task["batch"], _seed(seed, round_index, name, "batches"))
+    shard = shard or client_shard(task)
+    stream = _batch_stream(*shard, task["batch"], _seed(seed, round_index, name, "batches"))
     key = (spec.model_dump_json(), task["mode"], task["batch"], task["steps"])
     check_fits(spec, mode, task["batch"], TASK_SEQ[task["task"]], task["optimizer"],
                budget_bytes=task["memory_budget_bytes"])  # refuse, before the step, what cannot fit
@@ -223,7 +230,7 @@ def train_client(task: dict, received: dict[str, torch.Tensor]) -> tuple[dict, d
     predicted = estimate(spec, mode, task["batch"], TASK_SEQ[task["task"]], task["optimizer"])
     totals = predicted.totals
     process = process_memory(load_runtime(task.get("runtime") or DEFAULT_RUNTIME), mode, predicted.peak_bytes,
-                             tensor_bytes(*client.train), kept_bytes(spec, mode, predicted))
+                             tensor_bytes(*shard), kept_bytes(spec, mode, predicted))
     scales = set(result.lora_scales.values())  # alpha = 2 x rank: one scale for every adapter
     if len(scales) > 1:
         raise ValueError(f"LoRA adapters of one device with different scales {sorted(scales)}")

@@ -24,7 +24,9 @@ engine's, up to the order of floating-point sums.
   and its update is lost for that round: the global model is averaged over the devices that did
   reply, as if it had not been sampled.
 
-The ServerApp reads one JSON file named by the run config key ``run-file`` (`write_run_file`):
+The ClientApp imports torch and caff only in its train handler, and a node keeps its data shard
+once per run in its Flower home (`node_shard`). The ServerApp reads one JSON file named by the run
+config key ``run-file`` (`write_run_file`):
 the `TrainConfig`, the plan file, the run directory, resume, seconds a round waits for replies,
 and the folder of pretrained checkpoints (the app bundle that Flower ships carries code only).
 Its paths are read on the SuperLink's machine. ``caff train --engine flower|flower-sim`` writes it.
@@ -32,27 +34,43 @@ Its paths are read on the SuperLink's machine. ``caff train --engine flower|flow
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
-import os
-import signal
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+MODULE_STARTED, MODULE_CPU = time.time(), time.process_time()  # this module's import starts (`timing`)
 
-from planner.planfile import read_plan_file
-from profiles.atomic import atomic_write
-from trainer.engine import Server, TrainConfig, received_arrays, task_record, train_client
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.serverapp import Grid, ServerApp  # noqa: E402
+from flwr.serverapp.strategy import FedAvg  # noqa: E402
+
+from profiles.atomic import atomic_write  # noqa: E402
+
+if TYPE_CHECKING:  # torch and caff's engine load when a handler needs them: a query message needs neither
+    import torch
+
+    from trainer.engine import Server, TrainConfig
 
 log = logging.getLogger("caff.flower")
+
+
+def timing(**fields) -> None:
+    """Append one JSON line of wall-clock times (seconds since the epoch) to the file that the
+    environment variable ``CAFF_FLOWER_TIMINGS`` names, if it does (`bench/flower_rounds.py`)."""
+    if path := os.environ.get("CAFF_FLOWER_TIMINGS"):
+        with open(path, "a") as out:
+            out.write(json.dumps(fields) + "\n")
 
 
 def write_run_file(path: str | Path, config: TrainConfig, plan_path: str | Path, out: str | Path,
@@ -68,6 +86,9 @@ def write_run_file(path: str | Path, config: TrainConfig, plan_path: str | Path,
 
 def server_of_run_file(path: str) -> tuple[Server, float]:
     """The run's `Server` and the seconds a round waits for replies."""
+    from planner.planfile import read_plan_file
+    from trainer.engine import Server, TrainConfig
+
     fields = json.loads(Path(path).read_text())
     server = Server(TrainConfig(**fields["config"]), read_plan_file(fields["plan"]), fields["out"],
                     fields["resume"], fields["checkpoints"])
@@ -86,6 +107,7 @@ class CaffStrategy(FedAvg):
         self.round_tasks: list[dict] = []
         self.round_records: list[dict] = []
         self.round_started = 0.0
+        self.round_times: dict = {}  # wall-clock times of this round (`timing`)
 
     def round_index(self, server_round: int) -> int:
         """caff's round of Flower's ``server_round`` (they differ after a resume)."""
@@ -119,8 +141,11 @@ class CaffStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> list[Message]:
+        from trainer.engine import received_arrays, task_record
+
         self.assign_nodes(grid)
         self.round_started = time.perf_counter()
+        self.round_times = {"round": server_round, "configured": time.time()}
         tasks, self.round_records = self.server.tasks(self.round_index(server_round))
         self.round_tasks = [t for t in tasks if t["device"] in self.node_of_device]
         self.round_records += [task_record(t, status="no node")
@@ -134,6 +159,9 @@ class CaffStrategy(FedAvg):
                 for task in self.round_tasks]
 
     def aggregate_train(self, server_round: int, replies) -> tuple[ArrayRecord, None]:
+        from trainer.engine import task_record
+
+        self.round_times["replied"] = time.time()
         records, updates, errors = list(self.round_records), {}, {}
         expected = {t["device"]: self.node_of_device[t["device"]] for t in self.round_tasks}
         for reply in replies:
@@ -156,6 +184,7 @@ class CaffStrategy(FedAvg):
                 records.append(task_record(task, status="failed", reason=reason))
                 log.warning("round %d: %s failed (%s); its update is lost", server_round, task["device"], reason)
         self.server.finish(self.round_index(server_round), records, updates, self.round_started)
+        timing(who="server", **self.round_times, finished=time.time())
         return ArrayRecord(self.server.state), None
 
 
@@ -193,14 +222,65 @@ def serialized_bytes(record: ArrayRecord) -> int:
     return sum(len(part.deflate()) for part in get_all_nested_objects(record).values())
 
 
+def node_shard(task: dict, context: Context) -> tuple[torch.Tensor, torch.Tensor]:
+    """This node's training samples for ``task``, prepared once per run: the first message parses
+    the task's data (`trainer.engine.client_shard`) and keeps the node's share as a compact
+    safetensors file (integers in the smallest type that holds them) in the node's run folder,
+    ``CACHE/RUN/TASK-DEVICES-SEED-INDEX.safetensors``, where CACHE is the node config's
+    ``cache-dir`` or ``$FLWR_HOME/caff-shards`` (default ``~/.flwr``); later messages read it back
+    exactly. Run folders untouched for a day are removed."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from trainer.engine import client_shard
+
+    cache = Path(context.node_config.get("cache-dir")
+                 or Path(os.environ.get("FLWR_HOME", "~/.flwr")).expanduser() / "caff-shards")
+    name = f"{task['task']}-{task['n_devices']}-{task['seed']}-{task['index']}.safetensors"
+    path = cache / str(context.run_id) / name
+    if path.exists():
+        with safe_open(str(path), "pt") as saved:
+            dtypes = saved.metadata()
+            return tuple(saved.get_tensor(k).to(getattr(torch, dtypes[k])) for k in ("inputs", "targets"))
+    shard = dict(zip(("inputs", "targets"), client_shard(task)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for old in cache.iterdir():
+        if old != path.parent and old.is_dir() and time.time() - old.stat().st_mtime > 86400:
+            shutil.rmtree(old, ignore_errors=True)
+    compact = {}
+    for name, tensor in shard.items():
+        fits = [t for t in (torch.uint8, torch.int16, torch.int32) if not tensor.is_floating_point()
+                and tensor.numel() and torch.iinfo(t).min <= tensor.min() and tensor.max() <= torch.iinfo(t).max]
+        compact[name] = tensor.to(fits[0]) if fits else tensor
+    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_file(compact, str(partial), metadata={k: str(t.dtype).removeprefix("torch.") for k, t in shard.items()})
+    os.replace(partial, path)
+    return shard["inputs"], shard["targets"]
+
+
 @client_app.train()
 def client_train(message: Message, context: Context) -> Message:
     """Run the task the server sent, on this node's data, with caff's local training; reply with
     what it trained and its record, whose upload and download bytes Flower's serialization measures."""
+    started = time.time()
+    from trainer.engine import train_client
+
+    imported = time.time()
     task, received = dict(message.content["task"]), message.content["arrays"]
-    record, reply = train_client(task, received.to_torch_state_dict())
+    shard = node_shard(task, context)
+    loaded = time.time()
+    record, reply = train_client(task, received.to_torch_state_dict(), shard)
+    trained = time.time()
     arrays = ArrayRecord({k: v.contiguous() for k, v in reply.items()})
     record |= {"upload_bytes": serialized_bytes(arrays), "download_bytes": serialized_bytes(received)}
+    if os.environ.get("CAFF_FLOWER_TIMINGS"):
+        import psutil
+
+        timing(who="client", round=task["round"], device=task["device"], sent=message.metadata.created_at,
+               process=psutil.Process().create_time(), module=MODULE_STARTED, handler=started, imported=imported,
+               data=loaded, trained=trained, training=record["seconds"], replied=time.time(),
+               cpu_module=MODULE_CPU, cpu_replied=time.process_time())
     return Message(RecordDict({"arrays": arrays, "record": ConfigRecord(record)}), reply_to=message)
 
 
@@ -243,7 +323,8 @@ def _flwr(args: list[str], env: dict, log_file, timeout: float | None = None) ->
         finished = subprocess.run([str(Path(sys.executable).parent / "flwr"), *args], env=env, stdout=output,
                                   stderr=subprocess.STDOUT, timeout=timeout, check=False)
     if finished.returncode != 0:
-        raise ValueError(f"flwr {args[0]} exited with {finished.returncode}" + (f" (see {log_file})" if log_file else ""))
+        raise ValueError(f"flwr {args[0]} exited with {finished.returncode}"
+                         + (f" (see {log_file})" if log_file else ""))
 
 
 def register_node(public_key: str | Path, address: str, root_certificates: str | Path,
@@ -286,7 +367,10 @@ def localhost_federation(n_nodes: int, log_dir: str | Path, node_config=lambda i
     before it starts. ``unregistered`` more nodes start with keys nobody registered (the
     SuperLink must refuse them). ``secure=False``: ``--insecure`` everywhere. Every process it
     starts is ended by its pid when the block exits, also on failure; their output goes to
-    ``log_dir``. ``node_config(i)`` is node i's ``--node-config``."""
+    ``log_dir``. ``node_config(i)`` is node i's ``--node-config``.
+
+    The processes share this machine's cores: each gets one torch (OpenMP) thread, telemetry is
+    off, and a SuperNode's SuperExec polls for messages every 0.1 s (Flower's default: 1 s)."""
     from trainer.certs import make_certificates, make_node_key
 
     log_dir = Path(log_dir)
@@ -312,7 +396,9 @@ def localhost_federation(n_nodes: int, log_dir: str | Path, node_config=lambda i
     def start(command: list[str]) -> None:
         with open(log_dir / f"process-{len(processes)}.log", "wb") as output:
             processes.append(subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
-                                              env={**os.environ, "FLWR_HOME": str(log_dir / "flwr-home")},
+                                              env={**os.environ, "FLWR_HOME": str(log_dir / "flwr-home"),
+                                                   "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0",
+                                                   "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"},
                                               start_new_session=True))
     try:
         start(link_command)
@@ -333,10 +419,29 @@ def localhost_federation(n_nodes: int, log_dir: str | Path, node_config=lambda i
 
 def flwr_run(run_file: str, control_address: str, app_dir: str | Path, log_file: str | Path | None = None,
              timeout: float | None = None, root_certificates: str | Path | None = None) -> None:
-    """Submit a run file to a SuperLink with ``flwr run`` and wait until the run ends (``--stream``).
+    """Submit a run file to a SuperLink with ``flwr run`` and wait until the run finishes.
 
     The connection uses TLS and trusts ``root_certificates`` (a CA certificate), or is insecure
-    when that is None; paths in the run file are read on the SuperLink's machine."""
+    when that is None; paths in the run file are read on the SuperLink's machine. The run's logs
+    go to ``log_file`` (``--stream``); since that stream can end before the run does when a round
+    is silent for minutes, the run's status is then polled (``flwr ls``) until it is finished."""
+    import re
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    log_file = log_file or os.devnull
     with flwr_cli(control_address, root_certificates) as env:
         _flwr(["run", str(app_dir), "caff", "--stream", "--run-config", f'run-file="{run_file}"'], env, log_file,
               timeout)
+        started = re.findall(r"Successfully started run (\d+)", Path(log_file).read_text(errors="replace")) \
+            if log_file != os.devnull else []
+        while started:
+            with contextlib.suppress(subprocess.TimeoutExpired):  # a busy machine: ask again
+                listed = subprocess.run([str(Path(sys.executable).parent / "flwr"), "ls", "caff", "--run-id",
+                                         started[-1], "--format", "json"], env=env, capture_output=True, text=True,
+                                        timeout=120)
+                runs = json.loads(listed.stdout or "{}").get("runs", [])
+                if not runs or runs[0]["status"].startswith("finished"):
+                    return
+            if deadline is not None and time.monotonic() > deadline:
+                raise ValueError(f"the Flower run {started[-1]} did not finish within {timeout:.0f} s")
+            time.sleep(1.0)

@@ -65,6 +65,14 @@ def validate_plan(plan: PlanFile, device: str | None = None) -> list[dict]:
     return rows
 
 
+def check_smallest_steps_fit(plan: PlanFile) -> None:
+    """Refuse (ValueError, one line) a plan whose smallest step, head-only at a device's batch, cannot fit
+    this machine (`costmodel.measure.check_fits`): no method could run it here (batch 1e9 would otherwise
+    try to allocate its data first). Larger steps are each method's to check."""
+    for batch in sorted({entry.budgets.batch_size for entry in plan.devices}):
+        check_fits(plan.spec(plan.winner), TrainMode(), batch, plan.seq, plan.optimizer)
+
+
 def check_device(device: str) -> str:
     """``device`` if it names a torch device this process can run on (cpu, cuda, cuda:N); ValueError else."""
     try:
