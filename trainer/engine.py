@@ -218,7 +218,8 @@ def train_client(task: dict, received: dict[str, torch.Tensor],
         spec, state = shallow_spec(spec, len(held)), renumber_blocks(state, {g: i for i, g in enumerate(held)})
     mode = TrainMode.parse(task["mode"], spec.n_blocks)
     seed, round_index, name = task["seed"], task["round"], task["device"]
-    stream = _batch_stream(*(shard or client_shard(task)), task["batch"], _seed(seed, round_index, name, "batches"))
+    shard = shard or client_shard(task)
+    stream = _batch_stream(*shard, task["batch"], _seed(seed, round_index, name, "batches"))
     key = (spec.model_dump_json(), task["mode"], task["batch"], task["steps"])
     check_fits(spec, mode, task["batch"], TASK_SEQ[task["task"]], task["optimizer"],
                budget_bytes=task["memory_budget_bytes"])  # refuse, before the step, what cannot fit
@@ -229,7 +230,7 @@ def train_client(task: dict, received: dict[str, torch.Tensor],
     predicted = estimate(spec, mode, task["batch"], TASK_SEQ[task["task"]], task["optimizer"])
     totals = predicted.totals
     process = process_memory(load_runtime(task.get("runtime") or DEFAULT_RUNTIME), mode, predicted.peak_bytes,
-                             tensor_bytes(*client.train), kept_bytes(spec, mode, predicted))
+                             tensor_bytes(*shard), kept_bytes(spec, mode, predicted))
     scales = set(result.lora_scales.values())  # alpha = 2 x rank: one scale for every adapter
     if len(scales) > 1:
         raise ValueError(f"LoRA adapters of one device with different scales {sorted(scales)}")
