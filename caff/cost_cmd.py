@@ -16,7 +16,7 @@ def add_parser(subparsers) -> dict:
     p.add_argument("model", help="zoo name, spec JSON file, or Hugging Face model directory")
     p.add_argument("--batch", type=int, default=16, help="samples per step (default 16)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sample (default: the model's maximum)")
-    p.add_argument("--train", default="all", help="all | head | last:K | blocks:i,j | lora:R | mixed with '+'")
+    p.add_argument("--train", default="all", help="all | head | last:K | blocks:i,j | lora:R | emb | recompute:i,j (trained blocks that re-run their forward in backward), mixed with '+'")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "momentum", "adam"])
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="override the model's dtype")
     p.add_argument("--runtime", default=DEFAULT_RUNTIME, help=f"runtime profile: name or .json (default {DEFAULT_RUNTIME})")

@@ -30,7 +30,8 @@ def add_parser(subparsers) -> dict:
     train.add_argument("--seed", type=int)
     train.add_argument("--drop-rate", type=float, help="chance that a sampled device fails mid-round")
     train.add_argument("--eval-every", type=int, help="evaluate the global model every N rounds (and after the last)")
-    train.add_argument("--eval-samples", type=int, help="test samples the server evaluates on (default 256)")
+    train.add_argument("--eval-samples", type=int,
+                       help="test samples the server evaluates on (default: the task's whole test set)")
     train.add_argument("--no-pretrained", action="store_true", help="start from random weights")
     train.add_argument("--out", required=True, help="run directory (metrics.jsonl, checkpoints)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -211,11 +212,6 @@ def _print_rounds(metrics: list[dict]) -> set[str]:
 def run_report(args) -> int:
     from trainer.report import load_runs, plot_runs, summary_rows
 
-    cached = out / "references.json"
-    if not cached.exists():
-        atomic_write(cached, json.dumps(references("shakespeare", ZOO["char-gpt-xs"], args.central_steps,
-                                                   samples=args.eval_samples)))
-    refs = json.loads(cached.read_text())
     runs = load_runs(args.runs)
     for row in summary_rows(runs):
         print(row)

@@ -30,7 +30,8 @@ def inject_lora(model: nn.Module, targets: dict[str, int]) -> None:
 
 
 def apply_mode(model: TinyTransformer, mode: TrainMode) -> TinyTransformer:
-    """Freeze what ``mode`` does not train, inject its LoRA adapters, and set where autograd starts."""
+    """Freeze what ``mode`` does not train, inject its LoRA adapters, mark the blocks it recomputes,
+    and set where autograd starts."""
     spec = model.spec
     mode = normalize_mode(spec, mode)
     inject_lora(model, {f"blocks.{b}.{t}": r for b, r in mode.lora.items() for t in lora_targets(spec)})
@@ -40,6 +41,8 @@ def apply_mode(model: TinyTransformer, mode: TrainMode) -> TinyTransformer:
     for name, param in model.named_parameters():
         if "lora_" in name:
             param.requires_grad_(True)
+    for index, block in enumerate(model.blocks):
+        block.recompute = index in mode.recompute
     model.head.requires_grad_(True)
     if mode.embeddings:
         model.embed.requires_grad_(True)

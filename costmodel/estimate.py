@@ -8,7 +8,8 @@ parameter nothing is kept or back-propagated.
 Peak of a steady-state step (optimizer state exists, gradients were set to None), in
 bytes, with W all parameter bytes, O optimizer state, X the batch, and per layer l its
 saved activations A_l, parameter gradients G_l and the worst points F_l (forward) and
-B_l (backward) of its own timeline (see tape.py)::
+B_l (backward) of its own timeline (see tape.py; for a block the mode recomputes, A_l is its
+input and B_l covers the re-run of its forward)::
 
     forward at l:  W + O + X + sum_{j<l} A_j + F_l
     backward at l: W + O + X + sum_{j<l} A_j + sum_{j>l} G_j + B_l
@@ -89,8 +90,10 @@ def batch_syms(spec: ModelSpec, batch: int, seq: int) -> tuple[Sym, Sym]:
 
 
 @functools.lru_cache(maxsize=65536)
-def layer_cost(spec: ModelSpec, name: str, state, input_requires_grad: bool, batch: int, seq: int) -> LayerCost:
-    """Cost of one layer in a given state, given whether its input requires grad. Cached."""
+def layer_cost(spec: ModelSpec, name: str, state, input_requires_grad: bool, batch: int, seq: int,
+               recompute: bool = False) -> LayerCost:
+    """Cost of one layer in a given state, given whether its input requires grad and whether it is
+    recomputed in backward. Cached."""
     tokens = spec.tokens_per_sample(seq)
     inputs, targets = batch_syms(spec, batch, tokens)
     hidden = Sym((batch, tokens, spec.d_model), spec.dtype_bytes, input_requires_grad)
@@ -108,7 +111,7 @@ def layer_cost(spec: ModelSpec, name: str, state, input_requires_grad: bool, bat
         layer_in, out = [logits, targets], Loss.cost(spec, tape, logits, targets)
     else:
         layer_in, out = [hidden], Block.cost(spec, tape, hidden, state)
-    return tape.finish(layer_in, [out], external)
+    return tape.finish(layer_in, [out], external, recompute)
 
 
 @dataclass
@@ -131,8 +134,8 @@ class CostReport:
     totals: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        keys = ("fwd_flops", "bwd_flops", "bwd_input_flops", "bwd_weight_flops", "elementwise_flops",
-                "activation_bytes", "param_bytes", "grad_bytes", "optimizer_bytes", "upload_bytes")
+        keys = ("fwd_flops", "bwd_flops", "bwd_input_flops", "bwd_weight_flops", "recompute_flops",
+                "elementwise_flops", "activation_bytes", "param_bytes", "grad_bytes", "optimizer_bytes", "upload_bytes")
         layers = [{"name": c.name, **{k: getattr(c, k) for k in keys}} for c in self.layers]
         return {"model": self.model, "train": self.train, "batch": self.batch, "seq": self.seq,
                 "optimizer": self.optimizer, "dtype": self.dtype, "layers": layers,
@@ -152,7 +155,8 @@ def estimate(spec: ModelSpec, mode: TrainMode, batch: int = 16, seq: int | None 
     layers = []
     for name, ancestors in layer_ancestors(spec):
         input_grad = not trained.isdisjoint(ancestors)
-        cost = layer_cost(spec, name, layer_state(mode, name), input_grad, batch, tokens)
+        recompute = name in {f"block.{b}" for b in mode.recompute}
+        cost = layer_cost(spec, name, layer_state(mode, name), input_grad, batch, tokens, recompute)
         layers.append(with_optimizer(cost, optimizer))
     return _report(spec, mode, batch, tokens, optimizer, layers)
 
@@ -182,7 +186,7 @@ def _report(spec, mode, batch, tokens, optimizer, layers: list[LayerCost]) -> Co
         below += cost.activation_bytes - cost.external_saved_bytes
     phase = max(phases, key=phases.get)
     totals = {k: sum(getattr(c, k) for c in layers) for k in
-              ("fwd_flops", "bwd_flops", "bwd_input_flops", "bwd_weight_flops", "elementwise_flops",
-               "activation_bytes", "param_bytes", "grad_bytes", "optimizer_bytes", "upload_bytes")}
+              ("fwd_flops", "bwd_flops", "bwd_input_flops", "bwd_weight_flops", "recompute_flops",
+               "elementwise_flops", "activation_bytes", "param_bytes", "grad_bytes", "optimizer_bytes", "upload_bytes")}
     return CostReport(spec.name, str(mode), batch, tokens, optimizer, spec.dtype, layers, input_bytes,
                       buffer_bytes, state_bytes, temp, phases[phase], phase, totals)

@@ -8,16 +8,19 @@ Text forms (parsed by `TrainMode.parse`, printed by `str`):
 - ``blocks:i,j,...``: any set of blocks (0-based) and the head;
 - ``lora:R``: LoRA of rank R on every attention and MLP linear of every block, base frozen, head trained;
 - mixed, joined by ``+``: ``blocks:4,5+lora:0=8,1=8,2=4`` (full blocks 4 and 5, LoRA on 0-2), and
-  ``emb`` to train the embeddings too.
+  ``emb`` to train the embeddings too;
+- ``recompute:i,j,...``: trained blocks (full or LoRA) that keep only their input in the forward pass
+  and re-run their forward during backward (activation checkpointing), e.g. ``blocks:2,3+recompute:2``.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 
 class TrainMode(BaseModel):
-    """Which blocks train fully, which carry LoRA (block -> rank), and whether embeddings train.
+    """Which blocks train fully, which carry LoRA (block -> rank), which of those recompute their
+    activations in backward, and whether embeddings train.
 
     The head (final norm, pooler, classifier or LM head) always trains.
     """
@@ -26,6 +29,7 @@ class TrainMode(BaseModel):
 
     blocks: frozenset[int] = frozenset()
     lora: dict[int, int] = {}
+    recompute: frozenset[int] = frozenset()
     embeddings: bool = False
 
     @model_validator(mode="after")
@@ -36,16 +40,20 @@ class TrainMode(BaseModel):
             raise ValueError(f"blocks {sorted(overlap)} are both fully trained and LoRA")
         if any(r < 1 for r in self.lora.values()):
             raise ValueError("LoRA ranks must be >= 1")
+        if untrained := sorted(self.recompute - self.blocks - set(self.lora)):
+            raise ValueError(f"block {untrained[0]} is recomputed but not trained: recompute only blocks "
+                             "that blocks: or lora: trains")
         return self
 
     def __hash__(self) -> int:
-        return hash((self.blocks, tuple(sorted(self.lora.items())), self.embeddings))
+        return hash((self.blocks, tuple(sorted(self.lora.items())), self.recompute, self.embeddings))
 
     @classmethod
     def parse(cls, text: str, n_blocks: int) -> "TrainMode":
         """Parse a mode for a model of ``n_blocks`` blocks; ValueError with a one-line reason."""
         blocks: set[int] = set()
         lora: dict[int, int] = {}
+        recompute: set[int] = set()
         embeddings = False
         for part in text.strip().split("+"):
             kind, _, arg = part.strip().partition(":")
@@ -64,6 +72,8 @@ class TrainMode(BaseModel):
                     blocks |= set(range(n_blocks - k, n_blocks))
                 elif kind == "blocks":
                     blocks |= {int(b) for b in arg.split(",") if b.strip()}
+                elif kind == "recompute":
+                    recompute |= {int(b) for b in arg.split(",") if b.strip()}
                 elif kind == "lora" and "=" not in arg:
                     lora.update({b: int(arg) for b in range(n_blocks)})
                 elif kind == "lora":
@@ -71,16 +81,19 @@ class TrainMode(BaseModel):
                         block, _, rank = item.partition("=")
                         lora[int(block)] = int(rank)
                 else:
-                    raise ValueError(f"unknown training mode {part!r} (all, head, last:K, blocks:i,j, lora:R, emb)")
+                    raise ValueError(f"unknown training mode {part!r} (all, head, last:K, blocks:i,j, lora:R, emb, recompute:i,j)")
             except ValueError as exc:
                 if "invalid literal" in str(exc):
                     raise ValueError(f"bad number in training mode {part!r}") from None
                 raise
-        if out_of_range := sorted(b for b in blocks | set(lora) if not 0 <= b < n_blocks):
+        if out_of_range := sorted(b for b in blocks | set(lora) | recompute if not 0 <= b < n_blocks):
             raise ValueError(f"block {out_of_range[0]} out of range: the model has blocks 0..{n_blocks - 1}")
         for b in blocks:
             lora.pop(b, None)
-        return cls(blocks=frozenset(blocks), lora=lora, embeddings=embeddings)
+        try:
+            return cls(blocks=frozenset(blocks), lora=lora, recompute=frozenset(recompute), embeddings=embeddings)
+        except ValidationError as exc:  # one line: the validator's own reason
+            raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
     def __str__(self) -> str:
         parts = []
@@ -90,6 +103,8 @@ class TrainMode(BaseModel):
             parts.append("blocks:" + ",".join(map(str, sorted(self.blocks))))
         if self.lora:
             parts.append("lora:" + ",".join(f"{b}={r}" for b, r in sorted(self.lora.items())))
+        if self.recompute:
+            parts.append("recompute:" + ",".join(map(str, sorted(self.recompute))))
         return "+".join(parts) or "head"
 
     def block_state(self, block: int) -> str | int:

@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from costmodel.spec import ModelSpec
 from costmodel.tape import Sym, Tape
@@ -148,7 +149,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Attention and MLP with residuals; LayerNorm before each (pre) or after each residual (post)."""
+    """Attention and MLP with residuals; LayerNorm before each (pre) or after each residual (post).
+
+    With ``recompute`` set (`costmodel.build.apply_mode`), a step that needs gradients runs it under
+    non-reentrant ``torch.utils.checkpoint``: it keeps only its input and re-runs in backward."""
 
     def __init__(self, spec: ModelSpec):
         super().__init__()
@@ -157,9 +161,16 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(spec.d_model, eps=spec.layer_norm_eps)
         self.mlp = MLP(spec)
         self.pre_norm, self.dropout = spec.norm == "pre", spec.dropout
+        self.recompute = False
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
         """``ids``: the token ids whose padding attention masks (see `Attention.forward`)."""
+        if self.recompute and torch.is_grad_enabled():
+            # ids by closure: checkpoint keeps (and saved-tensor hooks see) only x
+            return checkpoint(lambda t: self._forward(t, ids), x, use_reentrant=False)
+        return self._forward(x, ids)
+
+    def _forward(self, x: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
         drop = lambda t: F.dropout(t, self.dropout, self.training)  # noqa: E731
         if self.pre_norm:
             x = x + drop(self.attn(self.ln1(x), ids))

@@ -9,11 +9,12 @@ from costmodel.spec import ModelSpec
 ELEMENT_BUDGET = 1_500_000
 
 
-def random_config(rng: random.Random):
+def random_config(rng: random.Random, recompute: bool = False):
     """A random model, training mode, batch, sequence length and optimizer over the issue's ranges:
     1-12 blocks, width 32-512 with any head count dividing it, sequence 1-256, batch 1-64, every
     training mode, LoRA ranks 1-64, encoders with and without a padding mask; sizes are redrawn
-    until one step fits ELEMENT_BUDGET."""
+    until one step fits ELEMENT_BUDGET. ``recompute``: a random non-empty subset of the trained
+    blocks, if any, is recomputed (drawn after everything else, so the rest is as without)."""
     while True:
         kind = rng.choice(["gpt", "encoder", "vit"])
         width = rng.choice([32, 48, 64, 96, 128, 192, 256, 384, 512])
@@ -43,4 +44,9 @@ def random_config(rng: random.Random):
         "+".join(filter(None, ["blocks:" + ",".join(map(str, some[1:])) if some[1:] else "",
                                f"lora:{some[0]}={rank}"])),
     ])
-    return spec, TrainMode.parse(text, n_blocks), batch, seq, rng.choice(["sgd", "momentum", "adam"])
+    mode = TrainMode.parse(text, n_blocks)
+    optimizer = rng.choice(["sgd", "momentum", "adam"])
+    trained = sorted(mode.blocks | set(mode.lora))
+    if recompute and trained:
+        mode = mode.model_copy(update={"recompute": frozenset(rng.sample(trained, rng.randint(1, len(trained))))})
+    return spec, mode, batch, seq, optimizer

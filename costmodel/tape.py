@@ -19,6 +19,13 @@ From the op list the tape also derives the layer's memory timeline: live bytes o
 its activations at the worst point of the forward pass, and of saved tensors plus
 gradients at the worst point of its backward pass (`LayerCost.fwd_peak_bytes`,
 `LayerCost.bwd_peak_bytes`).
+
+A recomputed layer (non-reentrant ``torch.utils.checkpoint``) saves only its input in the
+forward pass; everything its ops save is a temporary. In backward, the first unpack re-runs
+its forward, storing what each op saves, and stops (early stop, torch's default) as soon as
+the last tensor saved in the forward pass is saved again. An op saves its inputs (and
+parameters: a linear whose input requires grad saves its weight) before it computes, its
+results after: so the re-run includes the last saving op only if that op saves a result.
 """
 
 from __future__ import annotations
@@ -67,6 +74,18 @@ class _Op:
     grad_inputs: list[Sym]  # inputs that receive a gradient in backward
     param_grad_bytes: int
     passes_grad: bool = False  # backward hands the output's gradient on as is (an add)
+    flops: int = 0  # forward matmul FLOPs of this op
+    elementwise_flops: int = 0
+    saves_weight: bool = False  # saves a parameter (not an activation), which checkpoint counts too
+
+    @property
+    def packs(self) -> bool:
+        return bool(self.saved) or self.saves_weight
+
+    @property
+    def packs_results(self) -> bool:
+        """Whether it saves a tensor it made (after computing it), not only its inputs."""
+        return not {t.storage for t in self.saved} <= {t.storage for t in self.inputs}
 
 
 @dataclass
@@ -77,6 +96,7 @@ class LayerCost:
     fwd_flops: int = 0
     bwd_input_flops: int = 0
     bwd_weight_flops: int = 0
+    recompute_flops: int = 0  # forward FLOPs re-run in backward (a recomputed layer)
     elementwise_flops: int = 0
     activation_bytes: int = 0
     param_bytes: int = 0
@@ -95,7 +115,8 @@ class LayerCost:
 
     @property
     def bwd_flops(self) -> int:
-        return self.bwd_input_flops + self.bwd_weight_flops
+        """Everything the backward pass runs: input and weight gradients, and any recomputation."""
+        return self.bwd_input_flops + self.bwd_weight_flops + self.recompute_flops
 
 
 
@@ -107,16 +128,21 @@ class Tape:
         self.itemsize = itemsize
         self.grad_enabled = grad_enabled
         self.ops: list[_Op] = []
+        self._counted = (0, 0)  # fwd and elementwise FLOPs already attributed to recorded ops
 
     # -- tensors -----------------------------------------------------------------
     def tensor(self, *shape: int, requires_grad: bool = False, itemsize: int | None = None) -> Sym:
         return Sym(tuple(shape), itemsize or self.itemsize, requires_grad and self.grad_enabled)
 
-    def _record(self, inputs, outputs, saved=(), param_grad_bytes=0, passes_grad=False):
+    def _record(self, inputs, outputs, saved=(), param_grad_bytes=0, passes_grad=False, saves_weight=False):
+        """Append an op; the FLOPs counted since the previous op are its own."""
         grad = any(o.requires_grad for o in outputs)  # false for a hold: no outputs
+        counted = (self.cost.fwd_flops, self.cost.elementwise_flops)
+        flops, elementwise = (now - before for now, before in zip(counted, self._counted))
+        self._counted = counted
         self.ops.append(_Op(list(inputs), list(outputs), list(saved) if grad else [],
                             [i for i in inputs if i.requires_grad] if grad else [],
-                            param_grad_bytes if grad else 0, passes_grad))
+                            param_grad_bytes if grad else 0, passes_grad, flops, elementwise, saves_weight and grad))
 
     def _matmul_flops(self, flops: int, a_grad: bool, b_grad: bool, out_grad: bool, b_is_weight: bool) -> None:
         """A matmul of a (an activation) and b: forward FLOPs, and backward FLOPs per operand needing grad."""
@@ -161,7 +187,8 @@ class Tape:
         out = self.tensor(*x.shape[:-1], d_out, requires_grad=x.requires_grad or trained)
         rows = x.numel // d_in
         self._matmul_flops(2 * rows * d_in * d_out, x.requires_grad, trained, out.requires_grad, True)
-        self._record([x], [out], [x] if trained else [], sum(sizes) * self.itemsize if trained else 0)
+        self._record([x], [out], [x] if trained else [], sum(sizes) * self.itemsize if trained else 0,
+                     saves_weight=x.requires_grad)
         return out
 
     def lora_linear(self, x: Sym, d_out: int, rank: int) -> Sym:
@@ -304,7 +331,8 @@ class Tape:
         return loss
 
     # -- summary -----------------------------------------------------------------
-    def finish(self, inputs: list[Sym], outputs: list[Sym], external: set[int] = frozenset()) -> LayerCost:
+    def finish(self, inputs: list[Sym], outputs: list[Sym], external: set[int] = frozenset(),
+               recompute: bool = False) -> LayerCost:
         """Fill in activation bytes and the forward/backward memory peaks of this layer.
 
         ``inputs`` arrive live from the layer below; ``outputs`` leave live to the layer above.
@@ -313,6 +341,8 @@ class Tape:
         the parameter gradients it has produced, and live activation gradients (the incoming
         gradient of its outputs included), at its worst op. ``external`` storages (the batch)
         are held by the caller for the whole step and left out of both peaks.
+        ``recompute``: the layer runs under non-reentrant checkpoint (see the module docstring);
+        it saves only its inputs, and its backward starts by re-running its forward.
         """
         cost = self.cost
         saved: dict[int, int] = {}
@@ -321,24 +351,50 @@ class Tape:
             for t in op.saved:
                 saved.setdefault(t.storage, t.storage_bytes)
                 last_saved_by.setdefault(t.storage, index)  # backward frees it at its first saver
-        cost.activation_bytes = sum(saved.values())
+        saved_bytes = sum(saved.values())
         cost.external_saved_bytes = sum(b for s, b in saved.items() if s in external)
         saved = {s: b for s, b in saved.items() if s not in external}
         inputs = [t for t in inputs if t.storage not in external]
         cost.in_backward = any(o.requires_grad for op in self.ops for o in op.outputs)
-        cost.fwd_peak_bytes = self._forward_peak(inputs, outputs, saved)
+        outputs_kept = {t.storage for t in outputs}
+        if recompute:
+            kept = {t.storage: t.storage_bytes for t in inputs}  # checkpoint saves the layer's inputs
+            cost.activation_bytes, cost.external_saved_bytes = sum(kept.values()), 0
+            cost.fwd_peak_bytes = self._forward_peak(inputs, self.ops, outputs_kept | set(kept))
+            # the re-run forward, with the gradient of the outputs live, then backward as usual
+            rerun = self._rerun_ops()
+            cost.recompute_flops = sum(op.flops for op in rerun)
+            cost.elementwise_flops += sum(op.elementwise_flops for op in rerun)
+            incoming = sum(t.storage_bytes for t in outputs if t.requires_grad)
+            saved.update(kept)
+            last_saved_by.update({storage: 0 for storage in kept})
+            rerun_peak = self._forward_peak(inputs, rerun, set(saved)) + incoming
+            cost.bwd_peak_bytes = max(rerun_peak, self._backward_peak(outputs, saved, last_saved_by))
+            return cost
+        cost.activation_bytes = saved_bytes
+        cost.fwd_peak_bytes = self._forward_peak(inputs, self.ops, outputs_kept | set(saved))
         cost.bwd_peak_bytes = self._backward_peak(outputs, saved, last_saved_by) if cost.in_backward else 0
         return cost
 
-    def _forward_peak(self, inputs, outputs, saved) -> int:
+    def _rerun_ops(self) -> list[_Op]:
+        """The ops checkpoint re-runs in backward: up to the last one that saves, which runs only if it
+        saves a result of its own (it saves its inputs before computing, and checkpoint stops there)."""
+        last = max((index for index, op in enumerate(self.ops) if op.packs), default=-1)
+        if last < 0:
+            return []
+        return self.ops[:last + 1] if self.ops[last].packs_results else self.ops[:last]
+
+    @staticmethod
+    def _forward_peak(inputs: list[Sym], ops: list[_Op], keep: set[int]) -> int:
+        """Most bytes live while ``ops`` run from ``inputs``; a tensor is freed after its last use
+        unless its storage is in ``keep`` (saved for backward, or an output)."""
         last_use: dict[int, int] = {}
-        for index, op in enumerate(self.ops):
+        for index, op in enumerate(ops):
             for t in op.inputs:
                 last_use[t.storage] = index
-        keep = {t.storage for t in outputs} | set(saved)
         live = {t.storage: t.storage_bytes for t in inputs}
         total = peak = sum(live.values())
-        for index, op in enumerate(self.ops):
+        for index, op in enumerate(ops):
             for t in (*op.outputs, *op.saved):
                 if t.storage not in live:
                     live[t.storage] = t.storage_bytes

@@ -71,7 +71,8 @@ class Budgets:
         """Per budget, whether each plan exceeds it (compute counts ``local_steps`` steps), compared
         exactly in integers: a plan's cost exceeds a budget iff it exceeds the budget's `_allowance`
         (memory: the process's tensor peak and kept tensors against what the fixed bytes leave)."""
-        return {"memory": costs.peak_bytes + costs.upload_bytes > _allowance(self.usable_memory_bytes - self.fixed_bytes),
+        memory = _allowance(self.usable_memory_bytes - self.fixed_bytes)
+        return {"memory": costs.peak_bytes + costs.upload_bytes > memory,
                 "compute": costs.step_flops > _allowance(self.compute_flops, self.local_steps),
                 "upload": costs.upload_bytes > _allowance(self.upload_bytes)}
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import pydantic_core
 
 MiB = 2**20
-MAX_BYTES = {"device": 1 * MiB, "model spec": 1 * MiB, "config": 1 * MiB, "runtime": 1 * MiB, "fleet": 64 * MiB, "plan": 512 * MiB}
+MAX_BYTES = {"device": 1 * MiB, "model spec": 1 * MiB, "config": 1 * MiB, "runtime": 1 * MiB, "fleet": 64 * MiB,
+             "plan": 512 * MiB}
 
 
 def read_json(path: str | Path, what: str) -> object:
