@@ -91,33 +91,10 @@ def flower_task_identity():
 
 @pytest.fixture
 def node_context(tmp_path):
-    """A node's context in run 1, its data shards cached under tmp_path."""
+    """A node's context in run 1."""
     from flwr.app import Context, RecordDict
 
-    return Context(run_id=1, node_id=0, node_config={"cache-dir": str(tmp_path / "shards")}, state=RecordDict(),
-                   run_config={})
-
-
-def test_a_node_prepares_its_data_shard_once_and_reads_it_back_exactly(tmp_path, three_device_plan, node_context):
-    from safetensors import SafetensorError
-
-    from trainer.engine import client_shard
-    from trainer.flower import node_shard
-
-    strategy = _strategy(tmp_path, three_device_plan)
-    task = strategy.server.tasks(1)[0][0]
-    path = tmp_path / "shards" / "1" / f"shakespeare-3-{task['seed']}-{task['index']}.safetensors"
-    first = node_shard(task, node_context)
-    assert path.exists()
-    on_disk = load_file(str(path))
-    assert on_disk["inputs"].dtype == torch.uint8  # characters: one byte each, not eight
-    expected = client_shard(task)
-    second = node_shard(task, node_context)  # read back from the file
-    for made, read, want in zip(first, second, expected):
-        assert read.dtype == want.dtype and torch.equal(read, want) and torch.equal(made, want)
-    path.write_bytes(b"")  # the second read came from the file: a broken file now fails
-    with pytest.raises(SafetensorError):
-        node_shard(task, node_context)
+    return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
 
 
 def test_a_failed_node_loses_its_update_and_the_round_goes_on(tmp_path, three_device_plan, flower_task_identity,

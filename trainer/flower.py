@@ -24,9 +24,9 @@ engine's, up to the order of floating-point sums.
   and its update is lost for that round: the global model is averaged over the devices that did
   reply, as if it had not been sampled.
 
-The ClientApp imports torch and caff only in its train handler, and a node keeps its data shard
-once per run in its Flower home (`node_shard`). The ServerApp reads one JSON file named by the run
-config key ``run-file`` (`write_run_file`):
+The ClientApp imports torch and caff only in its train handler, and loads only its own device's
+data (`trainer.engine.client_shard`). The ServerApp reads one JSON file named by the run config
+key ``run-file`` (`write_run_file`):
 the `TrainConfig`, the plan file, the run directory, resume, seconds a round waits for replies,
 and the folder of pretrained checkpoints (the app bundle that Flower ships carries code only).
 Its paths are read on the SuperLink's machine. ``caff train --engine flower|flower-sim`` writes it.
@@ -42,7 +42,6 @@ import contextlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
-import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -58,8 +57,6 @@ from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from profiles.atomic import atomic_write  # noqa: E402
 
 if TYPE_CHECKING:  # torch and caff's engine load when a handler needs them: a query message needs neither
-    import torch
-
     from trainer.engine import Server, TrainConfig
 
 log = logging.getLogger("caff.flower")
@@ -222,53 +219,16 @@ def serialized_bytes(record: ArrayRecord) -> int:
     return sum(len(part.deflate()) for part in get_all_nested_objects(record).values())
 
 
-def node_shard(task: dict, context: Context) -> tuple[torch.Tensor, torch.Tensor]:
-    """This node's training samples for ``task``, prepared once per run: the first message parses
-    the task's data (`trainer.engine.client_shard`) and keeps the node's share as a compact
-    safetensors file (integers in the smallest type that holds them) in the node's run folder,
-    ``CACHE/RUN/TASK-DEVICES-SEED-INDEX.safetensors``, where CACHE is the node config's
-    ``cache-dir`` or ``$FLWR_HOME/caff-shards`` (default ``~/.flwr``); later messages read it back
-    exactly. Run folders untouched for a day are removed."""
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from trainer.engine import client_shard
-
-    cache = Path(context.node_config.get("cache-dir")
-                 or Path(os.environ.get("FLWR_HOME", "~/.flwr")).expanduser() / "caff-shards")
-    name = f"{task['task']}-{task['n_devices']}-{task['seed']}-{task['index']}.safetensors"
-    path = cache / str(context.run_id) / name
-    if path.exists():
-        with safe_open(str(path), "pt") as saved:
-            dtypes = saved.metadata()
-            return tuple(saved.get_tensor(k).to(getattr(torch, dtypes[k])) for k in ("inputs", "targets"))
-    shard = dict(zip(("inputs", "targets"), client_shard(task)))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for old in cache.iterdir():
-        if old != path.parent and old.is_dir() and time.time() - old.stat().st_mtime > 86400:
-            shutil.rmtree(old, ignore_errors=True)
-    compact = {}
-    for name, tensor in shard.items():
-        fits = [t for t in (torch.uint8, torch.int16, torch.int32) if not tensor.is_floating_point()
-                and tensor.numel() and torch.iinfo(t).min <= tensor.min() and tensor.max() <= torch.iinfo(t).max]
-        compact[name] = tensor.to(fits[0]) if fits else tensor
-    partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    save_file(compact, str(partial), metadata={k: str(t.dtype).removeprefix("torch.") for k, t in shard.items()})
-    os.replace(partial, path)
-    return shard["inputs"], shard["targets"]
-
-
 @client_app.train()
 def client_train(message: Message, context: Context) -> Message:
     """Run the task the server sent, on this node's data, with caff's local training; reply with
     what it trained and its record, whose upload and download bytes Flower's serialization measures."""
     started = time.time()
-    from trainer.engine import train_client
+    from trainer.engine import client_shard, train_client
 
     imported = time.time()
     task, received = dict(message.content["task"]), message.content["arrays"]
-    shard = node_shard(task, context)
+    shard = client_shard(task)  # this device's client only (`trainer.tasks.device_client`)
     loaded = time.time()
     record, reply = train_client(task, received.to_torch_state_dict(), shard)
     trained = time.time()
