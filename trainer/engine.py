@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from costmodel import ModelSpec, TrainMode, build_model, estimate
 from costmodel.measure import check_fits
-from costmodel.process import kept_bytes, process_memory, tensor_bytes
+from costmodel.process import kept_bytes, process_memory
 from costmodel.wire import wire_bytes
 from planner.planfile import PlanFile
 from profiles.runtime import DEFAULT_RUNTIME, load_runtime
@@ -230,7 +230,8 @@ def train_client(task: dict, received: dict[str, torch.Tensor],
     predicted = estimate(spec, mode, task["batch"], TASK_SEQ[task["task"]], task["optimizer"])
     totals = predicted.totals
     process = process_memory(load_runtime(task.get("runtime") or DEFAULT_RUNTIME), mode, predicted.peak_bytes,
-                             tensor_bytes(*shard), kept_bytes(spec, mode, predicted))
+                             sum(t.numel() * t.element_size() for t in shard),  # a bound: windows may overlap
+                             kept_bytes(spec, mode, predicted))
     scales = set(result.lora_scales.values())  # alpha = 2 x rank: one scale for every adapter
     if len(scales) > 1:
         raise ValueError(f"LoRA adapters of one device with different scales {sorted(scales)}")
