@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from profiles import format_bytes, format_flops
+from profiles import format_bytes, format_flops, read_json_object
 
 
 def add_parser(subparsers) -> dict:
@@ -95,12 +95,7 @@ def run_validate(args) -> int:
 def _train_config(args):
     from trainer.engine import TrainConfig
 
-    fields = {}
-    if args.config:
-        try:
-            fields = json.loads(Path(args.config).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{args.config}: unreadable config ({exc})") from None
+    fields = read_json_object(args.config, "config") if args.config else {}
     for key in ("task", "method", "rounds", "clients_per_round", "local_steps", "lr", "seed", "drop_rate",
                 "eval_every", "eval_samples"):
         if getattr(args, key) is not None:

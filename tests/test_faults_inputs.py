@@ -72,11 +72,12 @@ PLAN = tiny_plan()
 
 
 # -- nested and large JSON --------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", ["spec", "plan", "device", "fleet"])
+@pytest.mark.parametrize("kind", ["spec", "plan", "device", "fleet", "config"])
 def test_deeply_nested_json_is_refused_in_one_line(tmp_path, kind):
     path = put(tmp_path / f"{kind}.json", '{"a":' * 100_000 + "1" + "}" * 100_000)
     command = {"spec": ["cost", path], "plan": ["validate", path], "device": ["plan", "tiny.json", "--device", path],
-               "fleet": ["plan", "tiny.json", "--fleet", path]}[kind]
+               "fleet": ["plan", "tiny.json", "--fleet", path],
+               "config": ["train", "--config", path, "--out", str(tmp_path / "run")]}[kind]
     put(tmp_path / "tiny.json", SPEC)
     with contextlib.chdir(tmp_path):
         assert_refused(run_cli(*command), path)
