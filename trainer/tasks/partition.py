@@ -111,6 +111,15 @@ def split_train_test(
     )
 
 
+def dirichlet_clients(prefix: str, labels: Tensor, n_clients: int, alpha: float, test_frac: float,
+                      seed: int) -> dict[str, tuple[Tensor, Tensor]]:
+    """Client name (``prefix/0000``...) -> (train, held-out) indices into ``labels``: Dirichlet(alpha)
+    label skew, then each client's own seeded split."""
+    parts = partition_dirichlet(labels, n_clients, alpha, seed)
+    return {f"{prefix}/{c:04d}": split_train_test(idx, test_frac, seed * 1_000_003 + c)
+            for c, idx in enumerate(parts)}
+
+
 def label_entropy(labels, n_classes: int | None = None) -> float:
     """Shannon entropy (nats) of the label histogram of ``labels``."""
     t = labels if isinstance(labels, Tensor) else torch.as_tensor(labels)
