@@ -15,6 +15,7 @@ from trainer.engine import Server, TrainConfig, run, train_client  # noqa: E402
 from trainer.server import lora_deltas  # noqa: E402
 
 TIMING = {"seconds", "client_seconds", "total_seconds", "eval_seconds"}
+PROCESS = {"process_bytes", "process_uss_bytes", "process_memory"}  # measured on Flower nodes, predicted in process
 CONFIG = TrainConfig(task="shakespeare", method="caff", rounds=2, clients_per_round=3, pretrained=False,
                      eval_samples=16, seed=3)
 
@@ -27,11 +28,20 @@ def _run_file(tmp_path, plan_path, out, timeout=300):
 
 def _strip_timing(rows):
     return [{k: v for k, v in m.items() if k not in TIMING} | {"clients": [
-        {k: v for k, v in c.items() if k not in TIMING} for c in m["clients"]]} for m in rows]
+        {k: v for k, v in c.items() if k not in TIMING | PROCESS} for c in m["clients"]]} for m in rows]
+
+
+def _process_memory(rows):
+    """How each trained client's process memory was obtained ("measured" or "predicted")."""
+    return {c["process_memory"] for m in rows for c in m["clients"] if c["status"] == "trained"}
+
+
+def _raw(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def _metrics(out):
-    return _strip_timing([json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()])
+    return _strip_timing(_raw(out))
 
 
 def _same_model(a, b):
@@ -54,6 +64,7 @@ def test_flower_simulation_gives_the_in_process_engines_model(tmp_path, three_de
     assert "round   2" in simulated.stdout
     _same_model(tmp_path / "local", tmp_path / "sim")
     assert _metrics(tmp_path / "sim") == _metrics(tmp_path / "local")
+    assert _process_memory(_raw(tmp_path / "local")) == _process_memory(_raw(tmp_path / "sim")) == {"predicted"}
     trained = [c for m in _metrics(tmp_path / "sim") for c in m["clients"] if c["status"] == "trained"]
     assert trained and all(c["upload_bytes"] <= c["predicted_upload_bytes"] for c in trained)
 
@@ -91,10 +102,11 @@ def flower_task_identity():
 
 @pytest.fixture
 def node_context(tmp_path):
-    """A node's context in run 1."""
+    """A node's context in run 1, its files in ``tmp_path / "node"``."""
     from flwr.app import Context, RecordDict
 
-    return Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    return Context(run_id=1, node_id=0, node_config={"cache-dir": str(tmp_path / "node")}, state=RecordDict(),
+                   run_config={})
 
 
 def test_a_failed_node_loses_its_update_and_the_round_goes_on(tmp_path, three_device_plan, flower_task_identity,
@@ -147,6 +159,47 @@ def test_replies_carry_what_was_trained_and_the_planned_upload_bounds_the_wire(
     in_process = run(config, read_plan_file(three_device_plan), tmp_path / "in-process")
     assert _strip_timing(strategy.server.metrics) == _strip_timing(in_process)
     assert in_process[0]["uploaded_bytes"] == sum(dict(r.content["record"])["upload_bytes"] for r in replies) > 0
+
+
+def test_a_node_keeps_its_shard_and_measured_figures_and_measures_its_process(
+        tmp_path, three_device_plan, flower_task_identity, node_context, monkeypatch):
+    """Every message on a deployment node is a fresh process: the first one writes the device's shard
+    (the loader's storage layout) and its measured FLOPs and peak to the node's folder, later ones read
+    them back (neither the loader nor the FLOP counter runs) and reply the same. The record's process
+    memory is this process's peak resident set, as the kernel reports it."""
+    import trainer.engine
+    import trainer.local
+    from trainer.flower import client_train
+    from trainer.probe import peak_rss_bytes
+    from trainer.shardfile import load_shard
+
+    strategy = _strategy(tmp_path, three_device_plan)
+    messages = strategy.configure_train(1, None, None, grid=KnownNodes(strategy))
+    before = peak_rss_bytes()
+    first = [client_train(message, node_context) for message in messages]
+    after = peak_rss_bytes()
+    for message, reply in zip(messages, first):
+        task, record = dict(message.content["task"]), dict(reply.content["record"])
+        assert record["process_memory"] == "measured" and before <= record["process_bytes"] <= after
+        assert 0 < record["process_uss_bytes"] <= after
+        loader = trainer.engine.client_shard(task)
+        saved = load_shard(tmp_path / "node" / "run-1" / f"shakespeare-{task['n_devices']}-3-{task['index']}.shard")
+        assert all(torch.equal(a, b) for a, b in zip(saved, loader))
+        assert saved[0].untyped_storage().data_ptr() == saved[1].untyped_storage().data_ptr()  # windows of one storage
+        assert saved[0].untyped_storage().nbytes() == loader[0].untyped_storage().nbytes()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a later message parsed its data or counted FLOPs again")
+
+    monkeypatch.setattr(trainer.engine, "client_shard", refuse)
+    monkeypatch.setattr(trainer.local, "step_flops", refuse)
+    again = [client_train(message, node_context) for message in messages]
+    for one, two in zip(first, again):
+        strip = TIMING | PROCESS
+        assert {k: v for k, v in dict(one.content["record"]).items() if k not in strip} == \
+            {k: v for k, v in dict(two.content["record"]).items() if k not in strip}
+        first_arrays, second_arrays = one.content["arrays"].to_torch_state_dict(), two.content["arrays"].to_torch_state_dict()
+        assert all(torch.equal(first_arrays[k], second_arrays[k]) for k in first_arrays)
 
 
 def test_a_round_without_replies_records_every_device_failed(tmp_path, three_device_plan, flower_task_identity):
@@ -216,6 +269,7 @@ def test_localhost_deployment_gives_the_in_process_engines_model(tmp_path, three
     assert "Failed to activate SuperNode" in intruder, intruder[-2000:]
     _same_model(tmp_path / "local", tmp_path / "flower")
     assert _metrics(tmp_path / "flower") == _metrics(tmp_path / "local")
+    assert _process_memory(_raw(tmp_path / "flower")) == {"measured"}
 
 
 def test_a_node_killed_mid_round_does_not_stall_the_run(tmp_path, three_device_plan, monkeypatch):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import MutableMapping
 from pathlib import Path
 
 import torch
@@ -203,15 +204,19 @@ def client_shard(task: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_client(task: dict, received: dict[str, torch.Tensor],
-                 shard: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+                 shard: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 measured: MutableMapping[tuple, tuple[int, int]] = _MEASURED) -> tuple[dict, dict[str, torch.Tensor]]:
     """Run one device's task on its own data (``shard``, default `client_shard`) from the arrays it
     ``received`` (`received_arrays`): (its record, its reply: what it trained, as trained, LoRA as
     factors, under global names).
 
     The record holds the wire bytes (`costmodel.wire`) of the reply (``upload_bytes``) and of what
-    it received (``download_bytes``), and the LoRA factors' scale. A mode is measured the first
-    time this process trains it at given shapes; the same mode at the same shapes has the same
-    FLOPs and live bytes, so later runs reuse those figures."""
+    it received (``download_bytes``), the LoRA factors' scale, and the predicted process memory
+    (``process_bytes``, ``process_memory: "predicted"``; a Flower node replaces them with its
+    process's measured figures). A mode is measured the first time it is trained at given shapes;
+    the same mode at the same shapes has the same FLOPs and live bytes, so later runs reuse those
+    figures from ``measured`` ((spec, mode, batch, steps) -> (FLOPs, peak bytes); default: this
+    process's; a Flower node keeps its own on disk)."""
     spec, state = ModelSpec.model_validate_json(task["spec"]), received
     held = task.get("held_blocks")  # FedRA: run a shallow model of only these blocks, in order
     if held is not None:
@@ -224,8 +229,8 @@ def train_client(task: dict, received: dict[str, torch.Tensor],
     check_fits(spec, mode, task["batch"], TASK_SEQ[task["task"]], task["optimizer"],
                budget_bytes=task["memory_budget_bytes"])  # refuse, before the step, what cannot fit
     result = local_train(state, spec, mode, stream, task["steps"], task["optimizer"], task["lr"],
-                         seed=_seed(seed, round_index, name, "init"), measure=key not in _MEASURED)
-    result.flops, result.peak_bytes = _MEASURED.setdefault(key, (result.flops, result.peak_bytes))
+                         seed=_seed(seed, round_index, name, "init"), measure=key not in measured)
+    result.flops, result.peak_bytes = measured.setdefault(key, (result.flops, result.peak_bytes))
     reply = result.update if held is None else renumber_blocks(result.update, dict(enumerate(held)))
     predicted = estimate(spec, mode, task["batch"], TASK_SEQ[task["task"]], task["optimizer"])
     totals = predicted.totals
@@ -240,7 +245,7 @@ def train_client(task: dict, received: dict[str, torch.Tensor],
         predicted_upload_bytes=totals["upload_bytes"], download_bytes=wire_bytes(received), flops=result.flops,
         predicted_flops=task["steps"] * (totals["fwd_flops"] + totals["bwd_flops"]), peak_bytes=result.peak_bytes,
         predicted_peak_bytes=predicted.peak_bytes, predicted_process_bytes=process.total_bytes,
-        seconds=result.seconds) | ({"lora_scale": scales.pop()} if scales else {})
+        process_bytes=process.total_bytes, process_memory="predicted", seconds=result.seconds) | ({"lora_scale": scales.pop()} if scales else {})
     return record, reply
 
 

@@ -39,12 +39,15 @@ import time
 MODULE_STARTED, MODULE_CPU = time.time(), time.process_time()  # this module's import starts (`timing`)
 
 import contextlib  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import MutableMapping  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
@@ -185,6 +188,32 @@ class CaffStrategy(FedAvg):
         return ArrayRecord(self.server.state), None
 
 
+class PromptGrid:
+    """A ServerApp's grid that looks for replies every ``interval`` seconds; everything else is
+    the grid it wraps. Flower's HTTP grid (a deployment) looks every 3 s, hard-coded
+    (``flwr/superlink/grid/http_grid.py``, ``send_and_receive``), so a round waited up to 3 s
+    after its last reply had reached the SuperLink."""
+
+    def __init__(self, grid: Grid, interval: float = 0.25):
+        self.grid, self.interval = grid, interval
+
+    def __getattr__(self, name: str):
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
+        """Send ``messages`` and return the replies that come within ``timeout`` seconds (None: all)."""
+        waiting = set(self.grid.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies = []
+        while waiting and (deadline is None or time.monotonic() < deadline):
+            pulled = list(self.grid.pull_messages(waiting))
+            replies += pulled
+            waiting -= {reply.metadata.reply_to_message_id for reply in pulled}
+            if waiting:
+                time.sleep(self.interval)
+        return replies
+
+
 def make_server_app(run_file: str | None = None) -> ServerApp:
     """The ServerApp of a run file; None: the file the run config's ``run-file`` names (``flwr run``)."""
     app = ServerApp()
@@ -194,7 +223,7 @@ def make_server_app(run_file: str | None = None) -> ServerApp:
         server, timeout = server_of_run_file(run_file or str(context.run_config["run-file"]))
         rounds = server.config.rounds - server.first_round + 1
         if rounds > 0:
-            CaffStrategy(server).start(grid, ArrayRecord(server.state), num_rounds=rounds, timeout=timeout)
+            CaffStrategy(server).start(PromptGrid(grid), ArrayRecord(server.state), num_rounds=rounds, timeout=timeout)
 
     return app
 
@@ -202,10 +231,70 @@ def make_server_app(run_file: str | None = None) -> ServerApp:
 server_app = make_server_app()
 
 
-client_app = ClientApp()
+def node_folder(context: Context) -> Path:
+    """This node's folder for the run: ``CACHE/run-RUN``, where CACHE is the node config's
+    ``cache-dir`` or ``$FLWR_HOME/caff-nodes`` (default ``~/.flwr``). Folders of runs untouched
+    for a day are removed when a new run's folder is made."""
+    cache = Path(str(context.node_config.get("cache-dir")
+                     or Path(os.environ.get("FLWR_HOME", "~/.flwr")).expanduser() / "caff-nodes"))
+    folder = cache / f"run-{context.run_id}"
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in cache.glob("run-*"):
+            if old != folder and time.time() - old.stat().st_mtime > 86400:
+                shutil.rmtree(old, ignore_errors=True)
+    return folder
 
 
-@client_app.query()
+def node_shard(task: dict, folder: Path) -> tuple:
+    """The training samples of ``task``'s device: parsed by the per-client loader
+    (`trainer.engine.client_shard`) on the node's first message of the run and written to its
+    folder as a shard file (`trainer.shardfile`: the loader's storages and views), read back on
+    later messages."""
+    from trainer.engine import client_shard
+    from trainer.shardfile import load_shard, save_shard
+
+    path = folder / f"{task['task']}-{task['n_devices']}-{task['seed']}-{task['index']}.shard"
+    if path.exists():
+        return load_shard(path)
+    shard = client_shard(task)
+    save_shard(path, shard)
+    return shard
+
+
+class MeasuredFiles(MutableMapping):
+    """What a node measured in this run, (spec, mode, batch, steps) -> (FLOPs, peak bytes), one
+    JSON file per key in its folder: each ClientApp is a fresh process, so this is what
+    `trainer.engine.train_client`'s per-process figures are for a node."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def _path(self, key: tuple) -> Path:
+        return self.folder / f"measured-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]}.json"
+
+    def __getitem__(self, key: tuple) -> tuple[int, int]:
+        try:
+            saved = json.loads(self._path(key).read_text())
+        except FileNotFoundError:
+            raise KeyError(key) from None
+        if saved["key"] != list(key):
+            raise KeyError(key)
+        return tuple(saved["value"])
+
+    def __setitem__(self, key: tuple, value: tuple[int, int]) -> None:
+        atomic_write(self._path(key), json.dumps({"key": list(key), "value": list(value)}))
+
+    def __delitem__(self, key: tuple) -> None:
+        self._path(key).unlink()
+
+    def __iter__(self):
+        return (tuple(json.loads(path.read_text())["key"]) for path in self.folder.glob("measured-*.json"))
+
+    def __len__(self) -> int:
+        return len(list(self.folder.glob("measured-*.json")))
+
+
 def client_identity(message: Message, context: Context) -> Message:
     """Which plan device this node is: its node config's ``device`` or ``partition-id``."""
     said = {key: context.node_config[key] for key in ("device", "partition-id") if key in context.node_config}
@@ -219,29 +308,59 @@ def serialized_bytes(record: ArrayRecord) -> int:
     return sum(len(part.deflate()) for part in get_all_nested_objects(record).values())
 
 
-@client_app.train()
-def client_train(message: Message, context: Context) -> Message:
+def client_train(message: Message, context: Context, own_process: bool = True) -> Message:
     """Run the task the server sent, on this node's data, with caff's local training; reply with
-    what it trained and its record, whose upload and download bytes Flower's serialization measures."""
-    started = time.time()
-    from trainer.engine import client_shard, train_client
+    what it trained and its record, whose upload and download bytes Flower's serialization measures.
+
+    ``own_process``: this message runs in a process of its own, as every message does on a
+    deployment node (a fresh ``flwr-clientapp``). Then the node keeps its data shard and its measured
+    figures in its folder (`node_folder`) for later messages, and the record holds this process's
+    memory, measured (``process_memory: "measured"``; ``process_bytes``: peak resident set, VmHWM;
+    ``process_uss_bytes``: private bytes at the reply, where the kernel says). Off in
+    Flower's simulation, whose worker processes serve many virtual nodes through the run: they keep
+    shards and figures in memory, and the record keeps the predicted process memory."""
+    started, cpu_started = time.time(), time.process_time()
+    from trainer.engine import _MEASURED, client_shard, train_client
 
     imported = time.time()
     task, received = dict(message.content["task"]), message.content["arrays"]
-    shard = client_shard(task)  # this device's client only (`trainer.tasks.device_client`)
+    folder = node_folder(context) if own_process else None
+    shard = node_shard(task, folder) if folder else client_shard(task)  # this device's client only
     loaded = time.time()
-    record, reply = train_client(task, received.to_torch_state_dict(), shard)
+    record, reply = train_client(task, received.to_torch_state_dict(), shard,
+                                 MeasuredFiles(folder) if folder else _MEASURED)
     trained = time.time()
     arrays = ArrayRecord({k: v.contiguous() for k, v in reply.items()})
     record |= {"upload_bytes": serialized_bytes(arrays), "download_bytes": serialized_bytes(received)}
+    if own_process:
+        from trainer.probe import peak_rss_bytes, uss_bytes
+
+        private = uss_bytes()
+        record |= {"process_bytes": peak_rss_bytes(), "process_memory": "measured"} | (
+            {"process_uss_bytes": private} if private is not None else {})
     if os.environ.get("CAFF_FLOWER_TIMINGS"):
         import psutil
 
         timing(who="client", round=task["round"], device=task["device"], sent=message.metadata.created_at,
                process=psutil.Process().create_time(), module=MODULE_STARTED, handler=started, imported=imported,
                data=loaded, trained=trained, training=record["seconds"], replied=time.time(),
-               cpu_module=MODULE_CPU, cpu_replied=time.process_time())
+               cpu_module=MODULE_CPU, cpu_handler=cpu_started, cpu_replied=time.process_time())
     return Message(RecordDict({"arrays": arrays, "record": ConfigRecord(record)}), reply_to=message)
+
+
+def make_client_app(own_process: bool = True) -> ClientApp:
+    """caff's ClientApp: `client_identity` answers query messages, `client_train` train messages."""
+    app = ClientApp()
+    app.query()(client_identity)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        return client_train(message, context, own_process)
+
+    return app
+
+
+client_app = make_client_app()
 
 
 def run_simulation(run_file: str, n_nodes: int) -> None:
@@ -250,7 +369,7 @@ def run_simulation(run_file: str, n_nodes: int) -> None:
     Each virtual node has ``partition-id`` i, so it acts for device i of the plan; one CPU each."""
     from flwr.simulation import run_simulation as flower_simulation
 
-    flower_simulation(make_server_app(run_file), client_app, num_supernodes=n_nodes,
+    flower_simulation(make_server_app(run_file), make_client_app(own_process=False), num_supernodes=n_nodes,
                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
 
 
@@ -330,7 +449,8 @@ def localhost_federation(n_nodes: int, log_dir: str | Path, node_config=lambda i
     ``log_dir``. ``node_config(i)`` is node i's ``--node-config``.
 
     The processes share this machine's cores: each gets one torch (OpenMP) thread, telemetry is
-    off, and a SuperNode's SuperExec polls for messages every 0.1 s (Flower's default: 1 s)."""
+    off, and a SuperNode's SuperExec polls for messages every 0.5 s (Flower's default: 1 s; at
+    0.1 s four idle nodes took a third of a core here)."""
     from trainer.certs import make_certificates, make_node_key
 
     log_dir = Path(log_dir)
@@ -358,7 +478,7 @@ def localhost_federation(n_nodes: int, log_dir: str | Path, node_config=lambda i
             processes.append(subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
                                               env={**os.environ, "FLWR_HOME": str(log_dir / "flwr-home"),
                                                    "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0",
-                                                   "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"},
+                                                   "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.5"},
                                               start_new_session=True))
     try:
         start(link_command)
