@@ -7,17 +7,22 @@ simulation engine (one virtual node per device) and on a real localhost deployme
 driven by ``flwr run``). Prints each engine's wall time, its mean round time after round 1 (the
 server's own clock, from sending the tasks to the checkpoint), the ratio to in-process and the
 largest difference of the final global weights from the in-process engine's; then the
-deployment's rounds split into stages, from the wall-clock times the ServerApp and every
-ClientApp process record (`trainer.flower.timing`).
+deployment's rounds split into stages, from the wall-clock and CPU times the ServerApp and every
+ClientApp process record (`trainer.flower.timing`), and the CPU seconds all of the federation's
+processes spend per round (read from the kernel with psutil every 0.5 s; finished processes
+count through their parents). On a machine with C free cores a round cannot take less than
+that CPU / C, plus Flower's polls.
 
     python bench/flower_rounds.py [--devices 4] [--rounds 3] [--model char-gpt-xs]
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,17 +41,46 @@ CLIENT_STAGES = [  # (label, from, to): wall-clock marks a ClientApp process rec
     ("Python and Flower start, app bundle installed", "process", "module"),
     ("Flower loads the app and hands it the message", "module", "handler"),
     ("caff imports (torch, costmodel, engine)", "handler", "imported"),
-    ("data shard (parsed on the first message, then read from the node's cache)", "imported", "data"),
+    ("data shard (parsed on the node's first message, then read from its shard file)", "imported", "data"),
     ("local training and its records", "data", "trained"),
     ("reply: arrays serialized and measured", "trained", "replied"),
 ]
+
+
+def federation_cpu(processes: list) -> float:
+    """CPU seconds so far of a federation's processes and all their descendants, the finished
+    (reaped) ones included: every ``flwr-clientapp``, ServerApp and SuperExec process."""
+    import psutil
+
+    total = 0.0
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            tree = psutil.Process(process.pid)
+            for member in [tree, *tree.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    times = member.cpu_times()
+                    total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def sample_cpu(processes: list, samples: list, stop: threading.Event, every: float = 0.5) -> None:
+    """Append (time, `federation_cpu`) to ``samples`` every ``every`` seconds until ``stop`` is set."""
+    while not stop.wait(every):
+        samples.append((time.time(), federation_cpu(processes)))
+
+
+def cpu_between(samples: list, start: float, end: float) -> float:
+    """Federation CPU seconds between two wall-clock times, from the samples nearest each."""
+    def at(moment: float) -> float:
+        return min(samples, key=lambda sample: abs(sample[0] - moment))[1]
+    return at(end) - at(start)
 
 
 def _round_seconds(out: Path) -> list[float]:
     return [json.loads(line)["seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def breakdown(timings: Path, first_round: int = 2) -> list[tuple[str, float]]:
+def breakdown(timings: Path, samples: list, first_round: int = 2) -> list[tuple[str, float]]:
     """Mean seconds of each stage over the rounds from ``first_round`` (clients: mean per message)."""
     lines = [json.loads(line) for line in timings.read_text().splitlines()]
     clients = [t for t in lines if t["who"] == "client" and t["round"] >= first_round]
@@ -58,16 +92,20 @@ def breakdown(timings: Path, first_round: int = 2) -> list[tuple[str, float]]:
         sends.append(min(c["sent"] for c in mine) - server["configured"])
         waits.append(server["replied"] - max(c["replied"] for c in mine))
     rows.insert(0, ("server: sample, plan and send the round's tasks", statistics.mean(sends)))
-    rows.append(("last reply reaches the ServerApp (SuperNode's 3 s poll, ServerApp's 3 s poll)",
+    rows.append(("last reply reaches the ServerApp (SuperNode's 3 s poll, ServerApp's 1 s poll)",
                  statistics.mean(waits)))
     rows.append(("server: aggregate, evaluate, checkpoint",
                  statistics.mean(s["finished"] - s["replied"] for s in servers)))
     rows.append(("round, the server's clock",
                  statistics.mean(s["finished"] - s["configured"] for s in servers)))
+    rows.append(("CPU of every federation process in a round (SuperLink, SuperNodes, SuperExecs, ServerApp, "
+                 "ClientApps)", statistics.mean(cpu_between(samples, s["configured"], s["finished"]) for s in servers)))
     rows.append(("CPU of a ClientApp process before caff's module (Python, Flower, app bundle)",
                  statistics.mean(c["cpu_module"] for c in clients)))
     rows.append(("CPU of a ClientApp process in caff's module (imports, data, training, reply)",
                  statistics.mean(c["cpu_replied"] - c["cpu_module"] for c in clients)))
+    rows.append(("  of which caff's train handler (torch and caff imports, data, training, reply)",
+                 statistics.mean(c["cpu_replied"] - c["cpu_handler"] for c in clients)))
     return rows
 
 
@@ -87,16 +125,20 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="caff-flower-bench-"))
     write_plan_file(work / "plan.json", planned)
     app_dir = Path(__file__).resolve().parents[1]
+    samples = []  # (time, federation CPU seconds) while the deployment runs
 
     def run_file(name: str) -> str:
         return write_run_file(work / f"{name}.json", config, work / "plan.json", work / name)
 
     def deployment() -> None:
         os.environ["CAFF_FLOWER_TIMINGS"] = str(work / "timings.jsonl")
+        stop = threading.Event()
         try:
             with localhost_federation(args.devices, work / "logs") as federation:
+                threading.Thread(target=sample_cpu, args=(federation.processes, samples, stop), daemon=True).start()
                 flwr_run(run_file("flower"), federation.address, app_dir, log_file=work / "flwr-run.log",
                          root_certificates=federation.root_certificates)
+                stop.set()
         finally:
             del os.environ["CAFF_FLOWER_TIMINGS"]
 
@@ -125,7 +167,7 @@ def main() -> None:
     if "flower" not in engines:
         return
     print("\nwhere a deployment round goes (rounds 2+; client stages: mean per message, in parallel across nodes)")
-    for label, seconds in breakdown(work / "timings.jsonl"):
+    for label, seconds in breakdown(work / "timings.jsonl", samples):
         print(f"{seconds:7.2f} s  {label}")
     print(f"(runs and logs in {work})")
 

@@ -192,9 +192,10 @@ class PromptGrid:
     """A ServerApp's grid that looks for replies every ``interval`` seconds; everything else is
     the grid it wraps. Flower's HTTP grid (a deployment) looks every 3 s, hard-coded
     (``flwr/superlink/grid/http_grid.py``, ``send_and_receive``), so a round waited up to 3 s
-    after its last reply had reached the SuperLink."""
+    after its last reply had reached the SuperLink. Each look is a request the SuperLink serves
+    (tens of milliseconds of its CPU here), so it looks once a second, not faster."""
 
-    def __init__(self, grid: Grid, interval: float = 0.25):
+    def __init__(self, grid: Grid, interval: float = 1.0):
         self.grid, self.interval = grid, interval
 
     def __getattr__(self, name: str):
