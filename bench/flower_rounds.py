@@ -143,7 +143,7 @@ def main() -> None:
             del os.environ["CAFF_FLOWER_TIMINGS"]
 
     engines = {"in-process": lambda: run(config, planned, work / "in-process"),
-               "flower-sim": lambda: run_simulation(run_file("flower-sim"), args.devices),
+               "flower-sim": lambda: run_simulation(run_file("flower-sim"), args.devices, app_dir, work / "sim-logs"),
                "flower": deployment}
     engines = {name: start for name, start in engines.items()
                if name == "in-process" or name in args.engines.split(",")}

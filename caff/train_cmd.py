@@ -182,18 +182,18 @@ def _run_on_flower(args, config, plan) -> list[dict]:
     except ImportError:
         raise ValueError("--engine flower needs Flower: pip install 'caff-fl[flower]'") from None
     run_file = write_run_file(out / "flower-run.json", config, out / "plan.json", out, args.resume, args.round_timeout)
+    app_dir = Path(__file__).resolve().parents[1]
+    if not (app_dir / "pyproject.toml").is_file():
+        raise ValueError(f"--engine {args.engine} runs the Flower app of a source checkout; {app_dir} is not one")
     if args.engine == "flower-sim":
-        run_simulation(run_file, n_nodes=len(plan.devices))
+        run_simulation(run_file, len(plan.devices), app_dir, out / "flower-sim")
     else:
-        app_dir = Path(__file__).resolve().parents[1]
-        if not (app_dir / "pyproject.toml").is_file():
-            raise ValueError(f"--engine flower runs the Flower app of a source checkout; {app_dir} is not one")
         flwr_run(run_file, args.superlink, app_dir, log_file=out / "flwr-run.log",
                  root_certificates=args.root_certificates)
     saved = load_run(config, plan_digest(plan), None, out, True)
     if saved is None or saved[1] <= config.rounds:
-        raise ValueError(f"the Flower run stopped before round {config.rounds} (see {out / 'flwr-run.log'} and "
-                         "Flower's output)")
+        log = out / ("flower-sim" if args.engine == "flower-sim" else "") / "flwr-run.log"
+        raise ValueError(f"the Flower run stopped before round {config.rounds} (see {log} and Flower's output)")
     return saved[2]
 
 

@@ -296,6 +296,10 @@ class MeasuredFiles(MutableMapping):
         return len(list(self.folder.glob("measured-*.json")))
 
 
+client_app = ClientApp()
+
+
+@client_app.query()
 def client_identity(message: Message, context: Context) -> Message:
     """Which plan device this node is: its node config's ``device`` or ``partition-id``."""
     said = {key: context.node_config[key] for key in ("device", "partition-id") if key in context.node_config}
@@ -309,22 +313,24 @@ def serialized_bytes(record: ArrayRecord) -> int:
     return sum(len(part.deflate()) for part in get_all_nested_objects(record).values())
 
 
-def client_train(message: Message, context: Context, own_process: bool = True) -> Message:
+@client_app.train()
+def client_train(message: Message, context: Context) -> Message:
     """Run the task the server sent, on this node's data, with caff's local training; reply with
     what it trained and its record, whose upload and download bytes Flower's serialization measures.
 
-    ``own_process``: this message runs in a process of its own, as every message does on a
-    deployment node (a fresh ``flwr-clientapp``). Then the node keeps its data shard and its measured
-    figures in its folder (`node_folder`) for later messages, and the record holds this process's
-    memory, measured (``process_memory: "measured"``; ``process_bytes``: peak resident set, VmHWM;
-    ``process_uss_bytes``: private bytes at the reply, where the kernel says). Off in
-    Flower's simulation, whose worker processes serve many virtual nodes through the run: they keep
-    shards and figures in memory, and the record keeps the predicted process memory."""
+    On a deployment node every message runs in a process of its own (a fresh ``flwr-clientapp``):
+    the node keeps its data shard and its measured figures in its folder (`node_folder`) for
+    later messages, and the record holds this process's memory, measured (``process_memory:
+    "measured"``; ``process_bytes``: peak resident set, VmHWM; ``process_uss_bytes``: private bytes
+    at the reply, where the kernel says). In Flower's simulation (run config ``simulation``) the
+    worker processes serve many virtual nodes through the run: they keep shards and figures in
+    memory, and the record keeps the predicted process memory."""
     started, cpu_started = time.time(), time.process_time()
     from trainer.engine import _MEASURED, client_shard, train_client
 
     imported = time.time()
     task, received = dict(message.content["task"]), message.content["arrays"]
+    own_process = not context.run_config.get("simulation", False)
     folder = node_folder(context) if own_process else None
     shard = node_shard(task, folder) if folder else client_shard(task)  # this device's client only
     loaded = time.time()
@@ -349,29 +355,16 @@ def client_train(message: Message, context: Context, own_process: bool = True) -
     return Message(RecordDict({"arrays": arrays, "record": ConfigRecord(record)}), reply_to=message)
 
 
-def make_client_app(own_process: bool = True) -> ClientApp:
-    """caff's ClientApp: `client_identity` answers query messages, `client_train` train messages."""
-    app = ClientApp()
-    app.query()(client_identity)
-
-    @app.train()
-    def train(message: Message, context: Context) -> Message:
-        return client_train(message, context, own_process)
-
-    return app
-
-
-client_app = make_client_app()
-
-
-def run_simulation(run_file: str, n_nodes: int) -> None:
-    """Run a run file's rounds on ``n_nodes`` virtual nodes of Flower's simulation engine (Ray), here.
-
-    Each virtual node has ``partition-id`` i, so it acts for device i of the plan; one CPU each."""
-    from flwr.simulation import run_simulation as flower_simulation
-
-    flower_simulation(make_server_app(run_file), make_client_app(own_process=False), num_supernodes=n_nodes,
-                      backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+def run_simulation(run_file: str, n_nodes: int, app_dir: str | Path, log_dir: str | Path,
+                   timeout: float | None = None) -> None:
+    """Run a run file's rounds on ``n_nodes`` virtual nodes of Flower's simulation engine (Ray),
+    here: a ``flower-superlink --simulation`` of its own on a free port of 127.0.0.1 (ended with
+    the run), and ``flwr run`` with the run config ``simulation=true``. Each virtual node has
+    ``partition-id`` i, so it acts for device i of the plan; one CPU each. Logs in ``log_dir``."""
+    with localhost_federation(0, log_dir, secure=False, simulation=True) as federation:
+        flwr_run(run_file, federation.address, app_dir, log_file=Path(log_dir) / "flwr-run.log", timeout=timeout,
+                 federation_config=f"num-supernodes={n_nodes} client-resources-num-cpus=1",
+                 run_config={"simulation": True})
 
 
 def free_port() -> int:
@@ -439,7 +432,7 @@ class Federation:
 
 @contextlib.contextmanager
 def localhost_federation(n_nodes: int, log_dir: str | Path, node_config=lambda i: f"partition-id={i}",
-                         secure: bool = True, unregistered: int = 0):
+                         secure: bool = True, unregistered: int = 0, simulation: bool = False):
     """A SuperLink and ``n_nodes`` SuperNodes on 127.0.0.1, on free ports; yields a `Federation`.
 
     Secure (the default): TLS with a fresh CA and a certificate for 127.0.0.1, and SuperNode
@@ -447,7 +440,8 @@ def localhost_federation(n_nodes: int, log_dir: str | Path, node_config=lambda i
     before it starts. ``unregistered`` more nodes start with keys nobody registered (the
     SuperLink must refuse them). ``secure=False``: ``--insecure`` everywhere. Every process it
     starts is ended by its pid when the block exits, also on failure; their output goes to
-    ``log_dir``. ``node_config(i)`` is node i's ``--node-config``.
+    ``log_dir``. ``node_config(i)`` is node i's ``--node-config``. ``simulation``: the SuperLink
+    runs Flower's simulation engine (its nodes are virtual: start it with no nodes, insecure).
 
     The processes share this machine's cores: each gets one torch (OpenMP) thread, telemetry is
     off, and a SuperNode's SuperExec polls for messages every 0.5 s (Flower's default: 1 s; at
@@ -459,7 +453,8 @@ def localhost_federation(n_nodes: int, log_dir: str | Path, node_config=lambda i
     bin_dir = Path(sys.executable).parent
     link = f"127.0.0.1:{free_port()}"  # the SuperLink's HTTP API: Fleet, Control and ServerAppIo
     link_command = [str(bin_dir / "flower-superlink"), "--host", "127.0.0.1", "--port", link.split(":")[1],
-                    "--database", str(log_dir / "superlink.db"), "--disable-runtime-dependency-installation"]
+                    "--database", str(log_dir / "superlink.db"), "--disable-runtime-dependency-installation",
+                    *(["--simulation"] if simulation else [])]
     node_security = [["--insecure"]] * (n_nodes + unregistered)
     ca = None
     if secure:
@@ -483,8 +478,8 @@ def localhost_federation(n_nodes: int, log_dir: str | Path, node_config=lambda i
                                               start_new_session=True))
     try:
         start(link_command)
+        _wait_for_port(link, processes[0])
         if secure:
-            _wait_for_port(link, processes[0])
             for _, public in keys[:n_nodes]:
                 register_node(public, link, ca, log_dir / "register.log")
         for i in range(n_nodes + unregistered):
@@ -499,20 +494,25 @@ def localhost_federation(n_nodes: int, log_dir: str | Path, node_config=lambda i
 
 
 def flwr_run(run_file: str, control_address: str, app_dir: str | Path, log_file: str | Path | None = None,
-             timeout: float | None = None, root_certificates: str | Path | None = None) -> None:
+             timeout: float | None = None, root_certificates: str | Path | None = None,
+             federation_config: str | None = None, run_config: dict | None = None) -> None:
     """Submit a run file to a SuperLink with ``flwr run`` and wait until the run finishes.
 
     The connection uses TLS and trusts ``root_certificates`` (a CA certificate), or is insecure
     when that is None; paths in the run file are read on the SuperLink's machine. The run's logs
     go to ``log_file`` (``--stream``); since that stream can end before the run does when a round
-    is silent for minutes, the run's status is then polled (``flwr ls``) until it is finished."""
+    is silent for minutes, the run's status is then polled (``flwr ls``) until it is finished.
+    ``federation_config``: ``flwr run --federation-config`` (a simulation's nodes and resources);
+    ``run_config``: more run config (JSON values) beside ``run-file``."""
     import re
 
     deadline = None if timeout is None else time.monotonic() + timeout
     log_file = log_file or os.devnull
     with flwr_cli(control_address, root_certificates) as env:
-        _flwr(["run", str(app_dir), "caff", "--stream", "--run-config", f'run-file="{run_file}"'], env, log_file,
-              timeout)
+        settings = " ".join(f"{key}={json.dumps(value)}" for key, value in {"run-file": run_file,
+                                                                            **(run_config or {})}.items())
+        _flwr(["run", str(app_dir), "caff", "--stream", "--run-config", settings,
+               *(["--federation-config", federation_config] if federation_config else [])], env, log_file, timeout)
         started = re.findall(r"Successfully started run (\d+)", Path(log_file).read_text(errors="replace")) \
             if log_file != os.devnull else []
         while started:
