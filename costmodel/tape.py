@@ -41,13 +41,16 @@ _storage_ids = itertools.count()
 
 @dataclass(frozen=True)
 class Sym:
-    """A symbolic tensor: shape, bytes per element, whether it requires grad, its storage."""
+    """A symbolic tensor: shape, bytes per element, whether it requires grad, its storage. A slice
+    modelled as a tensor of its own (its gradient is its own) names in ``base`` the tensor it is a view
+    of: saving it keeps all of ``base``."""
 
     shape: tuple[int, ...]
     itemsize: int
     requires_grad: bool
     storage: int = field(default_factory=lambda: next(_storage_ids))
     storage_bytes: int = -1
+    base: "Sym | None" = None
 
     def __post_init__(self):
         if self.storage_bytes < 0:
@@ -63,7 +66,7 @@ class Sym:
 
     def view(self, *shape: int) -> "Sym":
         """A view: same storage, new shape."""
-        return Sym(tuple(shape), self.itemsize, self.requires_grad, self.storage, self.storage_bytes)
+        return Sym(tuple(shape), self.itemsize, self.requires_grad, self.storage, self.storage_bytes, self.base)
 
 
 @dataclass
@@ -85,7 +88,7 @@ class _Op:
     @property
     def packs_results(self) -> bool:
         """Whether it saves a tensor it made (after computing it), not only its inputs."""
-        return not {t.storage for t in self.saved} <= {t.storage for t in self.inputs}
+        return not {t.storage for t in self.saved} <= {(t.base or t).storage for t in self.inputs}
 
 
 @dataclass
@@ -140,7 +143,8 @@ class Tape:
         counted = (self.cost.fwd_flops, self.cost.elementwise_flops)
         flops, elementwise = (now - before for now, before in zip(counted, self._counted))
         self._counted = counted
-        self.ops.append(_Op(list(inputs), list(outputs), list(saved) if grad else [],
+        saved = [t.base or t for t in saved] if grad else []  # a saved view keeps its whole base
+        self.ops.append(_Op(list(inputs), list(outputs), saved,
                             [i for i in inputs if i.requires_grad] if grad else [],
                             param_grad_bytes if grad else 0, passes_grad, flops, elementwise, saves_weight and grad))
 
@@ -301,9 +305,9 @@ class Tape:
         self._record([x], slices)
         return slices
 
-    def copy(self, x: Sym, *shape: int) -> Sym:
+    def copy(self, x: Sym, *shape: int, itemsize: int | None = None) -> Sym:
         """A reshape that must copy (e.g. heads back to width); no FLOPs, saves nothing."""
-        out = self.tensor(*shape, requires_grad=x.requires_grad)
+        out = self.tensor(*shape, requires_grad=x.requires_grad, itemsize=itemsize)
         self._record([x], [out])
         return out
 
