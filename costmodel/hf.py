@@ -3,9 +3,9 @@
 Supported families: BERT (and MiniLM, which is a BERT) as ``BertForSequenceClassification``,
 GPT-2 as ``GPT2LMHeadModel``, ViT as ``ViTForImageClassification``. Their ops are the
 ones our builder makes for the same spec (GPT-2: fused ``c_attn``, ``gelu_new``, tied LM head,
-positions looked up by id, labels shifted inside its loss, and with ``use_cache`` (its default) a ``DynamicCache`` even in training,
-whose ``torch.cat`` onto an empty cache copies every block's keys and values: ``kv_cache``),
-so one estimate serves both. Dropout on attention probabilities is switched off: CPU SDPA
+positions looked up by id, labels shifted inside its loss, and with ``use_cache``, its default, a
+``DynamicCache`` even in training, whose ``torch.cat`` onto an empty cache copies every block's keys
+and values: ``kv_cache``), so one estimate serves both. Dropout on attention probabilities is switched off: CPU SDPA
 cannot apply it without falling back to the math kernel, and the estimate does not model it.
 """
 

@@ -22,7 +22,6 @@ from costmodel.tape import Sym, Tape
 IGNORED = -100  # the target id cross-entropy skips (torch's and transformers' default)
 
 
-
 def lora_targets(spec: ModelSpec) -> tuple[str, ...]:
     """The linears LoRA adapts in a block: every attention and MLP projection."""
     qkv = ("attn.qkv",) if spec.fused_qkv else ("attn.q", "attn.k", "attn.v")
