@@ -139,3 +139,32 @@ def test_local_training_with_int8_frozen_weights_keeps_the_global_state_and_uplo
     # the trained block's update differs only through the int8 blocks around it: close, not equal
     name = "blocks.2.mlp.fc.weight"
     assert 0 < (results[1].update[name] - results[0].update[name]).abs().max() < 1e-2
+
+
+def test_caff_train_runs_a_plan_with_int8_frozen_weights_within_its_predicted_peak(tmp_path, three_device_plan):
+    """A plan whose devices hold their frozen weights in int8 (its predicted peaks from the estimate, as
+    the planner writes them) trains one round through ``caff train``; each device's measured peak is
+    within the plan's prediction and 5% of it, its FLOPs equal the plan's."""
+    import json
+
+    from caff.cli import main
+
+    spec = ZOO["char-gpt-xs"]
+    plan = json.loads(three_device_plan.read_text())
+    for device in plan["devices"]:
+        if device["status"] == "optimal":
+            mode = TrainMode.parse(device["mode"] + "+frozen:int8", spec.n_blocks)
+            device["mode"] = str(mode)
+            device["peak_bytes"] = estimate(spec, mode, device["budgets"]["batch_size"], plan["seq"],
+                                            plan["optimizer"]).peak_bytes
+    path = tmp_path / "int8.json"
+    path.write_text(json.dumps(plan))
+    assert main(["train", "--task", "shakespeare", "--method", "caff", "--plan", str(path), "--rounds", "1",
+                 "--clients-per-round", "3", "--no-pretrained", "--eval-samples", "16", "--out", str(tmp_path / "run")]) == 0
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    trained = [c for c in record["clients"] if c["status"] == "trained"]
+    assert trained and all(c["mode"].endswith("+frozen:int8") for c in trained)
+    planned = {d["device"]: d for d in plan["devices"]}
+    for client in trained:
+        assert client["peak_bytes"] <= planned[client["device"]]["peak_bytes"] <= 1.05 * client["peak_bytes"], client
+        assert client["flops"] == client["predicted_flops"] == planned[client["device"]]["flops_per_round"], client
