@@ -32,8 +32,7 @@ class _DequantLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, scale, bias):
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(weight, scale)
+        ctx.save_for_backward(weight, scale)
         ctx.dtype = x.dtype
         return F.linear(x, dequantize(weight, scale, x.dtype), bias)
 
@@ -63,7 +62,10 @@ class CompactLinear(nn.Module):
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _DequantLinear.apply(x, self.weight, self.scale, self.bias)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _DequantLinear.apply(x, self.weight, self.scale, self.bias)
+        # nothing to save: plain ops, which tracers (fvcore's jit trace) see into
+        return F.linear(x, dequantize(self.weight, self.scale, x.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}"
