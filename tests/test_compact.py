@@ -37,6 +37,34 @@ def test_an_unknown_frozen_format_is_refused_in_one_line(text, reason):
     assert "\n" not in str(refused.value)
 
 
+@pytest.mark.parametrize("args, reason", [
+    (("char-gpt-xs", "--train", "blocks:1+frozen:int4"), "frozen weights are held as bf16 or int8, not 'int4'"),
+    (("char-gpt-xs", "--dtype", "bf16", "--train", "head+frozen:bf16"), "frozen:bf16 changes nothing"),
+])
+def test_cli_refuses_a_bad_frozen_format_in_one_line(caff, args, reason):
+    result = caff("cost", *args, "--json")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().count("\n") == 0 and reason in result.stderr
+
+
+def test_cli_shows_what_int8_frozen_weights_save(caff):
+    import json
+
+    result = caff("cost", "char-gpt-xs", "--batch", "8", "--seq", "80", "--train", "blocks:3+frozen:int8", "--json")
+    out = json.loads(result.stdout)
+    plain = estimate(ZOO["char-gpt-xs"], TrainMode.parse("blocks:3", 4), 8, 80)
+    assert out["full_precision_frozen"] == {"param_bytes": plain.totals["param_bytes"], "peak_bytes": plain.peak_bytes}
+    assert out["total"]["peak_bytes"] < plain.peak_bytes
+
+
+def test_transformers_models_refuse_compact_weights():
+    from costmodel.hf import apply_mode_hf, build_hf_model
+
+    spec = ZOO["char-gpt-xs"]
+    with pytest.raises(ValueError, match="caff's own models only"):
+        apply_mode_hf(build_hf_model(spec), spec, TrainMode.parse("head+frozen:int8", spec.n_blocks))
+
+
 def test_bf16_frozen_weights_on_a_bf16_model_are_refused():
     spec = ZOO["char-gpt-xs"].model_copy(update={"dtype": "bf16"})
     with pytest.raises(ValueError, match="frozen:bf16 changes nothing"):
