@@ -97,9 +97,16 @@ def plan(specs: list[ModelSpec], devices: list, settings: PlanSettings = PlanSet
 
 
 def _solve_architecture(spec: ModelSpec, devices: list, settings: PlanSettings) -> _Solved:
+    """Every device's best plan of ``spec``. A runtime that loads a LoRA library for LoRA plans only
+    (``lora_bytes``) makes two menus: plans without LoRA against the plain runtime and plans with it
+    against the larger one; each device takes the better of its two best plans."""
     n = len(devices)
     batches = np.array([settings.batch or d.batch_size for d in devices])
-    budgets = [Budgets.of_device(d, settings.margin, settings.shard_bytes, bool(settings.lora_ranks)) for d in devices]
+    menus = [settings.lora_ranks]
+    if settings.lora_ranks and any(load_runtime(d.runtime).lora_bytes for d in devices):
+        menus.insert(0, ())
+    budgets = {menu: [Budgets.of_device(d, settings.margin, settings.shard_bytes, bool(menu)) for d in devices]
+               for menu in menus}
     rows = np.full((n, len(layer_names(spec))), -1)
     costs = PlanCosts(*(np.zeros(n, dtype=dtype) for dtype in (np.int64,) * 4 + (float,)))
     binding = np.zeros((n, len(BUDGETS)), dtype=bool)
@@ -107,22 +114,33 @@ def _solve_architecture(spec: ModelSpec, devices: list, settings: PlanSettings) 
     full = np.zeros((n, spec.n_blocks), dtype=bool)
     lora = np.zeros((n, spec.n_blocks), dtype=bool)
     tables: list[CostTable] = [None] * n
+    solve = _solve_by_frontier if settings.solver == "frontier" else _solve_by_ilp
     for batch in np.unique(batches):
         members = np.flatnonzero(batches == batch)
-        started = time.perf_counter()
-        table = CostTable(spec, int(batch), settings.seq, settings.optimizer, settings.lora_ranks, settings.objective)
-        solve = _solve_by_frontier if settings.solver == "frontier" else _solve_by_ilp
-        rows[members], binding[members], seconds[members] = solve(table, [budgets[i] for i in members], started)
-        group_costs = _costs(table, rows[members])
-        for field in fields(PlanCosts):
-            getattr(costs, field.name)[members] = getattr(group_costs, field.name)
-        infeasible = members[rows[members, 0] < 0]
-        if len(infeasible):  # binding: the budgets the head-only plan breaks
-            over = Budgets.stack([budgets[i] for i in infeasible]).over(table.evaluate(table.head_only()))
-            binding[infeasible] = np.column_stack([over[budget][:, 0] for budget in BUDGETS])
-        full[members], lora[members] = table.block_training(rows[members])
-        for i in members:
-            tables[i] = table
+        for menu in menus:
+            started = time.perf_counter()
+            table = CostTable(spec, int(batch), settings.seq, settings.optimizer, menu, settings.objective)
+            menu_budgets = [budgets[menu][i] for i in members]
+            menu_rows, menu_binding, menu_seconds = solve(table, menu_budgets, started)
+            menu_costs = _costs(table, menu_rows)
+            feasible = menu_rows[:, 0] >= 0
+            if menu is menus[0]:  # binding where no menu fits: the budgets the head-only plan breaks
+                take = np.ones(len(members), dtype=bool)
+                over = Budgets.stack(menu_budgets).over(table.evaluate(table.head_only()))
+                menu_binding[~feasible] = np.column_stack([over[budget][:, 0] for budget in BUDGETS])[~feasible]
+            else:
+                previous = costs.take(members)
+                larger = (menu_costs.primary > previous.primary) | (
+                    (menu_costs.primary == previous.primary) & (menu_costs.trained_bytes > previous.trained_bytes))
+                take = feasible & ((rows[members, 0] < 0) | larger)
+            chosen = members[take]
+            seconds[members] += menu_seconds  # solver seconds per device, all menus
+            rows[chosen], binding[chosen] = menu_rows[take], menu_binding[take]
+            for field in fields(PlanCosts):
+                getattr(costs, field.name)[chosen] = getattr(menu_costs, field.name)[take]
+            full[chosen], lora[chosen] = (part[take] for part in table.block_training(menu_rows))
+            for i in chosen:
+                tables[i] = table
     return _Solved(spec, tables, rows, costs, binding, seconds, full, lora)
 
 
@@ -223,7 +241,7 @@ def _entries(solved: _Solved, devices: list, settings: PlanSettings) -> list[Dev
         terms = fields_of_plan.pop("terms")
         common |= dict(runtime=device.runtime, process=ProcessTerms(**terms.to_json()))
         if row[0] < 0:
-            least = Budgets.of_device(device, settings.margin, settings.shard_bytes, bool(settings.lora_ranks))
+            least = Budgets.of_device(device, settings.margin, settings.shard_bytes)  # head only: no LoRA
             process = least.process_bytes(table.evaluate(np.array(key[1])))[0]
             needs = Needs(memory_bytes=process / (1 - settings.margin), compute_flops=steps * step_flops[i],
                           upload_bytes=uploads[i])
