@@ -43,8 +43,8 @@ class _DequantLinear(torch.autograd.Function):
 
 
 class CompactLinear(nn.Module):
-    """A frozen linear whose weight is held as ``fmt`` ('bf16' or 'int8'); bias in the model's dtype.
-    Everything is a buffer: nothing here trains."""
+    """A frozen linear whose weight is held as ``fmt`` ('bf16' or 'int8', with a scale per output
+    channel); scales and bias in the model's dtype. Everything is a buffer: nothing here trains."""
 
     def __init__(self, linear: nn.Linear, fmt: str):
         super().__init__()
@@ -54,10 +54,11 @@ class CompactLinear(nn.Module):
             self.register_buffer("weight", weight.to(torch.bfloat16))
             self.scale = None
         else:
-            amax = weight.abs().amax(dim=1)
+            wide = weight.float()  # quantize in fp32 also for a bf16 model; the scale is kept in its dtype
+            amax = wide.abs().amax(dim=1)
             scale = torch.where(amax > 0, amax / INT8_MAX, torch.ones_like(amax))
-            self.register_buffer("weight", (weight / scale[:, None]).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8))
-            self.register_buffer("scale", scale)
+            self.register_buffer("weight", (wide / scale[:, None]).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8))
+            self.register_buffer("scale", scale.to(weight.dtype))
         bias = None if linear.bias is None else linear.bias.detach()
         self.register_buffer("bias", bias)
 

@@ -13,7 +13,7 @@ Text forms (parsed by `TrainMode.parse`, printed by `str`):
   and re-run their forward during backward (activation checkpointing), e.g. ``blocks:2,3+recompute:2``;
 - ``frozen:bf16`` or ``frozen:int8``: the linear weights no step trains (every linear of a frozen block,
   and the frozen base weight under each LoRA adapter) are held compact, in bf16 or in int8 with one
-  float32 scale per output channel, and dequantized to the model's dtype inside each forward
+  scale (in the model's dtype) per output channel, and dequantized to the model's dtype inside each forward
   (`costmodel.compact`); biases, norms, embeddings and the head keep the model's dtype.
   E.g. ``blocks:3+frozen:int8``, ``lora:8+frozen:int8`` (QLoRA-like).
 """

@@ -93,6 +93,12 @@ def test_compact_weights_match_counters_on_zoo_models(name, text):
     assert compact.totals["param_bytes"] < plain.totals["param_bytes"] and compact.peak_bytes < plain.peak_bytes
 
 
+def test_int8_weights_of_a_bf16_model_match_counters():
+    """On a bf16 model the scales are bf16 and the weight dequantizes to bf16."""
+    spec = ZOO["char-gpt-xs"].model_copy(update={"dtype": "bf16"})
+    assert abs(_compare(spec, TrainMode.parse("blocks:1+lora:2=4+frozen:int8", spec.n_blocks), 4, 32, "adam")) <= 0.10
+
+
 def test_compact_weights_match_counters_on_random_configurations():
     """Random models and modes (costmodel.sampling) with int8 or bf16 frozen weights: FLOPs and saved
     bytes exact, per layer; the peak within 10%."""
