@@ -18,7 +18,6 @@ import warnings
 import torch
 
 from costmodel import ZOO, TrainMode, apply_mode, build_model, estimate, measure
-from profiles import format_bytes
 
 CASES = (("char-gpt-xs", 8, 80), ("minilm-l6", 8, 64))
 FORMATS = ("", "+frozen:bf16", "+frozen:int8")
@@ -88,8 +87,12 @@ def main() -> None:
                 report = estimate(spec, mode, batch, seq, args.optimizer)
                 measured = measure(spec, mode, batch, seq, args.optimizer).peak_bytes
                 print(f"| {name} | {batch} x {seq} | {trains} | {fmt.rpartition(':')[2] or spec.dtype} | "
-                      f"{format_bytes(report.totals['param_bytes'])} | {format_bytes(report.peak_bytes)} | "
-                      f"{format_bytes(measured)} | {report.peak_bytes / measured - 1:+.2%} |", flush=True)
+                      f"{_mib(report.totals['param_bytes'])} | {_mib(report.peak_bytes)} | {_mib(measured)} | "
+                      f"{report.peak_bytes / measured - 1:+.2%} |", flush=True)
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.2f} MiB"
 
 
 if __name__ == "__main__":
