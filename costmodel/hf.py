@@ -135,8 +135,9 @@ _LORA_TARGETS = {
 
 def apply_mode_hf(model: nn.Module, spec: ModelSpec, mode: TrainMode) -> nn.Module:
     """Freeze what ``mode`` does not train and inject its LoRA adapters into a transformers model."""
-    if mode.recompute:
-        raise ValueError("recompute runs on caff's own models only; a transformers model cannot measure it")
+    if mode.recompute or mode.frozen:
+        raise ValueError("recompute and frozen:bf16|int8 run on caff's own models only; a transformers model "
+                         "cannot measure them")
     mode = normalize_mode(spec, mode)
     prefix = _block_prefix(model)
     inject_lora(model, {f"{prefix}.{b}.{t}": r for b, r in mode.lora.items() for t in _LORA_TARGETS[prefix]})
