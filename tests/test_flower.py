@@ -245,6 +245,34 @@ def test_a_fedra_node_receives_only_the_blocks_it_holds(tmp_path, three_device_p
         assert reply["status"] == "trained" and reply["peak_bytes"] <= reply["memory_budget_bytes"]
 
 
+def test_the_server_grid_returns_every_reply_and_gives_up_at_its_timeout(monkeypatch):
+    """`PromptGrid.send_and_receive`: replies that come over several looks are all returned; a
+    reply that never comes ends the wait at the timeout with what did come."""
+    from types import SimpleNamespace
+
+    from trainer.flower import PromptGrid
+
+    class Grid:  # replies to message i arrive on the grid's look i + 1; message 9 never gets one
+        looks = 0
+
+        def push_messages(self, messages):
+            return list(messages)
+
+        def pull_messages(self, waiting):
+            Grid.looks += 1
+            return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i))
+                    for i in sorted(waiting) if i < Grid.looks and i != 9]
+
+        def get_node_ids(self):
+            return [1, 2]
+
+    grid = PromptGrid(Grid(), interval=0.01)
+    assert grid.get_node_ids() == [1, 2]  # everything else is the wrapped grid's
+    assert sorted(r.metadata.reply_to_message_id for r in grid.send_and_receive([0, 1, 2])) == [0, 1, 2]
+    got = grid.send_and_receive([3, 9], timeout=0.3)
+    assert [r.metadata.reply_to_message_id for r in got] == [3]
+
+
 def _pids_gone(processes):
     return all(process.poll() is not None for process in processes)
 
