@@ -38,12 +38,15 @@ SOLVERS = ("frontier", "ilp")
 
 @dataclass(frozen=True)
 class PlanSettings:
-    """How to plan: objective, LoRA rank menu, memory margin, coverage, step shape and solver.
+    """How to plan: objective, LoRA rank menu, recomputation, memory margin, coverage, step shape and solver.
 
-    ``batch`` overrides every device's batch size; ``seq`` None is each model's maximum."""
+    ``batch`` overrides every device's batch size; ``seq`` None is each model's maximum. ``recompute``:
+    trained blocks may also recompute their activations in backward (off by default, as the LoRA
+    menu is empty by default: plans made before stay as they were)."""
 
     objective: Objective = Objective()
     lora_ranks: tuple[int, ...] = ()
+    recompute: bool = False
     margin: float = 0.05
     min_coverage: float | None = None
     batch: int | None = None
@@ -89,7 +92,8 @@ def plan(specs: list[ModelSpec], devices: list, settings: PlanSettings = PlanSet
         raise ValueError("models: two candidate models share a name")
     solved = [_solve_architecture(spec, devices, settings) for spec in specs]
     summaries, winner = _summaries(solved, settings)
-    return PlanFile(objective=str(settings.objective), lora_ranks=list(settings.lora_ranks), margin=settings.margin,
+    return PlanFile(objective=str(settings.objective), lora_ranks=list(settings.lora_ranks),
+                    recompute=settings.recompute, margin=settings.margin,
                     min_coverage=settings.min_coverage, seq=settings.seq, optimizer=settings.optimizer,
                     solver=settings.solver, models=specs, architectures=summaries,
                     winner=winner.spec.name if winner else None,
@@ -110,7 +114,8 @@ def _solve_architecture(spec: ModelSpec, devices: list, settings: PlanSettings) 
     for batch in np.unique(batches):
         members = np.flatnonzero(batches == batch)
         started = time.perf_counter()
-        table = CostTable(spec, int(batch), settings.seq, settings.optimizer, settings.lora_ranks, settings.objective)
+        table = CostTable(spec, int(batch), settings.seq, settings.optimizer, settings.lora_ranks, settings.objective,
+                          settings.recompute)
         solve = _solve_by_frontier if settings.solver == "frontier" else _solve_by_ilp
         rows[members], binding[members], seconds[members] = solve(table, [budgets[i] for i in members], started)
         group_costs = _costs(table, rows[members])
@@ -146,7 +151,7 @@ def _solve_by_ilp(table: CostTable, budgets: list[Budgets], started: float):
         if selection is not None:
             rows[i] = selection
             for k, budget in enumerate(BUDGETS):
-                lifted = DeviceIlp(table, device_budgets.without(budget)).solve(least_peak=False)
+                lifted = DeviceIlp(table, device_budgets.without(budget)).solve(tiebreaks=False)
                 binding[i, k] = _better(table.evaluate(np.array([lifted, selection])), np.array([0]), np.array([1]))[0]
         seconds[i] = time.perf_counter() - started
         started = time.perf_counter()

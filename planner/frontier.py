@@ -1,10 +1,11 @@
 """The Pareto frontier of a model's plans: every plan that is some device's optimum, whatever its budgets.
 
 A device's optimum is the plan of largest key (primary, trained bytes; lexicographic, see
-`Objective`) and then least peak, among plans within its memory, compute and upload budgets.
-A plan q *dominates* p when key(q) >= key(p) and q needs no more peak memory, FLOPs or upload
-than p: wherever p fits, q fits and is at least as good. So the non-dominated plans, sorted by
-(key descending, peak ascending), hold every device's optimum: the first one that fits.
+`Objective`), then fewest FLOPs, then least peak, among plans within its memory, compute and upload
+budgets. A plan q *dominates* p when key(q) >= key(p) and q needs no more peak memory, FLOPs or
+upload than p: wherever p fits, q fits and is at least as good. So the non-dominated plans, sorted
+by (key descending, FLOPs ascending, peak ascending), hold every device's optimum: the first one
+that fits.
 
 The frontier is exact, computed by dynamic programming over the layers in topological order.
 A partial plan (a label) of the first layers carries, in bytes and FLOPs per step::
@@ -40,7 +41,7 @@ BASE, BELOW, GRAD, FWD, BWD, TEMP, FLOPS, UPLOAD = range(8)
 
 @dataclass
 class Frontier:
-    """Non-dominated plans of one table, best first: key descending, then peak ascending."""
+    """Non-dominated plans of one table, best first: key descending, then FLOPs, then peak ascending."""
 
     table: CostTable
     selections: np.ndarray  # (plans, layers) option indices
@@ -103,7 +104,7 @@ def compute_frontier(table: CostTable) -> Frontier:
         step_flops=quantities[:, FLOPS], upload_bytes=quantities[:, UPLOAD], trained_bytes=trained, primary=primary)
     keep = _non_dominated(primary, trained, np.column_stack(
         [final.peak_bytes, final.step_flops, final.upload_bytes]), np.zeros((len(primary), 0), dtype=bool))
-    order = keep[np.lexsort((final.peak_bytes[keep], -trained[keep], -primary[keep]))]
+    order = keep[np.lexsort((final.peak_bytes[keep], final.step_flops[keep], -trained[keep], -primary[keep]))]
     return Frontier(table, selections[order], final.take(order))
 
 

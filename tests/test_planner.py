@@ -17,7 +17,7 @@ import pytest
 from costmodel.sampling import random_config
 
 from caff.cli import main
-from costmodel import ModelSpec, TrainMode, estimate
+from costmodel import ZOO, ModelSpec, TrainMode, estimate
 from planner import (BUDGETS, Budgets, CostTable, DeviceIlp, Objective, PlanCosts, PlanSettings, compute_frontier, plan,
                      read_plan_file, write_plan_file)
 from profiles import DeviceSpec
@@ -26,33 +26,53 @@ from tests.conftest import TENSORS_ONLY
 pytestmark = pytest.mark.filterwarnings("ignore:PULP_CBC_CMD is deprecated:DeprecationWarning")
 estimate_module = importlib.import_module("costmodel.estimate")
 BATCH, SEQ = 4, 16
-SMALL = {  # name: (spec, LoRA rank menu, optimizer); at most 1024 plans each
+SMALL = {  # name: (spec, LoRA rank menu, optimizer, recompute menu); every zoo model of at most 8 blocks
     "gpt10": (ModelSpec(name="gpt10", kind="gpt", n_blocks=10, d_model=32, n_heads=2, d_ff=64, max_seq_len=16,
-                        vocab_size=20), (), "sgd"),
+                        vocab_size=20), (), "sgd", False),
     "gpt5-lora": (ModelSpec(name="gpt5", kind="gpt", n_blocks=5, d_model=48, n_heads=2, d_ff=96, max_seq_len=16,
-                            vocab_size=20), (2, 4), "adam"),
+                            vocab_size=20), (2, 4), "adam", False),
     "tied-lora": (ModelSpec(name="tied", kind="gpt", n_blocks=4, d_model=32, n_heads=2, d_ff=128, max_seq_len=16,
-                            vocab_size=40, tied_embeddings=True), (2,), "momentum"),
+                            vocab_size=40, tied_embeddings=True), (2,), "momentum", True),
     "encoder-lora": (ModelSpec(name="enc", kind="encoder", n_blocks=4, d_model=32, n_heads=4, d_ff=64, max_seq_len=16,
-                               vocab_size=30, norm="post", attention="sdpa"), (2, 4), "adam"),
+                               vocab_size=30, norm="post", attention="sdpa"), (2, 4), "adam", True),
     "vit-lora": (ModelSpec(name="vit", kind="vit", n_blocks=3, d_model=32, n_heads=2, d_ff=64, image_size=8,
-                           patch_size=4, n_classes=5), (4,), "sgd"),
+                           patch_size=4, n_classes=5), (4,), "sgd", True),
+    "char-gpt-xs": (ZOO["char-gpt-xs"], (4,), "adam", True),
+    "char-gpt-s": (ZOO["char-gpt-s"], (), "sgd", True),
+    "char-gpt-m": (ZOO["char-gpt-m"], (), "momentum", True),
+    "vit-tiny": (ZOO["vit-tiny"], (), "adam", True),
+    "minilm-l6": (ZOO["minilm-l6"], (), "sgd", True),
 }
 
 
-def all_modes(spec: ModelSpec, ranks) -> list[TrainMode]:
-    modes = []
-    for states in itertools.product(["frozen", "full", *ranks], repeat=spec.n_blocks):
-        modes.append(TrainMode(blocks=frozenset(b for b, s in enumerate(states) if s == "full"),
-                               lora={b: s for b, s in enumerate(states) if isinstance(s, int)}))
-    return modes
+def mode_of_states(states) -> TrainMode:
+    """The mode giving block b ``states[b]``: 'frozen', 'full', a rank, or ('recompute', 'full' or rank)."""
+    trained = [s[1] if isinstance(s, tuple) else s for s in states]
+    return TrainMode(blocks=frozenset(b for b, s in enumerate(trained) if s == "full"),
+                     lora={b: s for b, s in enumerate(trained) if isinstance(s, int)},
+                     recompute=frozenset(b for b, s in enumerate(states) if isinstance(s, tuple)))
+
+
+def block_states(ranks, recompute: bool) -> list:
+    trained = ["full", *ranks]
+    return ["frozen", *trained, *([("recompute", s) for s in trained] if recompute else [])]
+
+
+def all_modes(spec: ModelSpec, ranks, recompute: bool = False) -> list[TrainMode]:
+    return [mode_of_states(states) for states in itertools.product(block_states(ranks, recompute),
+                                                                   repeat=spec.n_blocks)]
+
+
+def small_table(name: str, objective: Objective = Objective()) -> CostTable:
+    spec, ranks, optimizer, recompute = SMALL[name]
+    return CostTable(spec, BATCH, SEQ, optimizer, ranks, objective, recompute)
 
 
 @functools.cache
 def brute_force(name: str):
     """Every plan of a small model and its costs, each from `estimate`."""
-    spec, ranks, optimizer = SMALL[name]
-    modes = all_modes(spec, ranks)
+    spec, ranks, optimizer, recompute = SMALL[name]
+    modes = all_modes(spec, ranks, recompute)
     reports = [estimate(spec, mode, BATCH, SEQ, optimizer) for mode in modes]
     column = lambda values: np.array(list(values), dtype=np.int64)  # noqa: E731
     return modes, {"peak": column(r.peak_bytes for r in reports),
@@ -95,17 +115,33 @@ def fits(budgets: Budgets, peak, flops, upload):
 
 
 def brute_best(objective: Objective, name: str, budgets: Budgets):
-    """The optimum's key (primary, trained bytes, -peak) over every plan that fits, or None."""
+    """The optimum's key (primary, trained bytes, -FLOPs, -peak) over every plan that fits, or None."""
     modes, costs = brute_force(name)
-    keys = list(zip(primary(objective, modes, costs["trained"]), costs["trained"], -costs["peak"]))
-    ok = fits(budgets, costs["peak"], costs["flops"], costs["upload"])
-    return max((k for k, fit in zip(keys, ok) if fit), default=None)
+    keys = (primary(objective, modes, costs["trained"]), costs["trained"], -costs["flops"], -costs["peak"])
+    ok = np.flatnonzero(fits(budgets, costs["peak"], costs["flops"], costs["upload"]))
+    if not len(ok):
+        return None
+    best = ok[np.lexsort([k[ok] for k in keys[::-1]])[-1]]
+    return tuple(k[best] for k in keys)
+
+
+def pareto_set(vectors: np.ndarray, chunk: int = 256) -> set[tuple]:
+    """The rows (-primary, -trained bytes, peak, FLOPs, upload) no other row dominates: a key at least as
+    good (lexicographically) and no larger costs; compared all with all, ``chunk`` rows at a time."""
+    vectors = np.unique(vectors, axis=0)
+    kept = set()
+    for rows in np.array_split(vectors, -(-len(vectors) // chunk)):
+        mine, other = rows[:, None, :], vectors[None, :, :]
+        better_key = (other[..., 0] < mine[..., 0]) | ((other[..., 0] == mine[..., 0]) & (other[..., 1] <= mine[..., 1]))
+        dominated = better_key & (other[..., 2:] <= mine[..., 2:]).all(axis=2) & (other != mine).any(axis=2)
+        kept |= set(map(tuple, rows[~dominated.any(axis=1)]))
+    return kept
 
 
 def key_of(objective: Objective, mode: TrainMode, report):
     modes = [mode]
     return (primary(objective, modes, np.array([report.totals["grad_bytes"]]))[0], report.totals["grad_bytes"],
-            -report.peak_bytes)
+            -(report.totals["fwd_flops"] + report.totals["bwd_flops"]), -report.peak_bytes)
 
 
 def objectives(rng: random.Random, n_blocks: int) -> list[Objective]:
@@ -118,10 +154,11 @@ def objectives(rng: random.Random, n_blocks: int) -> list[Objective]:
 @pytest.mark.parametrize("seed", range(24))
 def test_linear_forms_equal_estimate_on_random_plans(seed):
     rng = random.Random(seed)
-    spec, mode, batch, seq, optimizer = random_config(rng)
+    recompute = seed % 2 == 1
+    spec, mode, batch, seq, optimizer = random_config(rng, recompute)
     mode = mode.model_copy(update={"embeddings": False})  # the planner never trains untied embeddings
     ranks = tuple(sorted({*mode.lora.values(), rng.choice([1, 8])}))
-    table = CostTable(spec, batch, seq, optimizer, ranks)
+    table = CostTable(spec, batch, seq, optimizer, ranks, recompute=recompute)
     for _ in range(8):
         report = estimate(spec, mode, batch, seq, optimizer)
         costs = table.evaluate(np.array(table.selection(mode)))
@@ -129,18 +166,17 @@ def test_linear_forms_equal_estimate_on_random_plans(seed):
         assert int(costs.step_flops[0]) == report.totals["fwd_flops"] + report.totals["bwd_flops"]
         assert int(costs.upload_bytes[0]) == report.totals["upload_bytes"]
         assert int(costs.trained_bytes[0]) == report.totals["grad_bytes"]
-        states = [rng.choice(["frozen", "full", *ranks]) for _ in range(spec.n_blocks)]
-        mode = TrainMode(blocks=frozenset(b for b, s in enumerate(states) if s == "full"),
-                         lora={b: s for b, s in enumerate(states) if isinstance(s, int)})
+        assert table.mode(table.selection(mode)) == estimate_module.normalize_mode(spec, mode)  # round trip
+        mode = mode_of_states([rng.choice(block_states(ranks, recompute)) for _ in range(spec.n_blocks)])
 
 
-@pytest.mark.parametrize("name", ["gpt5-lora", "tied-lora"])
+@pytest.mark.parametrize("name", ["gpt5-lora", "tied-lora", "char-gpt-s"])
 def test_ilp_with_a_fixed_plan_reproduces_estimate(name):
     """The ILP's own variables: fix x to a plan; g, y and the peak must follow exactly."""
-    spec, ranks, optimizer = SMALL[name]
-    table = CostTable(spec, BATCH, SEQ, optimizer, ranks)
+    spec, ranks, optimizer, recompute = SMALL[name]
+    table = small_table(name)
     rng = random.Random(name)
-    for mode in rng.sample(all_modes(spec, ranks), 3):
+    for mode in rng.sample(all_modes(spec, ranks, recompute), 3):
         ilp = DeviceIlp(table, Budgets(float("inf"), float("inf"), float("inf")))
         states = {layer: s for layer, s in zip(table.layers, (table.options[i].state for i in table.selection(mode)))}
         for (layer, state), x in ilp.x.items():
@@ -184,17 +220,17 @@ def test_linear_forms_and_plans_on_a_branching_graph(monkeypatch):
             budgets = Budgets(rng.uniform(process.min(), process.max()), rng.uniform(flops.min(), flops.max()),
                               rng.uniform(uploads.min(), uploads.max()), 1, 0.0)
             ok = fits(budgets, peaks, flops, uploads)
-            best = max((len(m.blocks), int(t), -int(p)) for m, t, p, f in zip(modes, trained, peaks, ok) if f) \
-                if ok.any() else None
+            best = max((len(m.blocks), int(t), -int(c), -int(p))
+                       for m, t, c, p, f in zip(modes, trained, flops, peaks, ok) if f) if ok.any() else None
             index = frontier.best(Budgets.stack([budgets]))[0]
             got = None if index < 0 else (int(frontier.costs.primary[index]), int(frontier.costs.trained_bytes[index]),
-                                          -int(frontier.costs.peak_bytes[index]))
+                                          -int(frontier.costs.step_flops[index]), -int(frontier.costs.peak_bytes[index]))
             assert got == best
             if trial < 4:
                 selection = DeviceIlp(table, budgets).solve()
                 by_ilp = None if selection is None else table.evaluate(np.array(selection))
                 assert got == (None if by_ilp is None else (int(by_ilp.primary[0]), int(by_ilp.trained_bytes[0]),
-                                                            -int(by_ilp.peak_bytes[0])))
+                                                            -int(by_ilp.step_flops[0]), -int(by_ilp.peak_bytes[0])))
     finally:
         estimate_module.layer_ancestors.cache_clear()
 
@@ -203,12 +239,12 @@ def test_linear_forms_and_plans_on_a_branching_graph(monkeypatch):
 
 @pytest.mark.parametrize("name", SMALL)
 def test_ilp_optimum_equals_brute_force(name):
-    spec, ranks, optimizer = SMALL[name]
+    spec, _, optimizer, _ = SMALL[name]
     rng = random.Random(name)
     choices = objectives(rng, spec.n_blocks)
     for trial in range(12):
         objective = choices[trial % 3]
-        table = CostTable(spec, BATCH, SEQ, optimizer, ranks, objective)
+        table = small_table(name, objective)
         budgets = random_budgets(rng, brute_force(name)[1])
         expected = brute_best(objective, name, budgets)
         selection = DeviceIlp(table, budgets).solve()
@@ -224,20 +260,15 @@ def test_ilp_optimum_equals_brute_force(name):
 
 @pytest.mark.parametrize("name", SMALL)
 def test_frontier_is_the_brute_force_pareto_set_and_finds_every_optimum(name):
-    spec, ranks, optimizer = SMALL[name]
+    spec, _, optimizer, _ = SMALL[name]
     rng = random.Random(name)
     modes, costs = brute_force(name)
     for objective in objectives(rng, spec.n_blocks):
-        table = CostTable(spec, BATCH, SEQ, optimizer, ranks, objective)
+        table = small_table(name, objective)
         frontier = compute_frontier(table)
         value = primary(objective, modes, costs["trained"])
-        vectors = np.column_stack([-value, -costs["trained"], costs["peak"], costs["flops"], costs["upload"]])
-        pareto = set()
-        for v in vectors:
-            better_key = (vectors[:, 0] < v[0]) | ((vectors[:, 0] == v[0]) & (vectors[:, 1] <= v[1]))
-            dominated = better_key & (vectors[:, 2:] <= v[2:]).all(axis=1) & (vectors != v).any(axis=1)
-            if not dominated.any():
-                pareto.add(tuple(v))
+        pareto = pareto_set(np.column_stack([-value, -costs["trained"], costs["peak"], costs["flops"],
+                                             costs["upload"]]))
         got = np.column_stack([-frontier.costs.primary, -frontier.costs.trained_bytes, frontier.costs.peak_bytes,
                                frontier.costs.step_flops, frontier.costs.upload_bytes])
         assert {tuple(v) for v in got} == pareto and len(got) == len(pareto)
@@ -247,12 +278,12 @@ def test_frontier_is_the_brute_force_pareto_set_and_finds_every_optimum(name):
         found = [frontier.best(Budgets.stack([b]))[0] for b in budgets]
         for b, index in zip(budgets, found):
             got_key = None if index < 0 else (frontier.costs.primary[index], frontier.costs.trained_bytes[index],
-                                              -frontier.costs.peak_bytes[index])
+                                              -frontier.costs.step_flops[index], -frontier.costs.peak_bytes[index])
             assert got_key == brute_best(objective, name, b)
 
 
 def test_infeasible_device_gets_the_head_only_needs():
-    spec, ranks, optimizer = SMALL["gpt10"]
+    spec, _, optimizer, _ = SMALL["gpt10"]
     head = estimate(spec, TrainMode(), BATCH, SEQ, optimizer)
     flops = head.totals["fwd_flops"] + head.totals["bwd_flops"]
     device = DeviceSpec(name="tiny", memory_bytes=head.peak_bytes // 2, compute_flops=1e15,
@@ -364,7 +395,8 @@ def test_budgets_without_lifts_one_budget():
 def small_plan():
     spec = SMALL["tied-lora"][0]
     devices = random_devices(random.Random(2), "tied-lora", 6)
-    return plan([spec, SMALL["gpt10"][0]], devices, PlanSettings(seq=SEQ, lora_ranks=(2,), optimizer="momentum"))
+    return plan([spec, SMALL["gpt10"][0]], devices, PlanSettings(seq=SEQ, lora_ranks=(2,), recompute=True,
+                                                                 optimizer="momentum"))
 
 
 def test_plan_file_round_trip_is_atomic(tmp_path, small_plan):
