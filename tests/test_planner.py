@@ -3,10 +3,12 @@ brute force over every plan (through `estimate`), fleets, plan files and ``caff 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import itertools
 import json
+import math
 import os
 import random
 
@@ -282,6 +284,29 @@ def test_frontier_is_the_brute_force_pareto_set_and_finds_every_optimum(name):
             assert got_key == brute_best(objective, name, b)
 
 
+def test_equal_value_goes_to_fewer_flops_so_recomputation_only_where_memory_needs_it():
+    """Training every block, with or without recomputation, has equal value; where both fit, the plan
+    without (fewer FLOPs, more memory) wins. At the memory of recomputing every block, the plan trains
+    every block and recomputes the subset of least FLOPs that fits (brute force through `estimate`)."""
+    spec = ZOO["char-gpt-xs"]
+    table = CostTable(spec, BATCH, SEQ, "sgd", recompute=True)
+    frontier = compute_frontier(table)
+    every = frozenset(range(spec.n_blocks))
+    subsets = [frozenset(r) for k in range(spec.n_blocks + 1) for r in itertools.combinations(every, k)]
+    reports = [estimate(spec, TrainMode(blocks=every, recompute=r), BATCH, SEQ, "sgd") for r in subsets]
+    flops = [r.totals["fwd_flops"] + r.totals["bwd_flops"] for r in reports]
+    process = [r.peak_bytes + r.totals["upload_bytes"] for r in reports]
+    assert process[-1] < process[0] and flops[-1] > flops[0]  # recomputing all: less memory, more FLOPs
+    for memory, expected in ((math.inf, 0), (process[-1], None)):
+        budgets = Budgets(memory, math.inf, math.inf, 1, 0.0)
+        if expected is None:
+            expected = min((i for i in range(len(subsets)) if process[i] <= memory), key=flops.__getitem__)
+        by_frontier = frontier.selections[frontier.best(Budgets.stack([budgets]))[0]]
+        for chosen in (DeviceIlp(table, budgets).solve(), by_frontier):
+            assert table.mode(chosen) == TrainMode(blocks=every, recompute=subsets[expected])
+    assert subsets[expected]
+
+
 def test_infeasible_device_gets_the_head_only_needs():
     spec, _, optimizer, _ = SMALL["gpt10"]
     head = estimate(spec, TrainMode(), BATCH, SEQ, optimizer)
@@ -313,9 +338,9 @@ def random_devices(rng: random.Random, name: str, n: int, batches=(BATCH, 2 * BA
 def test_fleet_frontier_plans_equal_per_device_ilp():
     specs = [SMALL["gpt5-lora"][0], SMALL["gpt10"][0]]
     devices = random_devices(random.Random(3), "gpt5-lora", 4)
-    settings = PlanSettings(lora_ranks=(2, 4), seq=SEQ, optimizer="adam")
+    settings = PlanSettings(lora_ranks=(2, 4), recompute=True, seq=SEQ, optimizer="adam")
     by_frontier = plan(specs, devices, settings)
-    by_ilp = plan(specs, devices, PlanSettings(lora_ranks=(2, 4), seq=SEQ, optimizer="adam", solver="ilp"))
+    by_ilp = plan(specs, devices, dataclasses.replace(settings, solver="ilp"))
     summary = lambda p: [(a.model, a.score, a.infeasible_devices) for a in p.architectures]  # noqa: E731
     assert summary(by_frontier) == summary(by_ilp)
     same = lambda e: (e.status, len(e.trained_blocks), e.upload_bytes, e.peak_bytes, e.binding, e.needs)  # noqa: E731
@@ -327,8 +352,13 @@ def test_fleet_chooses_the_architecture_and_every_plan_fits():
     specs = [ModelSpec(name=f"gpt{n}", kind="gpt", n_blocks=n, d_model=32, n_heads=2, d_ff=64, max_seq_len=16,
                        vocab_size=20) for n in (2, 4, 6)]
     devices = random_devices(rng, "gpt10", 300)
-    result = plan(specs, devices, PlanSettings(seq=SEQ, optimizer="sgd", lora_ranks=(2,)))
+    result = plan(specs, devices, PlanSettings(seq=SEQ, optimizer="sgd", lora_ranks=(2,), recompute=True))
     scores = {a.model: a.score for a in result.architectures}
+    without = plan(specs, devices, PlanSettings(seq=SEQ, optimizer="sgd", lora_ranks=(2,)))
+    assert all(a.score >= b.score for a, b in zip(result.architectures, without.architectures))
+    assert sum(a.score for a in result.architectures) > sum(b.score for b in without.architectures)
+    assert any("recompute" in e.mode for e in result.devices if e.mode) and not any(
+        "recompute" in e.mode for e in without.devices if e.mode)
     assert result.winner == max(scores, key=scores.get)
     assert all(a.verdict.startswith("won" if a.model == result.winner else "lost") for a in result.architectures)
     spec = result.spec(result.winner)
@@ -439,8 +469,9 @@ def test_plan_file_mode_must_match_its_blocks(tmp_path, small_plan):
 # -- caff plan ----------------------------------------------------------------------------------
 
 def test_cli_plans_a_device_as_json(capsys):
-    assert main(["plan", "char-gpt-xs", "--device", "rpi4-2gb", "--lora-ranks", "4,8", "--json"]) == 0
+    assert main(["plan", "char-gpt-xs", "--device", "rpi4-2gb", "--lora-ranks", "4,8", "--recompute", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
+    assert out["recompute"] is True
     entry = out["devices"][0]
     assert (entry["device"], entry["model"], entry["status"]) == ("rpi4-2gb", "char-gpt-xs", "optimal")
 
