@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -43,7 +44,7 @@ class Budgets:
     def of_device(cls, device, margin: float = 0.05, shard_bytes: int = 0, lora: bool = False) -> "Budgets":
         """The budgets of a `profiles.DeviceSpec` holding ``shard_bytes`` of data; ``lora``: plans may
         use LoRA adapters, so the runtime counts the LoRA library."""
-        runtime = load_runtime(device.runtime)
+        runtime = _runtime(device.runtime)
         return cls(device.memory_bytes, device.compute_flops, device.upload_bytes, device.local_steps, margin,
                    runtime.bytes_for(lora) + shard_bytes, runtime.allocator_overhead)
 
@@ -87,15 +88,27 @@ class Budgets:
         return ~(over["memory"] | over["compute"] | over["upload"])
 
 
+@functools.lru_cache(maxsize=64)
+def _runtime(name: str):
+    """`load_runtime`, read once per name: a fleet shares a few runtimes among thousands of devices."""
+    return load_runtime(name)
+
+
 def _allowance(limit, per=1):
     """The largest integer q with ``per * q <= limit`` (elementwise for arrays), capped at MAX_COST: an
     integer cost c fits the limit iff c <= q. Exact for any size of limit and per, where multiplying
-    int64 costs by local steps (1e12 steps x 7e7 FLOPs) would wrap around."""
+    int64 costs by local steps (1e12 steps x 7e7 FLOPs) would wrap around: in int64 where limit and per
+    are below 2^53 (floats hold such integers exactly), in Python integers elsewhere."""
     def one(x, k) -> int:
         return MAX_COST if not math.isfinite(x) else min(math.floor(x) // int(k), MAX_COST)
 
     shape = np.broadcast_shapes(np.shape(limit), np.shape(per))
     if not shape:
         return one(limit, per)
-    pairs = zip(*(np.broadcast_to(np.asarray(v, dtype=object), shape).ravel() for v in (limit, per)))
-    return np.array([one(x, k) for x, k in pairs], dtype=np.int64).reshape(shape)
+    limit, per = (np.broadcast_to(np.asarray(v), shape) for v in (limit, per))
+    small = (np.abs(limit) < 2.0**53) & (per < 2**53)  # limit is finite there
+    q = np.full(shape, MAX_COST, dtype=np.int64)
+    q[small] = np.minimum(np.floor(limit[small]).astype(np.int64) // per[small].astype(np.int64), MAX_COST)
+    for index in zip(*np.nonzero(~small)):
+        q[index] = one(limit[index], per[index])
+    return q

@@ -90,7 +90,8 @@ def plan(specs: list[ModelSpec], devices: list, settings: PlanSettings = PlanSet
         raise ValueError("plan: need at least one model and one device")
     if len({spec.name for spec in specs}) < len(specs):
         raise ValueError("models: two candidate models share a name")
-    solved = [_solve_architecture(spec, devices, settings) for spec in specs]
+    budgets = [Budgets.of_device(d, settings.margin, settings.shard_bytes, bool(settings.lora_ranks)) for d in devices]
+    solved = [_solve_architecture(spec, devices, budgets, settings) for spec in specs]
     summaries, winner = _summaries(solved, settings)
     return PlanFile(objective=str(settings.objective), lora_ranks=list(settings.lora_ranks),
                     recompute=settings.recompute, margin=settings.margin,
@@ -100,10 +101,9 @@ def plan(specs: list[ModelSpec], devices: list, settings: PlanSettings = PlanSet
                     devices=_entries(winner, devices, settings) if winner else [])
 
 
-def _solve_architecture(spec: ModelSpec, devices: list, settings: PlanSettings) -> _Solved:
+def _solve_architecture(spec: ModelSpec, devices: list, budgets: list[Budgets], settings: PlanSettings) -> _Solved:
     n = len(devices)
     batches = np.array([settings.batch or d.batch_size for d in devices])
-    budgets = [Budgets.of_device(d, settings.margin, settings.shard_bytes, bool(settings.lora_ranks)) for d in devices]
     rows = np.full((n, len(layer_names(spec))), -1)
     costs = PlanCosts(*(np.zeros(n, dtype=dtype) for dtype in (np.int64,) * 4 + (float,)))
     binding = np.zeros((n, len(BUDGETS)), dtype=bool)
@@ -123,7 +123,7 @@ def _solve_architecture(spec: ModelSpec, devices: list, settings: PlanSettings) 
             getattr(costs, field.name)[members] = getattr(group_costs, field.name)
         infeasible = members[rows[members, 0] < 0]
         if len(infeasible):  # binding: the budgets the head-only plan breaks
-            over = Budgets.stack([budgets[i] for i in infeasible]).over(table.evaluate(table.head_only()))
+            over = Budgets.stack([budgets[i] for i in infeasible]).over(table.evaluate(table.head_only))
             binding[infeasible] = np.column_stack([over[budget][:, 0] for budget in BUDGETS])
         full[members], lora[members] = table.block_training(rows[members])
         for i in members:
@@ -167,7 +167,7 @@ def _better(costs: PlanCosts, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _costs(table: CostTable, rows: np.ndarray) -> PlanCosts:
     """Costs of each row's plan, or of the head-only plan where the row is -1."""
-    plans, inverse = np.unique(np.where(rows[:, :1] >= 0, rows, table.head_only()), axis=0, return_inverse=True)
+    plans, inverse = np.unique(np.where(rows[:, :1] >= 0, rows, table.head_only), axis=0, return_inverse=True)
     return table.evaluate(plans).take(inverse.ravel())
 
 
@@ -218,18 +218,19 @@ def _entries(solved: _Solved, devices: list, settings: PlanSettings) -> list[Dev
                                 local_steps=steps, batch_size=table.batch)
         common = dict(device=device.name, model=solved.spec.name, budgets=budgets, solver_seconds=seconds,
                       binding=[budget for budget, is_bound in zip(BUDGETS, bound) if is_bound])
-        key = (table.batch, tuple(row if row[0] >= 0 else table.head_only()), device.runtime)
+        key = (table.batch, tuple(row if row[0] >= 0 else table.head_only), device.runtime)
         if key not in planned:
             mode = table.mode(key[1])
-            planned[key] = dict(mode=str(mode), trained_blocks=sorted(mode.blocks), lora_ranks=mode.lora,
-                                terms=predict_process(solved.spec, mode, table.batch, settings.seq, settings.optimizer,
-                                                      load_runtime(device.runtime), settings.shard_bytes))
-        fields_of_plan = dict(planned[key])
-        terms = fields_of_plan.pop("terms")
-        common |= dict(runtime=device.runtime, process=ProcessTerms(**terms.to_json()))
-        if row[0] < 0:
             least = Budgets.of_device(device, settings.margin, settings.shard_bytes, bool(settings.lora_ranks))
-            process = least.process_bytes(table.evaluate(np.array(key[1])))[0]
+            terms = predict_process(solved.spec, mode, table.batch, settings.seq, settings.optimizer,
+                                    load_runtime(device.runtime), settings.shard_bytes)
+            planned[key] = dict(mode=str(mode), trained_blocks=sorted(mode.blocks), lora_ranks=mode.lora,
+                                terms=ProcessTerms(**terms.to_json()),
+                                process=int(least.process_bytes(table.evaluate(np.array(key[1])))[0]))
+        fields_of_plan = dict(planned[key])
+        terms, process = fields_of_plan.pop("terms"), fields_of_plan.pop("process")
+        common |= dict(runtime=device.runtime, process=terms)  # one ProcessTerms per plan, shared
+        if row[0] < 0:
             needs = Needs(memory_bytes=process / (1 - settings.margin), compute_flops=steps * step_flops[i],
                           upload_bytes=uploads[i])
             entries.append(DevicePlan(status="infeasible", mode=None, needs=needs, **common))

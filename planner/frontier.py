@@ -8,18 +8,25 @@ by (key descending, FLOPs ascending, peak ascending), hold every device's optimu
 that fits.
 
 The frontier is exact, computed by dynamic programming over the layers in topological order.
-A partial plan (a label) of the first layers carries, in bytes and FLOPs per step::
+With per layer j ``base_j = W_j + O_j + buffers_j``, ``below_j = A_j - external_j``, ``G_j``,
+``F_j``, ``B_j`` and ``S_j`` (`CostTable.memory_terms`), a partial plan (a label) of the first
+layers carries, in bytes and FLOPs per step, each memory phase of `costmodel.estimate` so far with
+the terms later layers add to it left out::
 
-    base  = sum W_j + O_j + buffers_j      below = sum A_j - external_j     grad = sum G_j
-    fwd   = max over its layers l of  below_{<l} + F_l
-    bwd   = max over its layers l in backward of  below_{<l} + B_l + grad_{>l, so far}
-    temp  = max S_l                        flops, upload, and the key
+    below = sum_j base_j + below_j                      (what a later layer's phases start from)
+    grad  = sum_j base_j + G_j
+    fwd   = max over its layers l of  sum_j base_j + below_{<l} + F_l
+    bwd   = max over its layers l of  sum_j base_j + grad_{<=l} + S_l, and over those l in backward
+            of  sum_j base_j + below_{<l} + B_l + grad_{>l}
+    flops, upload, and the key
 
-and, once every layer is placed, ``peak = X + base + max(fwd, bwd, grad + temp)``, the phases of
-`costmodel.estimate`. Adding a layer changes each quantity by a nondecreasing function of the
-old ones, and lexicographic order is kept under addition, so a label dominated (key >=, every
-quantity <=) by another with the same *signature* (which later layers already have an input that
-requires grad) can never complete to a better plan than its dominator does: dropping it is exact.
+Each later layer adds its base to every phase and its G to the backward and optimizer phases, so
+once every layer is placed, ``peak = X + max(fwd, bwd)`` (the optimizer's largest temporary S
+joins the optimizer phase of its own layer). Adding a layer changes each quantity by a
+nondecreasing function of the old ones, and lexicographic order is kept under addition, so a label
+dominated (key >=, every quantity <=) by another with the same *signature* (which later layers
+already have an input that requires grad) can never complete to a better plan than its dominator
+does: dropping it is exact.
 Without LoRA menus the plan space is 2^blocks; with a menu of r ranks (2 + r)^blocks, of which the
 pruning keeps some hundreds of labels (12 blocks and 3 ranks: at most ~1,300 before a layer's pruning,
 a frontier of ~200-300 plans). Tests check the frontier against enumeration through `estimate` and
@@ -36,7 +43,7 @@ from planner.budget import Budgets
 from planner.table import CostTable, PlanCosts
 
 # columns of a label's quantities
-BASE, BELOW, GRAD, FWD, BWD, TEMP, FLOPS, UPLOAD = range(8)
+BELOW, GRAD, FWD, BWD, FLOPS, UPLOAD = range(6)
 
 
 @dataclass
@@ -68,7 +75,7 @@ def compute_frontier(table: CostTable) -> Frontier:
             descendants[position[ancestor], position[name]] = True
     option_trains = np.array([o.trains for o in table.options])
 
-    quantities = np.zeros((1, 8), dtype=np.int64)
+    quantities = np.zeros((1, 6), dtype=np.int64)
     primary = np.zeros(1)
     trained = np.zeros(1, dtype=np.int64)
     selections = np.zeros((1, 0), dtype=np.int64)
@@ -81,14 +88,14 @@ def compute_frontier(table: CostTable) -> Frontier:
         option = options[choice]
         old = quantities[label]
         new = np.empty_like(old)
-        new[:, BASE] = old[:, BASE] + q["base"][option]
-        new[:, BELOW] = old[:, BELOW] + q["below"][option]
-        new[:, GRAD] = old[:, GRAD] + q["grad"][option]
-        new[:, FWD] = np.maximum(old[:, FWD], old[:, BELOW] + q["fwd"][option])
-        earlier = old[:, BWD] + q["grad"][option]  # earlier backward phases also hold this layer's gradients
-        new[:, BWD] = np.where(q["in_backward"][option], np.maximum(earlier, old[:, BELOW] + q["bwd"][option]),
-                               earlier)
-        new[:, TEMP] = np.maximum(old[:, TEMP], q["temp"][option])
+        base = q["base"][option]
+        new[:, BELOW] = old[:, BELOW] + base + q["below"][option]
+        new[:, GRAD] = old[:, GRAD] + base + q["grad"][option]
+        new[:, FWD] = np.maximum(old[:, FWD] + base, old[:, BELOW] + base + q["fwd"][option])
+        # earlier backward phases also hold this layer's gradients; its optimizer temporary joins all of them
+        earlier = np.maximum(old[:, BWD] + base + q["grad"][option], new[:, GRAD] + q["temp"][option])
+        new[:, BWD] = np.where(q["in_backward"][option],
+                               np.maximum(earlier, old[:, BELOW] + base + q["bwd"][option]), earlier)
         new[:, FLOPS] = old[:, FLOPS] + table.step_flops[option]
         new[:, UPLOAD] = old[:, UPLOAD] + table.upload_bytes[option]
         primary = primary[label] + table.primary[option]
@@ -99,8 +106,7 @@ def compute_frontier(table: CostTable) -> Frontier:
         quantities, primary, trained = new[keep], primary[keep], trained[keep]
         selections, input_grad = selections[keep], input_grad[keep]
     final = PlanCosts(
-        peak_bytes=table.batch_bytes + quantities[:, BASE]
-        + np.maximum.reduce([quantities[:, FWD], quantities[:, BWD], quantities[:, GRAD] + quantities[:, TEMP]]),
+        peak_bytes=table.batch_bytes + np.maximum(quantities[:, FWD], quantities[:, BWD]),
         step_flops=quantities[:, FLOPS], upload_bytes=quantities[:, UPLOAD], trained_bytes=trained, primary=primary)
     keep = _non_dominated(primary, trained, np.column_stack(
         [final.peak_bytes, final.step_flops, final.upload_bytes]), np.zeros((len(primary), 0), dtype=bool))

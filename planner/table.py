@@ -292,6 +292,7 @@ class CostTable:
         trained = {name for name in self.layers if trains(states[name])}
         return [self.index[name, states[name], bool(self.ancestors[name] & trained)] for name in self.layers]
 
+    @cached_property
     def head_only(self) -> np.ndarray:
         """The smallest plan: only the head trains (and tied embeddings)."""
         return np.array(self.selection(TrainMode()))
