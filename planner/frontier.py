@@ -102,6 +102,9 @@ def compute_frontier(table: CostTable) -> Frontier:
         trained = trained[label] + table.trained_bytes[option]
         selections = np.column_stack([selections[label], option])
         input_grad = input_grad[label] | (option_trains[option][:, None] & descendants[at][None, :])
+        if len(table.states[name]) == 1:  # one state: no new labels, and the final pruning still comes
+            quantities = new
+            continue
         keep = _non_dominated(primary, trained, new, input_grad[:, at + 1:])
         quantities, primary, trained = new[keep], primary[keep], trained[keep]
         selections, input_grad = selections[keep], input_grad[keep]
@@ -115,24 +118,34 @@ def compute_frontier(table: CostTable) -> Frontier:
 
 
 def _non_dominated(primary: np.ndarray, trained: np.ndarray, costs: np.ndarray, signature: np.ndarray,
-                   chunk: int = 64) -> np.ndarray:
+                   chunk: int = 256, block: int = 2048) -> np.ndarray:
     """Indices of labels no other label of the same signature dominates (key >= and costs <=);
     of identical labels the first is kept.
 
     Sorted by key descending, then costs, a label's dominators all come before it, and every label
     before it is kept or dominated by a kept one. So a chunk of labels at a time is tested against
-    the labels kept so far and against the labels before it in its chunk."""
+    the labels before it in its chunk, then against the labels kept so far, latest first (those of
+    its own key, the likeliest dominators), ``block`` at a time, dropping each label once dominated."""
     order = np.lexsort((*costs.T[::-1], -trained, -primary))
     columns = costs[order].T
     packed = np.packbits(signature[order], axis=1)
     group = np.unique(packed.view(f"V{packed.shape[1]}").ravel(), return_inverse=True)[1] if packed.size else \
         np.zeros(len(order), dtype=np.int64)
-    kept = np.zeros(len(order), dtype=bool)
+
+    def dominated(rows: np.ndarray, by: np.ndarray) -> np.ndarray:
+        """Per row, whether a label of ``by`` (positions in ``order``, all before it) dominates it."""
+        found = (by[None, :] < rows[:, None]) & (group[by][None, :] == group[rows][:, None])
+        for column in columns:
+            found &= column[by][None, :] <= column[rows][:, None]
+        return found.any(axis=1)
+
+    kept = np.zeros(0, dtype=np.int64)
     for start in range(0, len(order), chunk):
         rows = np.arange(start, min(start + chunk, len(order)))
-        before = np.concatenate([np.flatnonzero(kept[:start]), rows])
-        dominated = (before[None, :] < rows[:, None]) & (group[before][None, :] == group[rows][:, None])
-        for column in columns:
-            dominated &= column[before][None, :] <= column[rows][:, None]
-        kept[rows] = ~dominated.any(axis=1)
+        rows = rows[~dominated(rows, rows)]
+        for end in range(len(kept), 0, -block):
+            rows = rows[~dominated(rows, kept[max(0, end - block):end])]
+            if not len(rows):
+                break
+        kept = np.concatenate([kept, rows])
     return order[kept]
