@@ -55,6 +55,16 @@ class Budgets:
         return cls(column("memory_bytes"), column("compute_flops").astype(float), column("upload_bytes"),
                    column("local_steps"), budgets[0].margin, column("fixed_bytes"), column("tensor_overhead"))
 
+    @property
+    def devices(self) -> int:
+        """How many devices stacked budgets hold (fields a lifted budget made a number count for all)."""
+        return max(len(value) for f in dataclasses.fields(self) if np.ndim(value := getattr(self, f.name)))
+
+    def rows(self, index) -> "Budgets":
+        """The budgets of the devices at ``index`` (a slice or indices) of stacked budgets."""
+        return dataclasses.replace(self, **{f.name: value[index] for f in dataclasses.fields(self)
+                                            if np.ndim(value := getattr(self, f.name))})
+
     def without(self, budget: str) -> "Budgets":
         """The same budgets with ``budget`` ('memory', 'compute' or 'upload') lifted."""
         return dataclasses.replace(self, **{_FIELD[budget]: math.inf})

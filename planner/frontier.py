@@ -57,11 +57,14 @@ class Frontier:
     def __len__(self) -> int:
         return len(self.selections)
 
-    def best(self, budgets: Budgets) -> np.ndarray:
+    def best(self, budgets: Budgets, chunk: int = 1024) -> np.ndarray:
         """For budgets of many devices (column arrays), the index of each one's optimal plan; -1 where
-        none fits."""
-        fits = budgets.fits(self.costs)
-        return np.where(fits.any(axis=1), fits.argmax(axis=1), -1)
+        none fits. Devices go ``chunk`` at a time, so that memory stays ~chunk x plans x 8 bytes."""
+        found = []
+        for start in range(0, budgets.devices, chunk):
+            fits = budgets.rows(slice(start, start + chunk)).fits(self.costs)
+            found.append(np.where(fits.any(axis=1), fits.argmax(axis=1), -1))
+        return np.concatenate(found)
 
 
 def compute_frontier(table: CostTable) -> Frontier:

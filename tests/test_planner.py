@@ -434,7 +434,11 @@ def test_plan_file_round_trip_is_atomic(tmp_path, small_plan):
     write_plan_file(path, small_plan)
     assert read_plan_file(path) == small_plan
     assert os.listdir(tmp_path) == ["plan.json"]
-    assert json.loads(path.read_text())["version"] == 1
+    data = json.loads(path.read_text())
+    assert data["version"] == 1 and data["recompute"] is True
+    del data["recompute"]  # a plan file written before the recompute menu
+    path.write_text(json.dumps(data))
+    assert read_plan_file(path).recompute is False
 
 
 @pytest.mark.parametrize("edit, message", [
