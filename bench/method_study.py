@@ -17,7 +17,7 @@ homogeneous ones budget the step's tensors, their devices naming a runtime of no
 ``upload-1/8`` (upload binds; memory ample), ``compute-1/4`` (FLOPs per round bind), and
 ``edge-mix`` (the catalogue's heterogeneous fleet, budgets as the catalogue states them).
 
-Each finished run is saved (``OUT/runs/<regime>/<method>-lr<lr>-<phase><seed>/``) and skipped
+Each finished run is saved (``OUT/runs/<regime>/<method>-lr<lr>-r<rounds>-<phase><seed>/``) and skipped
 when the study is run again; ``--jobs N`` runs N at a time in worker processes, and separate
 invocations with different ``--regimes`` can run side by side on one ``--out``. Writes
 ``OUT/study.md`` (tables, claims) and ``OUT/<regime>.png`` (accuracy against rounds, uploaded
@@ -111,11 +111,12 @@ def _run_one(job: dict) -> dict:
     return summary
 
 
-def _execute(jobs: list[dict], workers: int, label: str) -> list[dict]:
+def _execute(jobs: list[dict], workers: int, label: str, report_only: bool = False) -> list[dict]:
+    """Run ``jobs`` not yet done (none when ``report_only``); the summaries of all that are done."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     done = [json.loads((Path(j["out"]) / "done.json").read_text()) for j in jobs if (Path(j["out"]) / "done.json").exists()]
-    todo = [j for j in jobs if not (Path(j["out"]) / "done.json").exists()]
+    todo = [] if report_only else [j for j in jobs if not (Path(j["out"]) / "done.json").exists()]
     with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   TextColumn("{task.fields[last]}")) as bar:
         task = bar.add_task(label, total=len(jobs), completed=len(done), last="")
@@ -158,7 +159,7 @@ def _job(args, regime: str, method: str, lr: float, phase: str, seed: int) -> di
     config = {"task": args.task, "method": method, "rounds": rounds, "clients_per_round": args.clients,
               "local_steps": args.steps, "lr": lr, "seed": seed, "eval_every": args.eval_every if phase == "run"
               else rounds, "eval_split": "validation" if phase == "tune" else "test", "eval_samples": args.eval_samples}
-    name = f"{method}-lr{lr:g}-{phase}{seed}"
+    name = f"{method}-lr{lr:g}-r{rounds}-{phase}{seed}"  # a run of other rounds is another run
     return {"regime": regime, "method": method, "phase": phase, "task": args.task, "model": args.model,
             "devices": args.devices, "batch": args.batch, "steps": args.steps, "config": config,
             "out": str(Path(args.out) / "runs" / regime.replace("/", "-") / name)}
@@ -336,6 +337,7 @@ def main() -> None:
     parser.add_argument("--central-lr", type=float, default=1e-3)
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
     parser.add_argument("--out", default="study/shakespeare")
+    parser.add_argument("--report-only", action="store_true", help="write tables and plots of the finished runs only")
     args = parser.parse_args()
     args.model = args.model or {"shakespeare": "char-gpt-xs", "fashion-mnist": "vit-tiny"}[args.task]
     bad = set(args.regimes.split(",")) - set(REGIMES) or set(args.methods.split(",")) - set(METHODS)
@@ -350,7 +352,7 @@ def main() -> None:
     regimes, methods = args.regimes.split(","), args.methods.split(",")
     grid, seeds = [float(v) for v in args.lr_grid.split(",")], [int(s) for s in args.seeds.split(",")]
     tuning = _execute([_job(args, g, m, lr, "tune", 0) for g in regimes for m in methods for lr in grid],
-                      args.jobs, "tuning")
+                      args.jobs, "tuning", args.report_only)
     tuned = {}
     for regime in regimes:
         for method in methods:
@@ -359,7 +361,7 @@ def main() -> None:
                       and t["rounds"][-1]["test_loss"] is not None and any(x["trained"] for x in t["rounds"])]
             tuned[(regime, method)] = min(scored)[1] if scored else grid[0]
     runs = _execute([_job(args, g, m, tuned[(g, m)], "run", s) for g in regimes for m in methods for s in seeds],
-                    args.jobs, "runs")
+                    args.jobs, "runs", args.report_only)
     table, finals = summarize(args, refs, tuned, runs)
     text = f"{table}\n{claims(finals, refs)}\n"
     (Path(args.out) / "study.md").write_text(text)

@@ -44,7 +44,7 @@ class Budgets:
     def of_device(cls, device, margin: float = 0.05, shard_bytes: int = 0, lora: bool = False) -> "Budgets":
         """The budgets of a `profiles.DeviceSpec` holding ``shard_bytes`` of data; ``lora``: plans may
         use LoRA adapters, so the runtime counts the LoRA library."""
-        runtime = _runtime(device.runtime)
+        runtime = runtime_profile(device.runtime)
         return cls(device.memory_bytes, device.compute_flops, device.upload_bytes, device.local_steps, margin,
                    runtime.bytes_for(lora) + shard_bytes, runtime.allocator_overhead)
 
@@ -99,7 +99,7 @@ class Budgets:
 
 
 @functools.lru_cache(maxsize=64)
-def _runtime(name: str):
+def runtime_profile(name: str):
     """`load_runtime`, read once per name: a fleet shares a few runtimes among thousands of devices."""
     return load_runtime(name)
 

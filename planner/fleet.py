@@ -26,12 +26,11 @@ import numpy as np
 from costmodel.estimate import layer_names
 from costmodel.process import predict_process
 from costmodel.spec import ModelSpec
-from planner.budget import BUDGETS, Budgets
+from planner.budget import BUDGETS, Budgets, runtime_profile
 from planner.frontier import compute_frontier
 from planner.ilp import DeviceIlp
 from planner.planfile import ArchitectureSummary, DeviceBudgets, DevicePlan, Needs, PlanFile, ProcessTerms
 from planner.table import CostTable, Objective, PlanCosts
-from profiles.runtime import load_runtime
 
 SOLVERS = ("frontier", "ilp")
 
@@ -90,7 +89,11 @@ def plan(specs: list[ModelSpec], devices: list, settings: PlanSettings = PlanSet
         raise ValueError("plan: need at least one model and one device")
     if len({spec.name for spec in specs}) < len(specs):
         raise ValueError("models: two candidate models share a name")
-    budgets = [Budgets.of_device(d, settings.margin, settings.shard_bytes, bool(settings.lora_ranks)) for d in devices]
+    menus = [settings.lora_ranks]
+    if settings.lora_ranks and any(runtime_profile(d.runtime).lora_bytes for d in devices):
+        menus.insert(0, ())
+    budgets = {menu: [Budgets.of_device(d, settings.margin, settings.shard_bytes, bool(menu)) for d in devices]
+               for menu in menus}
     solved = [_solve_architecture(spec, devices, budgets, settings) for spec in specs]
     summaries, winner = _summaries(solved, settings)
     return PlanFile(objective=str(settings.objective), lora_ranks=list(settings.lora_ranks),
@@ -101,9 +104,14 @@ def plan(specs: list[ModelSpec], devices: list, settings: PlanSettings = PlanSet
                     devices=_entries(winner, devices, settings) if winner else [])
 
 
-def _solve_architecture(spec: ModelSpec, devices: list, budgets: list[Budgets], settings: PlanSettings) -> _Solved:
+def _solve_architecture(spec: ModelSpec, devices: list, budgets: dict[tuple, list[Budgets]],
+                        settings: PlanSettings) -> _Solved:
+    """Every device's best plan of ``spec``; ``budgets``: each device's, per LoRA menu (see `plan`): plans
+    without LoRA against the plain runtime and plans with it against the larger one; each device takes
+    the better of its best plans."""
     n = len(devices)
     batches = np.array([settings.batch or d.batch_size for d in devices])
+    menus = list(budgets)
     rows = np.full((n, len(layer_names(spec))), -1)
     costs = PlanCosts(*(np.zeros(n, dtype=dtype) for dtype in (np.int64,) * 4 + (float,)))
     binding = np.zeros((n, len(BUDGETS)), dtype=bool)
@@ -111,23 +119,31 @@ def _solve_architecture(spec: ModelSpec, devices: list, budgets: list[Budgets], 
     full = np.zeros((n, spec.n_blocks), dtype=bool)
     lora = np.zeros((n, spec.n_blocks), dtype=bool)
     tables: list[CostTable] = [None] * n
+    solve = _solve_by_frontier if settings.solver == "frontier" else _solve_by_ilp
     for batch in np.unique(batches):
         members = np.flatnonzero(batches == batch)
-        started = time.perf_counter()
-        table = CostTable(spec, int(batch), settings.seq, settings.optimizer, settings.lora_ranks, settings.objective,
-                          settings.recompute)
-        solve = _solve_by_frontier if settings.solver == "frontier" else _solve_by_ilp
-        rows[members], binding[members], seconds[members] = solve(table, [budgets[i] for i in members], started)
-        group_costs = _costs(table, rows[members])
-        for field in fields(PlanCosts):
-            getattr(costs, field.name)[members] = getattr(group_costs, field.name)
-        infeasible = members[rows[members, 0] < 0]
-        if len(infeasible):  # binding: the budgets the head-only plan breaks
-            over = Budgets.stack([budgets[i] for i in infeasible]).over(table.evaluate(table.head_only))
-            binding[infeasible] = np.column_stack([over[budget][:, 0] for budget in BUDGETS])
-        full[members], lora[members] = table.block_training(rows[members])
-        for i in members:
-            tables[i] = table
+        for menu in menus:
+            started = time.perf_counter()
+            table = CostTable(spec, int(batch), settings.seq, settings.optimizer, menu, settings.objective,
+                              settings.recompute)
+            menu_budgets = [budgets[menu][i] for i in members]
+            menu_rows, menu_binding, menu_seconds = solve(table, menu_budgets, started)
+            menu_costs = _costs(table, menu_rows)
+            feasible = menu_rows[:, 0] >= 0
+            if menu is menus[0]:  # binding where no menu fits: the budgets the head-only plan breaks
+                take = np.ones(len(members), dtype=bool)
+                over = Budgets.stack(menu_budgets).over(table.evaluate(table.head_only))
+                menu_binding[~feasible] = np.column_stack([over[budget][:, 0] for budget in BUDGETS])[~feasible]
+            else:
+                take = feasible & ((rows[members, 0] < 0) | _preferred(menu_costs, costs.take(members)))
+            chosen = members[take]
+            seconds[members] += menu_seconds  # solver seconds per device, all menus
+            rows[chosen], binding[chosen] = menu_rows[take], menu_binding[take]
+            for field in fields(PlanCosts):
+                getattr(costs, field.name)[chosen] = getattr(menu_costs, field.name)[take]
+            full[chosen], lora[chosen] = (part[take] for part in table.block_training(menu_rows))
+            for i in chosen:
+                tables[i] = table
     return _Solved(spec, tables, rows, costs, binding, seconds, full, lora)
 
 
@@ -156,6 +172,17 @@ def _solve_by_ilp(table: CostTable, budgets: list[Budgets], started: float):
         seconds[i] = time.perf_counter() - started
         started = time.perf_counter()
     return rows, binding, seconds
+
+
+def _preferred(a: PlanCosts, b: PlanCosts) -> np.ndarray:
+    """Whether each plan of ``a`` comes before the plan of ``b`` in the planner's order: larger key
+    (primary, then trained bytes), then fewer FLOPs, then less peak."""
+    better, tied = np.zeros(len(a.primary), dtype=bool), np.ones(len(a.primary), dtype=bool)
+    for x, y in ((a.primary, b.primary), (a.trained_bytes, b.trained_bytes), (b.step_flops, a.step_flops),
+                 (b.peak_bytes, a.peak_bytes)):
+        better |= tied & (x > y)
+        tied &= x == y
+    return better
 
 
 def _better(costs: PlanCosts, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -221,9 +248,9 @@ def _entries(solved: _Solved, devices: list, settings: PlanSettings) -> list[Dev
         key = (table.batch, tuple(row if row[0] >= 0 else table.head_only), device.runtime)
         if key not in planned:
             mode = table.mode(key[1])
-            least = Budgets.of_device(device, settings.margin, settings.shard_bytes, bool(settings.lora_ranks))
+            least = Budgets.of_device(device, settings.margin, settings.shard_bytes)  # head only: no LoRA
             terms = predict_process(solved.spec, mode, table.batch, settings.seq, settings.optimizer,
-                                    load_runtime(device.runtime), settings.shard_bytes)
+                                    runtime_profile(device.runtime), settings.shard_bytes)
             planned[key] = dict(mode=str(mode), trained_blocks=sorted(mode.blocks), lora_ranks=mode.lora,
                                 terms=ProcessTerms(**terms.to_json()),
                                 process=int(least.process_bytes(table.evaluate(np.array(key[1])))[0]))

@@ -238,6 +238,15 @@ def test_a_run_in_which_a_device_exceeds_its_memory_budget_exits_non_zero(caff, 
     assert result.returncode in (1, 2) and "budget" in result.stderr and result.stderr.count("\n") == 1
 
 
+def test_a_model_with_fewer_outputs_than_the_task_needs_is_refused(caff, tmp_path):
+    from trainer.tasks.shakespeare import VOCAB_SIZE
+
+    small = SPEC.model_copy(update={"name": "char-gpt-small-vocab", "vocab_size": VOCAB_SIZE - 1})
+    plan_path = _plan(tmp_path / "plan.json", spec=small)
+    _refused(caff(*ARGS, "--plan", str(plan_path), "--no-pretrained", "--out", str(tmp_path / "run")),
+             f"{VOCAB_SIZE - 1} outputs", f"needs {VOCAB_SIZE}")
+
+
 def test_a_plan_without_devices_is_refused(caff, tmp_path):
     plan_path = _plan(tmp_path / "plan.json")
     data = json.loads(plan_path.read_text())

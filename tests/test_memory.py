@@ -89,6 +89,24 @@ def test_infeasible_memory_names_the_least_budget_with_the_runtime():
     assert plan([spec], [enough], PlanSettings(seq=80)).devices[0].status == "optimal"
 
 
+def test_the_lora_library_counts_only_for_plans_that_use_lora():
+    spec, runtime = ZOO["char-gpt-xs"], load_runtime(DEFAULT_RUNTIME)
+    everything = predict_process(spec, TrainMode.parse("last:4", spec.n_blocks), 4, 80, "sgd", runtime)
+    assert runtime.lora_bytes > 0
+    # memory for full fine-tuning without the LoRA library, not for the library itself
+    device = DeviceSpec(name="tight", memory_bytes=int(everything.total_bytes / 0.95) + 2**20, compute_flops=1e15,
+                        upload_bytes=10**9, batch_size=4)
+    entry = plan([spec], [device], PlanSettings(seq=80, lora_ranks=(2, 4, 8))).devices[0]
+    assert (entry.status, entry.mode, entry.process.runtime_bytes) == ("optimal", "blocks:0,1,2,3",
+                                                                      runtime.footprint_bytes)
+    # where only LoRA fits the upload, the plan uses it and its process counts the library
+    thin = device.model_copy(update={"memory_bytes": 2**30, "upload_bytes": 60_000})
+    entry = plan([spec], [thin], PlanSettings(seq=80, lora_ranks=(2, 4, 8))).devices[0]
+    mode = TrainMode.parse(entry.mode, spec.n_blocks)
+    assert mode.lora and entry.process.runtime_bytes == runtime.footprint_bytes + runtime.lora_bytes
+    assert entry.process.total_bytes == predict_process(spec, mode, 4, 80, "sgd", runtime).total_bytes
+
+
 def test_plan_and_cost_show_each_term(capsys):
     assert main(["cost", "char-gpt-s", "--train", "last:2", "--batch", "4", "--shard-bytes", "2MiB", "--json"]) == 0
     process = json.loads(capsys.readouterr().out)["process"]

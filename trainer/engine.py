@@ -115,10 +115,10 @@ class Server:
         self.config, self.plan, self.out = config, plan, Path(out)
         self.spec = _architecture(config, plan)
         self.test = evaluation_set(get_task(config.task), config.eval_split)
-        outputs, needed = self.spec.vocab_size if self.spec.kind == "gpt" else self.spec.n_classes, int(self.test[1].max()) + 1
-        if outputs < needed:
-            raise ValueError(f"the plan's {self.spec.name} has {outputs} outputs; {config.task}'s test set has "
-                             f"targets up to {needed - 1}: plan a model with at least {needed}")
+        outputs = self.spec.vocab_size if self.spec.kind == "gpt" else self.spec.n_classes
+        if outputs < (needed := get_task(config.task).n_outputs):
+            raise ValueError(f"the plan's {self.spec.name} has {outputs} outputs; {config.task} needs {needed}: "
+                             f"plan a model with at least {needed}")
         self.state, self.first_round, self.metrics = _start(config, self.plan_sha256, self.spec, self.out, resume,
                                                             checkpoints)
 

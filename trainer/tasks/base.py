@@ -62,6 +62,7 @@ class Task:
     seq: int | None  # tokens per sample (None: images)
     models: tuple[str, ...]  # zoo models pretrained for it
     test_size: int  # samples in the server's test set (and at most in the unseen set)
+    n_outputs: int  # outputs a model needs: the vocabulary (char GPT) or the classes (classifier)
     validation_size: int
 
     def client_names(self) -> list[str]:

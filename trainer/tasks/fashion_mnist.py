@@ -112,7 +112,7 @@ def _partition() -> dict[str, tuple[Tensor, Tensor]]:
 
 
 class FashionMNIST(Task):
-    name, kind, seq = "fashion-mnist", "vit", None
+    name, kind, seq, n_outputs = "fashion-mnist", "vit", None, len(FMNIST_CLASSES)
     models = ("vit-tiny",)
     # images: at 90 % accuracy the standard error over 4,000 is 0.47 points
     test_size, validation_size = 4000, 2000

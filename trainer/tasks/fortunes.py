@@ -154,6 +154,10 @@ class Fortunes(Task):
     def client_names(self) -> list[str]:
         return sorted(_partition())
 
+    @property
+    def n_outputs(self) -> int:
+        return len(labelled_texts()[2])
+
     def load_clients(self, names: list[str], heldout_only: bool = False) -> list[ClientData]:
         texts, labels, _ = labelled_texts()
         out = []

@@ -232,7 +232,7 @@ def _roster() -> tuple[str, ...]:
 
 
 class Shakespeare(Task):
-    name, kind, seq, n_classes = "shakespeare", "gpt", SEQ_LEN, VOCAB_SIZE
+    name, kind, seq, n_outputs = "shakespeare", "gpt", SEQ_LEN, VOCAB_SIZE
     models = ("char-gpt-xs",)  # with a committed English checkpoint; `caff pretrain char-gpt-s` makes more
     # held-out windows: a char GPT's accuracy over 2,000 windows (160,000 characters) has a
     # standard error of about 0.3 points across windows (README, "The federated population")
