@@ -80,8 +80,12 @@ class Budgets:
 
     def _variable_bytes(self, costs: PlanCosts) -> np.ndarray:
         """The plan-dependent part of `process_bytes`: tensor peak, the allocator's slack on it (rounded
-        up) and the kept received tensors (bounded by the upload), in integers."""
-        slack = np.ceil(costs.peak_bytes * self.tensor_overhead).astype(np.int64)
+        up) and the kept received tensors (bounded by the upload), in integers. Devices of one runtime
+        share one overhead: then per plan, not per device and plan."""
+        overhead = np.asarray(self.tensor_overhead)
+        if overhead.size and (overhead == overhead.flat[0]).all():
+            overhead = overhead.flat[0]
+        slack = np.ceil(costs.peak_bytes * overhead).astype(np.int64)
         return costs.peak_bytes + slack + costs.upload_bytes
 
     def over(self, costs: PlanCosts) -> dict[str, np.ndarray]:
