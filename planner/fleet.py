@@ -135,7 +135,7 @@ def _solve_architecture(spec: ModelSpec, devices: list, budgets: dict[tuple, lis
                 over = Budgets.stack(menu_budgets).over(table.evaluate(table.head_only))
                 menu_binding[~feasible] = np.column_stack([over[budget][:, 0] for budget in BUDGETS])[~feasible]
             else:
-                take = feasible & ((rows[members, 0] < 0) | _preferred(menu_costs, costs.take(members)))
+                take = feasible & ((rows[members, 0] < 0) | preferred(menu_costs, costs.take(members)))
             chosen = members[take]
             seconds[members] += menu_seconds  # solver seconds per device, all menus
             rows[chosen], binding[chosen] = menu_rows[take], menu_binding[take]
@@ -174,7 +174,7 @@ def _solve_by_ilp(table: CostTable, budgets: list[Budgets], started: float):
     return rows, binding, seconds
 
 
-def _preferred(a: PlanCosts, b: PlanCosts) -> np.ndarray:
+def preferred(a: PlanCosts, b: PlanCosts) -> np.ndarray:
     """Whether each plan of ``a`` comes before the plan of ``b`` in the planner's order: larger key
     (primary, then trained bytes), then fewer FLOPs, then less peak."""
     better, tied = np.zeros(len(a.primary), dtype=bool), np.ones(len(a.primary), dtype=bool)
