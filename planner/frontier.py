@@ -27,9 +27,11 @@ nondecreasing function of the old ones, and lexicographic order is kept under ad
 dominated (key >=, every quantity <=) by another with the same *signature* (which later layers
 already have an input that requires grad) can never complete to a better plan than its dominator
 does: dropping it is exact.
-Without LoRA menus the plan space is 2^blocks; with a menu of r ranks (2 + r)^blocks, of which the
-pruning keeps some hundreds of labels (12 blocks and 3 ranks: at most ~1,300 before a layer's pruning,
-a frontier of ~200-300 plans). Tests check the frontier against enumeration through `estimate` and
+Without LoRA menus the plan space is 2^blocks; with a menu of r ranks (2 + r)^blocks, and with
+recomputation (2 + 2r)^blocks, of which the pruning keeps some hundreds of labels (12 blocks and 3
+ranks: at most ~1,300 before a layer's pruning, a frontier of ~200-300 plans; with recomputation
+too, up to ~100,000 before a layer's pruning and a frontier of ~5,000-8,500 plans, each key's
+plans trading FLOPs for memory). Tests check the frontier against enumeration through `estimate` and
 against the per-device ILP.
 """
 
@@ -121,34 +123,43 @@ def compute_frontier(table: CostTable) -> Frontier:
 
 
 def _non_dominated(primary: np.ndarray, trained: np.ndarray, costs: np.ndarray, signature: np.ndarray,
-                   chunk: int = 256, block: int = 2048) -> np.ndarray:
+                   size: int = 256, block: int = 4096) -> np.ndarray:
     """Indices of labels no other label of the same signature dominates (key >= and costs <=);
     of identical labels the first is kept.
 
     Sorted by key descending, then costs, a label's dominators all come before it, and every label
-    before it is kept or dominated by a kept one. So a chunk of labels at a time is tested against
-    the labels before it in its chunk, then against the labels kept so far, latest first (those of
-    its own key, the likeliest dominators), ``block`` at a time, dropping each label once dominated."""
+    before it is kept or dominated by a kept one. The sorted labels are cut into groups at key
+    boundaries (runs of one key, joined until a group holds ``size``). A label of group A can
+    dominate one of group B only if A's least costs (per column) are <= B's largest. So each group in
+    turn is tested, ``size`` rows by ``block`` labels at a time, against its own earlier labels and
+    against the kept labels of the earlier groups that pass that test, each row dropped once dominated."""
     order = np.lexsort((*costs.T[::-1], -trained, -primary))
     columns = costs[order].T
     packed = np.packbits(signature[order], axis=1)
-    group = np.unique(packed.view(f"V{packed.shape[1]}").ravel(), return_inverse=True)[1] if packed.size else \
-        np.zeros(len(order), dtype=np.int64)
+    sig = np.unique(packed.view(f"V{packed.shape[1]}").ravel(), return_inverse=True)[1].ravel() if packed.size \
+        else np.zeros(len(order), dtype=np.int64)
+    runs = np.flatnonzero(np.concatenate([[True], (np.diff(primary[order]) != 0) | (np.diff(trained[order]) != 0)]))
+    starts = runs[np.concatenate([[True], np.diff(runs // size) > 0])]
+    ends = np.append(starts[1:], len(order))
+    least = np.stack([np.minimum.reduceat(column, starts) for column in columns], axis=1)
+    most = np.stack([np.maximum.reduceat(column, starts) for column in columns], axis=1)
 
     def dominated(rows: np.ndarray, by: np.ndarray) -> np.ndarray:
-        """Per row, whether a label of ``by`` (positions in ``order``, all before it) dominates it."""
-        found = (by[None, :] < rows[:, None]) & (group[by][None, :] == group[rows][:, None])
+        """Per row, whether a label of ``by`` (positions in ``order``) before it dominates it."""
+        found = (by[None, :] < rows[:, None]) & (sig[by][None, :] == sig[rows][:, None])
         for column in columns:
             found &= column[by][None, :] <= column[rows][:, None]
         return found.any(axis=1)
 
-    kept = np.zeros(0, dtype=np.int64)
-    for start in range(0, len(order), chunk):
-        rows = np.arange(start, min(start + chunk, len(order)))
-        rows = rows[~dominated(rows, rows)]
-        for end in range(len(kept), 0, -block):
-            rows = rows[~dominated(rows, kept[max(0, end - block):end])]
-            if not len(rows):
-                break
-        kept = np.concatenate([kept, rows])
-    return order[kept]
+    def survivors(rows: np.ndarray, by: np.ndarray) -> np.ndarray:
+        for start in range(0, len(by), block):
+            rows = rows[~dominated(rows, by[start:start + block])]
+        return rows
+
+    kept: list[np.ndarray] = []
+    for g, (start, end) in enumerate(zip(starts, ends)):
+        rows = np.concatenate([survivors(np.arange(at, min(at + size, end)), np.arange(start, min(at + size, end)))
+                               for at in range(start, end, size)])
+        could = np.flatnonzero((least[:g] <= most[g]).all(axis=1))[::-1]  # latest first: likeliest dominators
+        kept.append(survivors(rows, np.concatenate([kept[a] for a in could]) if len(could) else could))
+    return order[np.concatenate(kept)]
