@@ -95,3 +95,16 @@ def test_every_method_runs_a_round_of_every_task_and_resumes_bit_identically(caf
             assert client["flops"] == client["predicted_flops"] > 0, (method, client)
             assert 0 < client["upload_bytes"] <= client["predicted_upload_bytes"], (method, client)  # wire bytes
     _assert_resume_is_bit_identical(task, spec, tmp_path)
+
+
+@pytest.mark.slow  # about a CPU minute; `.ci/run` runs the README's first command, the demo itself, in full
+def test_the_demo_plans_validates_trains_three_methods_and_plots(caff, tmp_path, need_data):
+    need_data(get_task("shakespeare").client_names)
+    out = tmp_path / "demo"
+    result = caff("demo", "--rounds", "1", "--eval-samples", "40", "--central-steps", "2", "--out", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "blocks:2,3" in result.stdout and "OVER BUDGET" not in result.stdout  # the Pi Zeros train a suffix
+    for method in ("caff", "lora", "full"):
+        row = json.loads((out / method / "metrics.jsonl").read_text().splitlines()[0])
+        assert row["method"] == method and row["test_accuracy"] is not None
+    assert (out / "demo.png").stat().st_size > 10_000 and "reference: pretrained accuracy" in result.stdout
