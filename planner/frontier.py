@@ -46,6 +46,7 @@ from planner.table import CostTable, PlanCosts
 
 # columns of a label's quantities
 BELOW, GRAD, FWD, BWD, FLOPS, UPLOAD = range(6)
+FEW = 512  # labels kept without pruning at a layer (the final pruning removes what is dominated)
 
 
 @dataclass
@@ -107,7 +108,7 @@ def compute_frontier(table: CostTable) -> Frontier:
         trained = trained[label] + table.trained_bytes[option]
         selections = np.column_stack([selections[label], option])
         input_grad = input_grad[label] | (option_trains[option][:, None] & descendants[at][None, :])
-        if len(table.states[name]) == 1:  # one state: no new labels, and the final pruning still comes
+        if len(new) <= FEW or len(table.states[name]) == 1:  # prune many new labels; the final pruning follows
             quantities = new
             continue
         keep = _non_dominated(primary, trained, new, input_grad[:, at + 1:])
