@@ -73,7 +73,8 @@ def check_against_ilp(result, devices, settings: PlanSettings, sample: int, rng:
         for menu in menus:
             key = (device.batch_size, menu)
             table = tables.get(key) or tables.setdefault(key, CostTable(
-                spec, device.batch_size, settings.seq, settings.optimizer, menu, settings.objective, settings.recompute))
+                spec, device.batch_size, settings.seq, settings.optimizer, menu, settings.objective,
+                settings.recompute))
             budgets = Budgets.of_device(device, settings.margin, settings.shard_bytes, bool(menu))
             try:
                 selection, seconds_menu = timed(DeviceIlp(table, budgets).solve)
@@ -92,7 +93,8 @@ def check_against_ilp(result, devices, settings: PlanSettings, sample: int, rng:
             agree += (entry.status == "optimal" and len(entry.trained_blocks) == best.primary[0]
                       and entry.upload_bytes == best.upload_bytes[0] and entry.peak_bytes == best.peak_bytes[0]
                       and entry.flops_per_round == device.local_steps * best.step_flops[0])
-    print(f"  ILP check on {sample} sampled devices of {spec.name}: {agree}/{sample} optimal keys, FLOPs and peaks equal; "
+    print(f"  ILP check on {sample} sampled devices of {spec.name}: {agree}/{sample} optimal keys, FLOPs and peaks "
+          "equal; "
           f"ILP {np.mean(seconds):.2f} s per device (median {np.median(seconds):.2f} s, max {np.max(seconds):.1f} s)")
 
 

@@ -96,9 +96,9 @@ def _settings(args) -> PlanSettings:
         shard = parse_bytes(args.shard_bytes)
     except ValueError as exc:
         raise ValueError(f"--shard-bytes: {exc}") from None
-    return PlanSettings(objective=objective, lora_ranks=ranks, recompute=args.recompute, margin=args.margin, min_coverage=args.min_coverage,
-                        batch=args.batch, seq=args.seq, optimizer=args.optimizer, solver=args.solver,
-                        shard_bytes=shard)
+    return PlanSettings(objective=objective, lora_ranks=ranks, recompute=args.recompute, margin=args.margin,
+                        min_coverage=args.min_coverage, batch=args.batch, seq=args.seq, optimizer=args.optimizer,
+                        solver=args.solver, shard_bytes=shard)
 
 
 def _print(result: PlanFile, args, n_devices: int) -> None:

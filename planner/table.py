@@ -19,8 +19,8 @@ so every quantity of `costmodel.estimate` is a sum over layers of a number per s
   (``j<l``: before l in topological order, as estimate sums). A recomputed block is no exception:
   estimate's own terms for it are its input as A_l, its forward with only that input kept as F_l,
   and as B_l the larger of its forward's re-run (with the incoming gradient live) and its backward
-  over the re-materialized tensors (`costmodel.tape`), each a function of its own option only. The optimizer step's max over
-  temporaries ``S = max_l S_l`` becomes one phase per layer. A backward phase exists only where
+  over the re-materialized tensors (`costmodel.tape`), each a function of its own option only.
+  The optimizer step's max over temporaries ``S = max_l S_l`` becomes one phase per layer. A backward phase exists only where
   layer l is in the backward pass. Where it is not, no ancestor of l trains, so none saves
   anything; if every layer before l is an ancestor (a chain), the row then sums to
   ``X + sum_j base_j + sum_j grad_j``, which the optimizer rows bound, and its coefficient 0 keeps

@@ -134,7 +134,8 @@ def pareto_set(vectors: np.ndarray, chunk: int = 256) -> set[tuple]:
     kept = set()
     for rows in np.array_split(vectors, -(-len(vectors) // chunk)):
         mine, other = rows[:, None, :], vectors[None, :, :]
-        better_key = (other[..., 0] < mine[..., 0]) | ((other[..., 0] == mine[..., 0]) & (other[..., 1] <= mine[..., 1]))
+        better_key = (other[..., 0] < mine[..., 0]) | (
+            (other[..., 0] == mine[..., 0]) & (other[..., 1] <= mine[..., 1]))
         dominated = better_key & (other[..., 2:] <= mine[..., 2:]).all(axis=2) & (other != mine).any(axis=2)
         kept |= set(map(tuple, rows[~dominated.any(axis=1)]))
     return kept
@@ -225,8 +226,8 @@ def test_linear_forms_and_plans_on_a_branching_graph(monkeypatch):
             best = max((len(m.blocks), int(t), -int(c), -int(p))
                        for m, t, c, p, f in zip(modes, trained, flops, peaks, ok) if f) if ok.any() else None
             index = frontier.best(Budgets.stack([budgets]))[0]
-            got = None if index < 0 else (int(frontier.costs.primary[index]), int(frontier.costs.trained_bytes[index]),
-                                          -int(frontier.costs.step_flops[index]), -int(frontier.costs.peak_bytes[index]))
+            got = None if index < 0 else tuple(int(sign * getattr(frontier.costs, name)[index]) for sign, name in (
+                (1, "primary"), (1, "trained_bytes"), (-1, "step_flops"), (-1, "peak_bytes")))
             assert got == best
             if trial < 4:
                 selection = DeviceIlp(table, budgets).solve()
