@@ -8,9 +8,10 @@ FlopCountAnalysis, a second counter (on matmul-attention configurations: fvcore 
 then the time of one analytic estimate per block, uncached (every layer cost computed afresh)
 and cached (as the planner calls it).
 
-    python bench/costmodel_fidelity.py [--n 100] [--seed 0] [--recompute]
+    python bench/costmodel_fidelity.py [--n 100] [--seed 0] [--recompute] [--frozen]
 
-``--recompute`` recomputes a random non-empty subset of each configuration's trained blocks.
+``--recompute`` recomputes a random non-empty subset of each configuration's trained blocks;
+``--frozen`` holds each configuration's frozen linear weights compact (``frozen:int8`` or ``frozen:bf16``).
 """
 
 import argparse
@@ -27,11 +28,11 @@ KEYS = ("fwd_flops", "bwd_flops", "activation_bytes", "peak_bytes")
 FVCORE = "fwd_flops (fvcore)"
 
 
-def errors(n: int, seed: int, recompute: bool = False) -> dict[str, list[float]]:
+def errors(n: int, seed: int, recompute: bool = False, frozen: bool = False) -> dict[str, list[float]]:
     rng = random.Random(seed)
     found = {key: [] for key in (*KEYS, FVCORE)}
     for index in range(n):
-        spec, mode, batch, seq, optimizer = random_config(rng, recompute)
+        spec, mode, batch, seq, optimizer = random_config(rng, recompute, frozen)
         report, measured = estimate(spec, mode, batch, seq, optimizer), measure(spec, mode, batch, seq, optimizer)
         predicted = {**report.totals, "peak_bytes": report.peak_bytes}
         for key, seen in measured.total().items():
@@ -67,8 +68,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--recompute", action="store_true", help="recompute some trained blocks of each")
+    parser.add_argument("--frozen", action="store_true", help="hold frozen linear weights in int8 or bf16")
     args = parser.parse_args()
-    found = errors(args.n, args.seed, args.recompute)
+    found = errors(args.n, args.seed, args.recompute, args.frozen)
     print(f"relative error (predicted - measured) / measured over {args.n} configurations "
           f"({len(found[FVCORE])} with matmul attention for fvcore)")
     print(f"{'quantity':19s} {'exact':>7s} {'|e|<=1%':>8s} {'|e|<=5%':>8s} {'median':>8s} {'p95 |e|':>8s} {'max |e|':>8s}")

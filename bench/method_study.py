@@ -38,6 +38,10 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 METHODS = ("caff", "lora", "full", "head", "fedra")
+#: caff with issue 13's memory tools (opt in with --methods): the planner may also recompute trained blocks
+#: (``caff+recompute``), or caff's own plans run with every frozen linear weight in int8 (``caff+int8``: same
+#: blocks, the accuracy cost of int8 frozen weights). name -> (engine method, PlanSettings fields, frozen format)
+VARIANTS = {"caff+recompute": ("caff", {"recompute": True}, None), "caff+int8": ("caff", {}, "int8")}
 REGIMES = ("mem-1/8", "mem-1/4", "mem-1/2", "upload-1/32", "upload-1/8", "compute-1/4", "edge-mix")
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
@@ -82,7 +86,7 @@ def _run_one(job: dict) -> dict:
     import torch
 
     torch.set_num_threads(1)
-    from costmodel import ZOO
+    from costmodel import ZOO, TrainMode
     from planner.fleet import PlanSettings, plan
     from trainer.engine import TASK_SEQ, TrainConfig, run
 
@@ -93,8 +97,12 @@ def _run_one(job: dict) -> dict:
     spec = ZOO[job["model"]]
     fleet = devices(job["regime"], spec, job["task"], job["devices"], job["batch"], job["steps"],
                     tensors_only_runtime(Path(job["out"]).parents[2]))
-    planned = plan([spec], fleet, PlanSettings(seq=TASK_SEQ[job["task"]], lora_ranks=(2, 4, 8, 16)))
-    config = TrainConfig(**job["config"])
+    method, settings, frozen = VARIANTS.get(job["method"], (job["method"], {}, None))
+    planned = plan([spec], fleet, PlanSettings(seq=TASK_SEQ[job["task"]], lora_ranks=(2, 4, 8, 16), **settings))
+    if frozen:
+        planned = planned.model_copy(update={"devices": [d if d.mode is None else d.model_copy(update={
+            "mode": str(TrainMode.parse(f"{d.mode}+frozen:{frozen}", spec.n_blocks))}) for d in planned.devices]})
+    config = TrainConfig(**job["config"] | {"method": method})
     try:
         metrics = run(config, planned, out, resume=(out / "state.json").exists())
     except ValueError as why:
@@ -340,7 +348,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true", help="write tables and plots of the finished runs only")
     args = parser.parse_args()
     args.model = args.model or {"shakespeare": "char-gpt-xs", "fashion-mnist": "vit-tiny"}[args.task]
-    bad = set(args.regimes.split(",")) - set(REGIMES) or set(args.methods.split(",")) - set(METHODS)
+    bad = set(args.regimes.split(",")) - set(REGIMES) or set(args.methods.split(",")) - set(METHODS) - set(VARIANTS)
     if bad:
         parser.error(f"unknown regime or method: {', '.join(sorted(bad))}")
     import torch

@@ -16,7 +16,7 @@ def add_parser(subparsers) -> dict:
     p.add_argument("model", help="zoo name, spec JSON file, or Hugging Face model directory")
     p.add_argument("--batch", type=int, default=16, help="samples per step (default 16)")
     p.add_argument("--seq", type=int, default=None, help="tokens per sample (default: the model's maximum)")
-    p.add_argument("--train", default="all", help="all | head | last:K | blocks:i,j | lora:R | emb | recompute:i,j (trained blocks that re-run their forward in backward), mixed with '+'")
+    p.add_argument("--train", default="all", help="all | head | last:K | blocks:i,j | lora:R | emb | recompute:i,j (trained blocks that re-run their forward in backward) | frozen:bf16|int8 (frozen linear weights held compact), mixed with '+'")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "momentum", "adam"])
     p.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="override the model's dtype")
     p.add_argument("--runtime", default=DEFAULT_RUNTIME, help=f"runtime profile: name or .json (default {DEFAULT_RUNTIME})")
@@ -39,6 +39,9 @@ def run(args) -> int:
         raise ValueError(f"--shard-bytes: {exc}") from None
     process = process_memory(load_runtime(args.runtime), mode, report.peak_bytes, shard, kept_bytes(spec, mode, report))
     out["process"] = {"runtime": args.runtime, **process.to_json()}
+    if mode.frozen:  # what holding frozen weights compact saves, against the same mode in full precision
+        plain = estimate(spec, mode.model_copy(update={"frozen": None}), args.batch, args.seq, args.optimizer)
+        out["full_precision_frozen"] = {"param_bytes": plain.totals["param_bytes"], "peak_bytes": plain.peak_bytes}
     if args.measure:
         if Path(args.model).is_dir():  # the real transformers model, pretrained weights and all
             measured = measure_hf(spec, mode, args.batch, args.seq, args.optimizer, model_dir=args.model)
@@ -88,6 +91,12 @@ def _print_table(out: dict) -> None:
     console.print(table)
     console.print(f"peak memory of one step: {format_bytes(total['peak_bytes'])} (at {out['peak_phase']}); "
                   f"elementwise FLOPs not counted above: {format_flops(total['elementwise_flops'])}")
+    if "full_precision_frozen" in out:
+        plain = out["full_precision_frozen"]
+        console.print(f"frozen weights in {out['train'].rsplit(':', 1)[1]}: weights {format_bytes(total['param_bytes'])}, "
+                      f"peak {format_bytes(total['peak_bytes'])}; in {out['dtype']}: weights "
+                      f"{format_bytes(plain['param_bytes'])}, peak {format_bytes(plain['peak_bytes'])} "
+                      f"(saves {format_bytes(plain['peak_bytes'] - total['peak_bytes'])} of the peak)")
     p = out["process"]
     console.print(f"predicted process memory: {format_bytes(p['total_bytes'])} = runtime {p['runtime']} "
                   f"{format_bytes(p['runtime_bytes'])} + tensor peak {format_bytes(p['tensor_peak_bytes'])} + allocator "

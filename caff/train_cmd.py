@@ -144,6 +144,13 @@ def _plan_for(source: dict, fleet_size: int, seed: int, task: str, batch: int | 
 def run_train(args) -> int:
     config, source = _train_config(args)
     plan = _plan_for(source, args.fleet_size, config.seed, config.task)
+    if source["plan"]:  # a plan file made for another run is refused naming the file
+        from trainer.engine import planned_for
+
+        try:
+            planned_for(config, plan)
+        except ValueError as why:
+            raise ValueError(f"{source['plan']}: {why}") from None
     if args.engine != "flower":  # steps run on this machine
         from trainer.validate import check_smallest_steps_fit
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from costmodel.compact import compact_frozen_linears
 from costmodel.estimate import normalize_mode
 from costmodel.mode import TrainMode
 from costmodel.modules import TinyTransformer, lora_targets
@@ -30,8 +31,9 @@ def inject_lora(model: nn.Module, targets: dict[str, int]) -> None:
 
 
 def apply_mode(model: TinyTransformer, mode: TrainMode) -> TinyTransformer:
-    """Freeze what ``mode`` does not train, inject its LoRA adapters, mark the blocks it recomputes,
-    and set where autograd starts."""
+    """Freeze what ``mode`` does not train, inject its LoRA adapters, make its frozen linears compact
+    (``frozen:bf16|int8``: every linear of a block that does not train fully, LoRA bases included),
+    mark the blocks it recomputes, and set where autograd starts."""
     spec = model.spec
     mode = normalize_mode(spec, mode)
     inject_lora(model, {f"blocks.{b}.{t}": r for b, r in mode.lora.items() for t in lora_targets(spec)})
@@ -43,6 +45,8 @@ def apply_mode(model: TinyTransformer, mode: TrainMode) -> TinyTransformer:
             param.requires_grad_(True)
     for index, block in enumerate(model.blocks):
         block.recompute = index in mode.recompute
+        if mode.frozen and index not in mode.blocks:
+            compact_frozen_linears(block, lora_targets(spec), mode.frozen)
     model.head.requires_grad_(True)
     if mode.embeddings:
         model.embed.requires_grad_(True)

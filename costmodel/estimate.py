@@ -61,9 +61,11 @@ def layer_ancestors(spec: ModelSpec) -> tuple[tuple[str, frozenset[str]], ...]:
 
 
 def normalize_mode(spec: ModelSpec, mode: TrainMode) -> TrainMode:
-    """Check block indices; tied embeddings train whenever the head does (always)."""
+    """Check block indices and compact weights; tied embeddings train whenever the head does (always)."""
     if bad := sorted(b for b in mode.blocks | set(mode.lora) if b >= spec.n_blocks):
         raise ValueError(f"block {bad[0]} out of range: {spec.name} has blocks 0..{spec.n_blocks - 1}")
+    if mode.frozen == spec.dtype:
+        raise ValueError(f"frozen:{mode.frozen} changes nothing: {spec.name} already holds its weights in {spec.dtype}")
     if spec.tied_embeddings and not mode.embeddings:
         return mode.model_copy(update={"embeddings": True})
     return mode
@@ -91,14 +93,14 @@ def batch_syms(spec: ModelSpec, batch: int, seq: int) -> tuple[Sym, Sym]:
 
 @functools.lru_cache(maxsize=65536)
 def layer_cost(spec: ModelSpec, name: str, state, input_requires_grad: bool, batch: int, seq: int,
-               recompute: bool = False) -> LayerCost:
-    """Cost of one layer in a given state, given whether its input requires grad and whether it is
-    recomputed in backward. Cached."""
+               recompute: bool = False, compact: str | None = None) -> LayerCost:
+    """Cost of one layer in a given state, given whether its input requires grad, whether it is
+    recomputed in backward, and how a block holds its frozen linear weights (`costmodel.compact`). Cached."""
     tokens = spec.tokens_per_sample(seq)
     inputs, targets = batch_syms(spec, batch, tokens)
     hidden = Sym((batch, tokens, spec.d_model), spec.dtype_bytes, input_requires_grad)
     grad_enabled = input_requires_grad or _trains(state)
-    tape = Tape(name, spec.dtype_bytes, grad_enabled)
+    tape = Tape(name, spec.dtype_bytes, grad_enabled, compact if name.startswith("block.") else None)
     external = {inputs.storage, targets.storage}
     if name == "embed":
         layer_in, out = [inputs], Embedding.cost(spec, tape, inputs, bool(state))
@@ -156,7 +158,7 @@ def estimate(spec: ModelSpec, mode: TrainMode, batch: int = 16, seq: int | None 
     for name, ancestors in layer_ancestors(spec):
         input_grad = not trained.isdisjoint(ancestors)
         recompute = name in {f"block.{b}" for b in mode.recompute}
-        cost = layer_cost(spec, name, layer_state(mode, name), input_grad, batch, tokens, recompute)
+        cost = layer_cost(spec, name, layer_state(mode, name), input_grad, batch, tokens, recompute, mode.frozen)
         layers.append(with_optimizer(cost, optimizer))
     return _report(spec, mode, batch, tokens, optimizer, layers)
 

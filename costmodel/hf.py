@@ -2,8 +2,10 @@
 
 Supported families: BERT (and MiniLM, which is a BERT) as ``BertForSequenceClassification``,
 GPT-2 as ``GPT2LMHeadModel``, ViT as ``ViTForImageClassification``. Their ops are the
-ones our builder makes for the same spec (GPT-2: fused ``c_attn``, ``gelu_new``, tied LM head),
-so one estimate serves both. Dropout on attention probabilities is switched off: CPU SDPA
+ones our builder makes for the same spec (GPT-2: fused ``c_attn``, ``gelu_new``, tied LM head,
+positions looked up by id, labels shifted inside its loss, and with ``use_cache``, its default, a
+``DynamicCache`` even in training, whose ``torch.cat`` onto an empty cache copies every block's keys
+and values: ``kv_cache``), so one estimate serves both. Dropout on attention probabilities is switched off: CPU SDPA
 cannot apply it without falling back to the math kernel, and the estimate does not model it.
 """
 
@@ -58,7 +60,8 @@ def spec_from_hf_config(config: dict, name: str = "hf") -> ModelSpec:
                 vocab_size=config["vocab_size"], norm="pre",
                 activation=_activation(config.get("activation_function", "gelu_new")), attention="sdpa",
                 dropout=config.get("resid_pdrop", 0.1), tied_embeddings=config.get("tie_word_embeddings", True),
-                fused_qkv=True, layer_norm_eps=config.get("layer_norm_epsilon", 1e-5))
+                fused_qkv=True, layer_norm_eps=config.get("layer_norm_epsilon", 1e-5),
+                kv_cache=config.get("use_cache", True), position_lookup=True, shift_labels=True)
     except KeyError as missing:
         raise ValueError(f"config.json of a {family} model lacks {missing}") from None
     raise ValueError(f"unsupported model_type {family!r} (bert, gpt2, vit)")
@@ -77,12 +80,15 @@ def hf_config(spec: ModelSpec):
             num_labels=spec.n_classes, hidden_dropout_prob=spec.dropout, attention_probs_dropout_prob=0.0,
             layer_norm_eps=spec.layer_norm_eps, **common)
     if spec.kind == "gpt":
+        if not (spec.position_lookup and spec.shift_labels):
+            raise ValueError("transformers' GPT-2 looks its positions up by id and shifts its labels itself: "
+                             "its spec needs position_lookup and shift_labels")
         return transformers.GPT2Config(
             vocab_size=spec.vocab_size, n_positions=spec.max_seq_len, n_embd=spec.d_model, n_layer=spec.n_blocks,
             n_head=spec.n_heads, n_inner=spec.d_ff, activation_function=spec.activation,
             resid_pdrop=spec.dropout, embd_pdrop=spec.dropout, attn_pdrop=0.0,
             layer_norm_epsilon=spec.layer_norm_eps, tie_word_embeddings=spec.tied_embeddings,
-            bos_token_id=0, eos_token_id=0, **common)
+            bos_token_id=0, eos_token_id=0, use_cache=spec.kv_cache, **common)
     return transformers.ViTConfig(
         hidden_size=spec.d_model, num_hidden_layers=spec.n_blocks, num_attention_heads=spec.n_heads,
         intermediate_size=spec.d_ff, hidden_act=spec.activation, image_size=spec.image_size,
@@ -107,7 +113,7 @@ def hf_layers(model: nn.Module) -> dict[str, list[nn.Module]]:
         embed = [base.embeddings]
     elif hasattr(model, "transformer"):
         base = model.transformer
-        blocks, head, embed = base.h, [base.ln_f, model.lm_head], [base.wte, base.wpe]
+        blocks, head, embed = base.h, [base.ln_f, model.lm_head], [base.wte, base.wpe, base.drop]
     else:
         base = model.vit
         blocks, head, embed = base.layers, [base.layernorm, model.classifier], [base.embeddings]
@@ -129,8 +135,9 @@ _LORA_TARGETS = {
 
 def apply_mode_hf(model: nn.Module, spec: ModelSpec, mode: TrainMode) -> nn.Module:
     """Freeze what ``mode`` does not train and inject its LoRA adapters into a transformers model."""
-    if mode.recompute:
-        raise ValueError("recompute runs on caff's own models only; a transformers model cannot measure it")
+    if mode.recompute or mode.frozen:
+        raise ValueError("recompute and frozen:bf16|int8 run on caff's own models only; a transformers model "
+                         "cannot measure them")
     mode = normalize_mode(spec, mode)
     prefix = _block_prefix(model)
     inject_lora(model, {f"{prefix}.{b}.{t}": r for b, r in mode.lora.items() for t in _LORA_TARGETS[prefix]})
@@ -163,7 +170,7 @@ def load_hf_model(spec: ModelSpec, model_dir: str, weights: bool = True) -> nn.M
     family = {"encoder": transformers.BertForSequenceClassification, "gpt": transformers.GPT2LMHeadModel,
               "vit": transformers.ViTForImageClassification}[spec.kind]
     if spec.kind == "gpt":
-        extra = dict(resid_pdrop=spec.dropout, embd_pdrop=spec.dropout, attn_pdrop=0.0)
+        extra = dict(resid_pdrop=spec.dropout, embd_pdrop=spec.dropout, attn_pdrop=0.0, use_cache=spec.kv_cache)
     else:
         extra = dict(num_labels=spec.n_classes, hidden_dropout_prob=spec.dropout, attention_probs_dropout_prob=0.0)
     if not weights:

@@ -10,17 +10,25 @@ Text forms (parsed by `TrainMode.parse`, printed by `str`):
 - mixed, joined by ``+``: ``blocks:4,5+lora:0=8,1=8,2=4`` (full blocks 4 and 5, LoRA on 0-2), and
   ``emb`` to train the embeddings too;
 - ``recompute:i,j,...``: trained blocks (full or LoRA) that keep only their input in the forward pass
-  and re-run their forward during backward (activation checkpointing), e.g. ``blocks:2,3+recompute:2``.
+  and re-run their forward during backward (activation checkpointing), e.g. ``blocks:2,3+recompute:2``;
+- ``frozen:bf16`` or ``frozen:int8``: the linear weights no step trains (every linear of a frozen block,
+  and the frozen base weight under each LoRA adapter) are held compact, in bf16 or in int8 with one
+  scale (in the model's dtype) per output channel, and dequantized to the model's dtype inside each forward
+  (`costmodel.compact`); biases, norms, embeddings and the head keep the model's dtype.
+  E.g. ``blocks:3+frozen:int8``, ``lora:8+frozen:int8`` (QLoRA-like).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 
 class TrainMode(BaseModel):
     """Which blocks train fully, which carry LoRA (block -> rank), which of those recompute their
-    activations in backward, and whether embeddings train.
+    activations in backward, whether embeddings train, and how frozen linear weights are held
+    (None: in the model's dtype).
 
     The head (final norm, pooler, classifier or LM head) always trains.
     """
@@ -31,6 +39,7 @@ class TrainMode(BaseModel):
     lora: dict[int, int] = {}
     recompute: frozenset[int] = frozenset()
     embeddings: bool = False
+    frozen: Literal["bf16", "int8"] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> "TrainMode":
@@ -46,7 +55,7 @@ class TrainMode(BaseModel):
         return self
 
     def __hash__(self) -> int:
-        return hash((self.blocks, tuple(sorted(self.lora.items())), self.recompute, self.embeddings))
+        return hash((self.blocks, tuple(sorted(self.lora.items())), self.recompute, self.embeddings, self.frozen))
 
     @classmethod
     def parse(cls, text: str, n_blocks: int) -> "TrainMode":
@@ -55,6 +64,7 @@ class TrainMode(BaseModel):
         lora: dict[int, int] = {}
         recompute: set[int] = set()
         embeddings = False
+        frozen = None
         for part in text.strip().split("+"):
             kind, _, arg = part.strip().partition(":")
             try:
@@ -74,6 +84,10 @@ class TrainMode(BaseModel):
                     blocks |= {int(b) for b in arg.split(",") if b.strip()}
                 elif kind == "recompute":
                     recompute |= {int(b) for b in arg.split(",") if b.strip()}
+                elif kind == "frozen" and arg in ("bf16", "int8"):
+                    frozen = arg
+                elif kind == "frozen":
+                    raise ValueError(f"frozen weights are held as bf16 or int8, not {arg!r}")
                 elif kind == "lora" and "=" not in arg:
                     lora.update({b: int(arg) for b in range(n_blocks)})
                 elif kind == "lora":
@@ -81,7 +95,7 @@ class TrainMode(BaseModel):
                         block, _, rank = item.partition("=")
                         lora[int(block)] = int(rank)
                 else:
-                    raise ValueError(f"unknown training mode {part!r} (all, head, last:K, blocks:i,j, lora:R, emb, recompute:i,j)")
+                    raise ValueError(f"unknown training mode {part!r} (all, head, last:K, blocks:i,j, lora:R, emb, recompute:i,j, frozen:bf16|int8)")
             except ValueError as exc:
                 if "invalid literal" in str(exc):
                     raise ValueError(f"bad number in training mode {part!r}") from None
@@ -91,7 +105,8 @@ class TrainMode(BaseModel):
         for b in blocks:
             lora.pop(b, None)
         try:
-            return cls(blocks=frozenset(blocks), lora=lora, recompute=frozenset(recompute), embeddings=embeddings)
+            return cls(blocks=frozenset(blocks), lora=lora, recompute=frozenset(recompute), embeddings=embeddings,
+                       frozen=frozen)
         except ValidationError as exc:  # one line: the validator's own reason
             raise ValueError(exc.errors()[0]["msg"].removeprefix("Value error, ")) from None
 
@@ -105,7 +120,8 @@ class TrainMode(BaseModel):
             parts.append("lora:" + ",".join(f"{b}={r}" for b, r in sorted(self.lora.items())))
         if self.recompute:
             parts.append("recompute:" + ",".join(map(str, sorted(self.recompute))))
-        return "+".join(parts) or "head"
+        text = "+".join(parts) or "head"
+        return f"{text}+frozen:{self.frozen}" if self.frozen else text
 
     def block_state(self, block: int) -> str | int:
         """'full', 'frozen', or the LoRA rank of a block."""

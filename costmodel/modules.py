@@ -9,6 +9,7 @@ Every module has a ``forward`` and a static ``cost`` that replays the same ops o
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 from costmodel.spec import ModelSpec
 from costmodel.tape import Sym, Tape
 
+IGNORED = -100  # the target id cross-entropy skips (torch's and transformers' default)
 
 
 def lora_targets(spec: ModelSpec) -> tuple[str, ...]:
@@ -46,7 +48,7 @@ class Attention(nn.Module):
         else:
             self.q, self.k, self.v = (nn.Linear(d, d) for _ in range(3))
         self.o = nn.Linear(d, d)
-        self.n_heads, self.causal, self.kernel = spec.n_heads, causal, spec.attention
+        self.n_heads, self.causal, self.kernel, self.kv_cache = spec.n_heads, causal, spec.attention, spec.kv_cache
         self.dropout, self.pad_token_id = spec.dropout, spec.pad_token_id
         if causal and spec.attention == "matmul":
             # on the CPU even when the model is built on the meta device (it is not in a state dict)
@@ -58,9 +60,12 @@ class Attention(nn.Module):
         batch, seq, width = x.shape
         heads = lambda t: t.view(batch, seq, self.n_heads, width // self.n_heads).transpose(1, 2)  # noqa: E731
         if hasattr(self, "qkv"):
-            y = self.attend(*map(heads, self.qkv(x).split(width, dim=2)), ids)
+            q, k, v = map(heads, self.qkv(x).split(width, dim=2))
         else:
-            y = self.attend(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), ids)
+            q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        if self.kv_cache:  # as transformers' DynamicCache.update: torch.cat onto an empty cache copies
+            k, v = (t.clone(memory_format=torch.contiguous_format) for t in (k, v))
+        y = self.attend(q, k, v, ids)
         return self.o(y.transpose(1, 2).reshape(batch, seq, width))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
@@ -93,10 +98,13 @@ class Attention(nn.Module):
         if spec.kind == "gpt" and spec.attention == "matmul":
             tape.buffers(spec.max_seq_len ** 2)  # the causal mask, one bool per position pair
         if spec.fused_qkv:
-            q, k, v = (t.view(batch, heads, seq, head_dim)
-                       for t in tape.split(_linear_cost(tape, x, 3 * width, state), 3))
+            qkv = _linear_cost(tape, x, 3 * width, state)
+            q, k, v = (t.view(batch, heads, seq, head_dim) for t in tape.split(qkv, 3))
         else:
             q, k, v = (_linear_cost(tape, x, width, state).view(batch, heads, seq, head_dim) for _ in range(3))
+        if spec.kv_cache:  # copies of k and v; q stays a view: what saves q keeps the fused projection whole
+            k, v = (tape.copy(t, *t.shape) for t in (k, v))
+            q = replace(q, base=qkv) if spec.fused_qkv else q
         masked = spec.pad_token_id is not None
         if spec.attention == "sdpa":
             y = tape.sdpa(q, k, v, tape.padding_bias(batch, seq) if masked else None)
@@ -199,7 +207,7 @@ class Embedding(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         d = spec.d_model
-        self.kind, self.dropout = spec.kind, spec.dropout
+        self.kind, self.dropout, self.position_lookup = spec.kind, spec.dropout, spec.position_lookup
         if spec.kind == "vit":
             self.patch = nn.Conv2d(spec.channels, d, spec.patch_size, stride=spec.patch_size)
             self.cls = nn.Parameter(torch.zeros(1, 1, d))
@@ -216,10 +224,16 @@ class Embedding(nn.Module):
             patches = self.patch(inputs).flatten(2).transpose(1, 2)
             x = torch.cat([self.cls.expand(len(inputs), -1, -1), patches], dim=1) + self.pos
         else:
-            x = self.tok(inputs) + self.pos[: inputs.shape[1]]
+            x = self.tok(inputs) + self._positions(inputs.shape[1])
         if self.kind == "encoder":
             x = self.norm(x + self.token_type[0])
         return F.dropout(x, self.dropout, self.training)
+
+    def _positions(self, seq: int) -> torch.Tensor:
+        """Position embeddings of the first ``seq`` positions: a slice, or a lookup of (1, seq) int64 ids."""
+        if self.position_lookup:
+            return F.embedding(torch.arange(seq, device=self.pos.device).unsqueeze(0), self.pos)
+        return self.pos[:seq]
 
     @staticmethod
     def cost(spec: ModelSpec, tape: Tape, inputs: Sym, trained: bool) -> Sym:
@@ -230,7 +244,11 @@ class Embedding(nn.Module):
             x = tape.add_param(joined, (spec.n_patches + 1) * d, trained)
         else:
             tokens = tape.embedding(inputs, spec.vocab_size, d, trained, grad_exists=spec.tied_embeddings)
-            x = tape.add_param(tokens, spec.max_seq_len * d, trained)
+            if spec.position_lookup:
+                positions = tape.embedding(tape.tensor(1, inputs.shape[1], itemsize=8), spec.max_seq_len, d, trained)
+                x = tape.add(tokens, positions)
+            else:
+                x = tape.add_param(tokens, spec.max_seq_len * d, trained)
         if spec.kind == "encoder":
             x = tape.layer_norm(tape.add_param(x, spec.type_vocab_size * d, trained), trained)
         return tape.dropout(x, spec.dropout)
@@ -275,14 +293,26 @@ class Head(nn.Module):
 
 
 class Loss(nn.Module):
-    """Mean cross-entropy over every position (gpt) or over samples (classifiers)."""
+    """Mean cross-entropy over every position (gpt) or over samples (classifiers). With ``shift_labels``
+    the targets are shifted left by one first, the last position ignored (transformers' causal-LM loss,
+    given the inputs as labels)."""
+
+    def __init__(self, shift_labels: bool = False):
+        super().__init__()
+        self.shift_labels = shift_labels
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        if self.shift_labels:
+            targets = F.pad(targets, (0, 1), value=IGNORED)[..., 1:].contiguous()
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORED)
 
     @staticmethod
     def cost(spec: ModelSpec, tape: Tape, logits: Sym, targets: Sym) -> Sym:
         flat = logits.view(logits.numel // logits.shape[-1], logits.shape[-1])
+        if spec.shift_labels:  # the padded copy; dropping its first column copies again unless batch is 1
+            batch, seq = targets.shape
+            padded = tape.copy(targets, batch, seq + 1, itemsize=8)
+            targets = padded.view(batch, seq) if batch == 1 else tape.copy(padded, batch, seq, itemsize=8)
         loss = tape.cross_entropy(flat, targets)
         tape.hold(logits)
         return loss
@@ -297,7 +327,7 @@ class TinyTransformer(nn.Module):
         self.embed = Embedding(spec)
         self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.n_blocks))
         self.head = Head(spec)
-        self.loss = Loss()
+        self.loss = Loss(spec.shift_labels)
         if spec.tied_embeddings:
             self.head.out.weight = self.embed.tok.weight
         self.grad_from = 0  # index of the first block that needs autograd; set by costmodel.apply_mode

@@ -9,12 +9,13 @@ from costmodel.spec import ModelSpec
 ELEMENT_BUDGET = 1_500_000
 
 
-def random_config(rng: random.Random, recompute: bool = False):
+def random_config(rng: random.Random, recompute: bool = False, frozen: bool = False):
     """A random model, training mode, batch, sequence length and optimizer over the issue's ranges:
     1-12 blocks, width 32-512 with any head count dividing it, sequence 1-256, batch 1-64, every
     training mode, LoRA ranks 1-64, encoders with and without a padding mask; sizes are redrawn
     until one step fits ELEMENT_BUDGET. ``recompute``: a random non-empty subset of the trained
-    blocks, if any, is recomputed (drawn after everything else, so the rest is as without)."""
+    blocks, if any, is recomputed; ``frozen``: frozen linear weights are held compact, in int8 or
+    (fp32 models) bf16 (each drawn after everything else, so the rest is as without)."""
     while True:
         kind = rng.choice(["gpt", "encoder", "vit"])
         width = rng.choice([32, 48, 64, 96, 128, 192, 256, 384, 512])
@@ -49,4 +50,6 @@ def random_config(rng: random.Random, recompute: bool = False):
     trained = sorted(mode.blocks | set(mode.lora))
     if recompute and trained:
         mode = mode.model_copy(update={"recompute": frozenset(rng.sample(trained, rng.randint(1, len(trained))))})
+    if frozen:
+        mode = mode.model_copy(update={"frozen": rng.choice(["int8", "bf16"] if spec.dtype == "fp32" else ["int8"])})
     return spec, mode, batch, seq, optimizer

@@ -49,6 +49,12 @@ class ModelSpec(BaseModel):
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     tied_embeddings: bool = False
     fused_qkv: bool = Field(default=False, description="one query-key-value projection (GPT-2's c_attn)")
+    kv_cache: bool = Field(default=False, description="keys and values pass through a key-value cache in training "
+                           "too, as in transformers' GPT-2 with use_cache (its default): contiguous copies (gpt)")
+    position_lookup: bool = Field(default=False, description="positions by an embedding lookup of int64 position "
+                                  "ids, which it saves when trained, as in transformers' GPT-2 (gpt)")
+    shift_labels: bool = Field(default=False, description="the loss shifts its targets left by one itself, "
+                               "given the inputs, as transformers' causal-LM loss (gpt)")
     layer_norm_eps: float = Field(default=1e-5, gt=0)
     pad_token_id: int | None = Field(default=None, ge=0,
                                      description="token id whose positions attention ignores as keys (encoder)")
@@ -61,6 +67,9 @@ class ModelSpec(BaseModel):
             raise ValueError(f"patch_size={self.patch_size} does not divide image_size={self.image_size}")
         if self.tied_embeddings and self.kind != "gpt":
             raise ValueError("tied_embeddings applies to kind 'gpt' only")
+        for flag in ("kv_cache", "position_lookup", "shift_labels"):
+            if getattr(self, flag) and self.kind != "gpt":
+                raise ValueError(f"{flag} applies to kind 'gpt' only")
         if self.pad_token_id is not None and self.kind != "encoder":
             raise ValueError("pad_token_id applies to kind 'encoder' only")
         if self.pad_token_id is not None and self.pad_token_id >= self.vocab_size:

@@ -41,13 +41,16 @@ _storage_ids = itertools.count()
 
 @dataclass(frozen=True)
 class Sym:
-    """A symbolic tensor: shape, bytes per element, whether it requires grad, its storage."""
+    """A symbolic tensor: shape, bytes per element, whether it requires grad, its storage. A slice
+    modelled as a tensor of its own (its gradient is its own) names in ``base`` the tensor it is a view
+    of: saving it keeps all of ``base``."""
 
     shape: tuple[int, ...]
     itemsize: int
     requires_grad: bool
     storage: int = field(default_factory=lambda: next(_storage_ids))
     storage_bytes: int = -1
+    base: "Sym | None" = None
 
     def __post_init__(self):
         if self.storage_bytes < 0:
@@ -63,7 +66,7 @@ class Sym:
 
     def view(self, *shape: int) -> "Sym":
         """A view: same storage, new shape."""
-        return Sym(tuple(shape), self.itemsize, self.requires_grad, self.storage, self.storage_bytes)
+        return Sym(tuple(shape), self.itemsize, self.requires_grad, self.storage, self.storage_bytes, self.base)
 
 
 @dataclass
@@ -77,6 +80,7 @@ class _Op:
     flops: int = 0  # forward matmul FLOPs of this op
     elementwise_flops: int = 0
     saves_weight: bool = False  # saves a parameter (not an activation), which checkpoint counts too
+    bwd_temp_bytes: int = 0  # a transient its backward makes besides the gradients (a dequantized weight)
 
     @property
     def packs(self) -> bool:
@@ -85,7 +89,7 @@ class _Op:
     @property
     def packs_results(self) -> bool:
         """Whether it saves a tensor it made (after computing it), not only its inputs."""
-        return not {t.storage for t in self.saved} <= {t.storage for t in self.inputs}
+        return not {t.storage for t in self.saved} <= {(t.base or t).storage for t in self.inputs}
 
 
 @dataclass
@@ -123,10 +127,12 @@ class LayerCost:
 class Tape:
     """Records the ops of one layer and turns them into a `LayerCost`."""
 
-    def __init__(self, name: str, itemsize: int, grad_enabled: bool):
+    def __init__(self, name: str, itemsize: int, grad_enabled: bool, compact: str | None = None):
+        """``compact``: 'bf16' or 'int8' holds this layer's frozen linear weights so (`costmodel.compact`)."""
         self.cost = LayerCost(name)
         self.itemsize = itemsize
         self.grad_enabled = grad_enabled
+        self.compact = compact
         self.ops: list[_Op] = []
         self._counted = (0, 0)  # fwd and elementwise FLOPs already attributed to recorded ops
 
@@ -134,15 +140,18 @@ class Tape:
     def tensor(self, *shape: int, requires_grad: bool = False, itemsize: int | None = None) -> Sym:
         return Sym(tuple(shape), itemsize or self.itemsize, requires_grad and self.grad_enabled)
 
-    def _record(self, inputs, outputs, saved=(), param_grad_bytes=0, passes_grad=False, saves_weight=False):
+    def _record(self, inputs, outputs, saved=(), param_grad_bytes=0, passes_grad=False, saves_weight=False,
+                bwd_temp_bytes=0):
         """Append an op; the FLOPs counted since the previous op are its own."""
         grad = any(o.requires_grad for o in outputs)  # false for a hold: no outputs
         counted = (self.cost.fwd_flops, self.cost.elementwise_flops)
         flops, elementwise = (now - before for now, before in zip(counted, self._counted))
         self._counted = counted
-        self.ops.append(_Op(list(inputs), list(outputs), list(saved) if grad else [],
+        saved = [t.base or t for t in saved] if grad else []  # a saved view keeps its whole base
+        self.ops.append(_Op(list(inputs), list(outputs), saved,
                             [i for i in inputs if i.requires_grad] if grad else [],
-                            param_grad_bytes if grad else 0, passes_grad, flops, elementwise, saves_weight and grad))
+                            param_grad_bytes if grad else 0, passes_grad, flops, elementwise, saves_weight and grad,
+                            bwd_temp_bytes if grad else 0))
 
     def _matmul_flops(self, flops: int, a_grad: bool, b_grad: bool, out_grad: bool, b_is_weight: bool) -> None:
         """A matmul of a (an activation) and b: forward FLOPs, and backward FLOPs per operand needing grad."""
@@ -177,7 +186,10 @@ class Tape:
 
     # -- ops ---------------------------------------------------------------------
     def linear(self, x: Sym, d_out: int, trained: bool, bias: bool = True, owns_weight: bool = True) -> Sym:
-        """``F.linear`` (or ``addmm``); the weight is (d_out, d_in); a tied weight is counted by its owner."""
+        """``F.linear`` (or ``addmm``); the weight is (d_out, d_in); a tied weight is counted by its owner.
+        A frozen weight of a compact layer is a `compact_linear`."""
+        if self.compact and not trained and owns_weight:
+            return self.compact_linear(x, d_out, bias)
         d_in = x.shape[-1]
         sizes = (d_in * d_out, d_out) if bias else (d_in * d_out,)
         if owns_weight:
@@ -189,6 +201,24 @@ class Tape:
         self._matmul_flops(2 * rows * d_in * d_out, x.requires_grad, trained, out.requires_grad, True)
         self._record([x], [out], [x] if trained else [], sum(sizes) * self.itemsize if trained else 0,
                      saves_weight=x.requires_grad)
+        return out
+
+    def compact_linear(self, x: Sym, d_out: int, bias: bool) -> Sym:
+        """`costmodel.compact.CompactLinear`: the weight held as bf16, or int8 with a scale per output
+        channel; dequantizing makes a transient weight in the model's dtype (an elementwise op: a cast,
+        or one multiply per weight, counted forward only like every elementwise op), live while the matmul
+        runs, and again in backward when the input needs a gradient; it saves only the compact weight and
+        scales (buffers, not activations)."""
+        d_in = x.shape[-1]
+        weight_bytes = d_in * d_out * (2 if self.compact == "bf16" else 1)
+        scales = d_out if self.compact == "int8" else 0
+        self.cost.param_bytes += weight_bytes + (scales + (d_out if bias else 0)) * self.itemsize
+        weight = self.tensor(d_out, d_in)
+        self.cost.elementwise_flops += d_in * d_out if scales else 0
+        self._record([], [weight])
+        out = self.tensor(*x.shape[:-1], d_out, requires_grad=x.requires_grad)
+        self._matmul_flops(2 * (x.numel // d_in) * d_in * d_out, x.requires_grad, False, out.requires_grad, True)
+        self._record([x, weight], [out], saves_weight=x.requires_grad, bwd_temp_bytes=weight.nbytes)
         return out
 
     def lora_linear(self, x: Sym, d_out: int, rank: int) -> Sym:
@@ -301,9 +331,9 @@ class Tape:
         self._record([x], slices)
         return slices
 
-    def copy(self, x: Sym, *shape: int) -> Sym:
+    def copy(self, x: Sym, *shape: int, itemsize: int | None = None) -> Sym:
         """A reshape that must copy (e.g. heads back to width); no FLOPs, saves nothing."""
-        out = self.tensor(*shape, requires_grad=x.requires_grad)
+        out = self.tensor(*shape, requires_grad=x.requires_grad, itemsize=itemsize)
         self._record([x], [out])
         return out
 
@@ -421,15 +451,17 @@ class Tape:
             # arriving at a tensor that already has one is summed out of place (old, new, sum)
             passed = op.passes_grad and any(t.storage in grads for t in op.outputs)
             extra = op.param_grad_bytes  # bytes live at this op beyond ``held`` and ``grads``
+            sums = 0  # gradients summed onto existing ones, after the op's own transient is freed
             for position, t in enumerate(op.grad_inputs):
                 new_bytes = 0 if passed and position == 0 else t.storage_bytes
                 if t.storage in grads:
-                    extra += new_bytes + t.storage_bytes  # the new gradient and the sum
+                    extra += new_bytes
+                    sums += t.storage_bytes
                 else:
                     grads[t.storage] = t.storage_bytes
                     grad_total += t.storage_bytes
                     extra += new_bytes - t.storage_bytes  # a passed gradient is not new memory
-            peak = max(peak, held + grad_total + extra)
+            peak = max(peak, held + grad_total + extra + max(op.bwd_temp_bytes, sums))
             held += op.param_grad_bytes  # parameter gradients stay for the optimizer
             for t in op.outputs:
                 grad_total -= grads.pop(t.storage, 0)

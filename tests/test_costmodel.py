@@ -47,6 +47,19 @@ def test_estimate_matches_counters_on_an_encoder_that_masks_padding(text, attent
     assert abs(peak_error) <= 0.10
 
 
+@pytest.mark.parametrize("attention", ["matmul", "sdpa"])
+@pytest.mark.parametrize("text, batch", [("all", 3), ("last:1", 1), ("lora:4", 2), ("blocks:0+recompute:0", 2),
+                                         ("all+recompute:1,2", 1)])
+def test_estimate_matches_counters_on_our_gpt_with_transformers_layout(text, batch, attention):
+    """transformers' GPT-2 layout built by our builder: keys and values copied (kv_cache), positions looked
+    up by id, labels shifted in the loss; FLOPs and saved bytes exact, recomputed blocks too."""
+    spec = ModelSpec(kind="gpt", n_blocks=3, d_model=64, n_heads=4, d_ff=256, max_seq_len=32, vocab_size=30,
+                     activation="gelu_new", attention=attention, dropout=0.1, tied_embeddings=True, fused_qkv=True,
+                     kv_cache=True, position_lookup=True, shift_labels=True)
+    peak_error = _compare(spec, TrainMode.parse(text, spec.n_blocks), batch=batch, seq=12, optimizer="adam")
+    assert abs(peak_error) <= 0.10
+
+
 def test_frozen_prefix_is_neither_kept_nor_back_propagated():
     spec = ZOO["char-gpt-xs"]
     measured = measure(spec, TrainMode.parse("last:1", spec.n_blocks), batch=4, seq=32)
@@ -105,6 +118,9 @@ def test_spec_rejects_a_pad_token_outside_encoders_or_the_vocabulary():
         ModelSpec(kind="gpt", n_blocks=2, d_model=32, n_heads=4, d_ff=64, pad_token_id=0)
     with pytest.raises(ValueError, match="vocab_size"):
         ModelSpec(kind="encoder", n_blocks=2, d_model=32, n_heads=4, d_ff=64, vocab_size=10, pad_token_id=10)
+    for flag in ("kv_cache", "position_lookup", "shift_labels"):
+        with pytest.raises(ValueError, match=f"{flag} applies to kind 'gpt' only"):
+            ModelSpec(kind="encoder", n_blocks=2, d_model=32, n_heads=4, d_ff=64, **{flag: True})
 
 
 @pytest.mark.parametrize("text, optimizer", [("all", "adam"), ("lora:4", "sgd"), ("blocks:1", "momentum")])

@@ -17,8 +17,9 @@ def _random_hf_spec(rng: random.Random, kind: str) -> ModelSpec:
                   n_heads=rng.choice([h for h in (1, 2, 4, 8) if width % h == 0]), d_ff=rng.choice([width, 4 * width]),
                   max_seq_len=64, vocab_size=rng.choice([50, 100]), n_classes=rng.choice([2, 5]), dropout=0.0,
                   attention=rng.choice(["sdpa", "matmul"]), activation=rng.choice(["gelu", "relu"]))
-    if kind == "gpt":
-        fields.update(norm="pre", activation="gelu_new", tied_embeddings=True, fused_qkv=True)
+    if kind == "gpt":  # transformers' GPT-2, with or without its default use_cache
+        fields.update(norm="pre", activation="gelu_new", tied_embeddings=True, fused_qkv=True, position_lookup=True,
+                      shift_labels=True, kv_cache=rng.random() < 0.5)
     elif kind == "encoder":
         fields.update(norm="post", layer_norm_eps=1e-12)
     else:
@@ -39,15 +40,54 @@ def test_flops_equal_the_counter_on_transformers_models(kind, seed):
     for layer in predicted.layers[:-1]:  # the loss runs inside the model's root module
         seen = measured.layers[layer.name]
         assert (layer.fwd_flops, layer.bwd_flops) == (seen["fwd_flops"], seen["bwd_flops"]), layer.name
-    for layer in predicted.layers[1:-1]:
-        if kind != "gpt":  # transformers' GPT-2 keeps q, k, v in another layout
-            assert layer.activation_bytes == measured.layers[layer.name]["activation_bytes"], layer.name
-    ratio = predicted.totals["activation_bytes"] / measured.activation_bytes
+    for layer in predicted.layers[int(kind != "gpt"):-1]:
+        assert layer.activation_bytes == measured.layers[layer.name]["activation_bytes"], layer.name
     if kind == "gpt":
-        assert 0.85 <= ratio <= 1.0
+        assert predicted.totals["activation_bytes"] == measured.activation_bytes
     else:  # a trained BERT embedding also keeps its int64 position ids (batch x seq x 8 bytes)
         assert 0 <= measured.activation_bytes - predicted.totals["activation_bytes"] <= 8 * batch * seq
     assert abs(predicted.peak_bytes / measured.peak_bytes - 1) <= 0.10
+
+
+GPT2_CASES = [  # (n_layer, n_embd, n_head, train, batch, seq, attention, use_cache, dropout)
+    (1, 64, 4, "all", 3, 20, "sdpa", True, 0.0),
+    (5, 64, 4, "all", 3, 20, "sdpa", True, 0.1),
+    (2, 32, 2, "head", 1, 9, "sdpa", True, 0.0),
+    (3, 48, 3, "last:2", 2, 1, "sdpa", True, 0.1),
+    (4, 32, 1, "blocks:0,2", 4, 7, "sdpa", True, 0.0),
+    (3, 64, 8, "lora:4", 2, 16, "sdpa", True, 0.0),
+    (2, 64, 4, "blocks:1+lora:0=2", 1, 12, "sdpa", True, 0.0),
+    (2, 64, 4, "all", 3, 20, "sdpa", False, 0.0),
+    (2, 64, 4, "all", 3, 20, "matmul", True, 0.0),
+    (2, 32, 4, "lora:2", 1, 20, "matmul", True, 0.0),
+]
+
+
+@pytest.mark.parametrize("case", GPT2_CASES, ids=lambda case: "-".join(map(str, case)))
+def test_gpt2_from_a_config_costs_what_transformers_saves_and_counts(case):
+    """transformers' GPT-2 as its config.json describes it (use_cache: a key-value cache even in training,
+    whose torch.cat copies each block's keys and values): saved bytes equal the hooks' per layer and in
+    total, FLOPs equal the counter's, the peak is within 10% of the live bytes."""
+    n_layer, width, heads, train, batch, seq, attention, use_cache, dropout = case
+    config = dict(model_type="gpt2", n_layer=n_layer, n_embd=width, n_head=heads, n_positions=32, vocab_size=50,
+                  resid_pdrop=dropout, use_cache=use_cache)
+    spec = spec_from_hf_config(config).model_copy(update={"attention": attention})
+    assert (spec.kv_cache, spec.position_lookup, spec.shift_labels) == (use_cache, True, True)
+    mode = TrainMode.parse(train, n_layer)
+    predicted, measured = estimate(spec, mode, batch, seq), measure_hf(spec, mode, batch, seq)
+    assert (predicted.totals["fwd_flops"], predicted.totals["bwd_flops"]) == (measured.fwd_flops, measured.bwd_flops)
+    assert predicted.totals["activation_bytes"] == measured.activation_bytes
+    for layer in predicted.layers[:-1]:
+        assert layer.activation_bytes == measured.layers[layer.name]["activation_bytes"], layer.name
+    assert abs(predicted.peak_bytes / measured.peak_bytes - 1) <= 0.10
+
+
+def test_gpt2_spec_without_its_layout_is_refused():
+    from costmodel.hf import hf_config
+
+    spec = spec_from_hf_config(dict(model_type="gpt2", n_layer=1, n_embd=8, n_head=2, n_positions=8, vocab_size=10))
+    with pytest.raises(ValueError, match="position_lookup and shift_labels"):
+        hf_config(spec.model_copy(update={"shift_labels": False}))
 
 
 def _minilm_dir() -> Path:

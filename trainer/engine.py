@@ -111,7 +111,7 @@ class Server:
         if config.method not in METHODS:
             raise ValueError(f"method: unknown {config.method!r} ({', '.join(METHODS)})")
         self.plan_sha256 = plan_digest(plan)
-        plan = _planned_for(config, plan)
+        plan = planned_for(config, plan)
         self.config, self.plan, self.out = config, plan, Path(out)
         self.spec = _architecture(config, plan)
         self.test = evaluation_set(get_task(config.task), config.eval_split)
@@ -279,7 +279,7 @@ def _architecture(config: TrainConfig, plan: PlanFile) -> ModelSpec:
     return spec
 
 
-def _planned_for(config: TrainConfig, plan: PlanFile) -> PlanFile:
+def planned_for(config: TrainConfig, plan: PlanFile) -> PlanFile:
     """``plan`` if it was made for this run's settings; with ``--local-steps``, the plan re-checked
     at those steps (every device's budgets say them, so each method's choice re-checks compute; a
     caff device whose planned mode would exceed its compute budget refuses the run)."""

@@ -1,0 +1,204 @@
+"""Compact frozen weights (``+frozen:bf16``, ``+frozen:int8``): the grammar, the estimate against torch's
+counters and the model's own tensors, and training that executes them."""
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from costmodel import ZOO, TrainMode, apply_mode, build_model, estimate, measure
+from costmodel.compact import CompactLinear
+from costmodel.sampling import random_config
+from test_costmodel import _compare
+from trainer.local import local_train
+
+
+@pytest.mark.parametrize("text, frozen, shown", [
+    ("blocks:3+frozen:int8", "int8", "blocks:3+frozen:int8"),
+    ("frozen:bf16+lora:4", "bf16", "lora:0=4,1=4,2=4,3=4+frozen:bf16"),
+    ("head+frozen:int8", "int8", "head+frozen:int8"),
+    ("last:2", None, "blocks:2,3"),
+])
+def test_frozen_parses_prints_and_round_trips(text, frozen, shown):
+    mode = TrainMode.parse(text, 4)
+    assert mode.frozen == frozen and str(mode) == shown
+    assert TrainMode.parse(str(mode), 4) == mode
+    assert hash(mode) != hash(mode.model_copy(update={"frozen": "bf16" if frozen == "int8" else "int8"}))
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("blocks:1+frozen:int4", "frozen weights are held as bf16 or int8, not 'int4'"),
+    ("blocks:1+frozen:", "frozen weights are held as bf16 or int8, not ''"),
+])
+def test_an_unknown_frozen_format_is_refused_in_one_line(text, reason):
+    with pytest.raises(ValueError, match=reason) as refused:
+        TrainMode.parse(text, 4)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("args, reason", [
+    (("char-gpt-xs", "--train", "blocks:1+frozen:int4"), "frozen weights are held as bf16 or int8, not 'int4'"),
+    (("char-gpt-xs", "--dtype", "bf16", "--train", "head+frozen:bf16"), "frozen:bf16 changes nothing"),
+])
+def test_cli_refuses_a_bad_frozen_format_in_one_line(caff, args, reason):
+    result = caff("cost", *args, "--json")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().count("\n") == 0 and reason in result.stderr
+
+
+def test_cli_shows_what_int8_frozen_weights_save(caff):
+    import json
+
+    result = caff("cost", "char-gpt-xs", "--batch", "8", "--seq", "80", "--train", "blocks:3+frozen:int8", "--json")
+    out = json.loads(result.stdout)
+    plain = estimate(ZOO["char-gpt-xs"], TrainMode.parse("blocks:3", 4), 8, 80)
+    assert out["full_precision_frozen"] == {"param_bytes": plain.totals["param_bytes"], "peak_bytes": plain.peak_bytes}
+    assert out["total"]["peak_bytes"] < plain.peak_bytes
+
+
+def test_transformers_models_refuse_compact_weights():
+    from costmodel.hf import apply_mode_hf
+
+    spec = ZOO["char-gpt-xs"]
+    with pytest.raises(ValueError, match="caff's own models only"):  # before it touches the model
+        apply_mode_hf(torch.nn.Module(), spec, TrainMode.parse("head+frozen:int8", spec.n_blocks))
+
+
+def test_bf16_frozen_weights_on_a_bf16_model_are_refused():
+    spec = ZOO["char-gpt-xs"].model_copy(update={"dtype": "bf16"})
+    with pytest.raises(ValueError, match="frozen:bf16 changes nothing"):
+        estimate(spec, TrainMode.parse("head+frozen:bf16", spec.n_blocks), 2, 16)
+
+
+@pytest.mark.parametrize("name, text", [
+    ("char-gpt-xs", "head+frozen:int8"),
+    ("char-gpt-xs", "blocks:1+frozen:int8"),  # frozen blocks 2, 3 above a trained one: weights under grad
+    ("char-gpt-xs", "lora:4+frozen:bf16"),
+    ("char-gpt-xs", "blocks:1+lora:3=4+recompute:1,3+frozen:int8"),
+    ("minilm-l6", "blocks:2+frozen:int8"),
+    ("vit-tiny", "blocks:2+lora:3=4+frozen:bf16"),
+])
+def test_compact_weights_match_counters_on_zoo_models(name, text):
+    """FLOPs equal FlopCounterMode's and saved bytes saved_tensors_hooks', per layer (the dequantized
+    weight is not saved: only the int8/bf16 weight and its scales, which are buffers); the peak within
+    10% of the measured live bytes; the same FLOPs and saved bytes as fp32 frozen weights, a lower peak."""
+    spec = ZOO[name]
+    mode = TrainMode.parse(text, spec.n_blocks)
+    assert abs(_compare(spec, mode, 4, 32, "adam")) <= 0.10
+    compact, plain = estimate(spec, mode, 4, 32, "adam"), estimate(spec, mode.model_copy(update={"frozen": None}),
+                                                                   4, 32, "adam")
+    for key in ("fwd_flops", "bwd_flops", "activation_bytes"):
+        assert compact.totals[key] == plain.totals[key], key
+    assert compact.totals["param_bytes"] < plain.totals["param_bytes"] and compact.peak_bytes < plain.peak_bytes
+
+
+def test_int8_weights_of_a_bf16_model_match_counters():
+    """On a bf16 model the scales are bf16 and the weight dequantizes to bf16."""
+    spec = ZOO["char-gpt-xs"].model_copy(update={"dtype": "bf16"})
+    assert abs(_compare(spec, TrainMode.parse("blocks:1+lora:2=4+frozen:int8", spec.n_blocks), 4, 32, "adam")) <= 0.10
+
+
+def test_compact_weights_match_counters_on_random_configurations():
+    """Random models and modes (costmodel.sampling) with int8 or bf16 frozen weights: FLOPs and saved
+    bytes exact, per layer; the peak within 10%."""
+    rng = random.Random(7)
+    small = lambda spec, batch, seq: batch * spec.tokens_per_sample(seq) * spec.d_model * spec.n_blocks <= 200_000  # noqa: E731
+    configs = [c for c in (random_config(rng, frozen=True) for _ in range(16))
+               if str(c[1]) != "all" and small(c[0], c[2], c[3])][:5]
+    assert len(configs) == 5 and {c[1].frozen for c in configs} == {"int8", "bf16"}
+    errors = [abs(_compare(*config)) for config in configs]
+    assert max(errors) <= 0.10, errors
+
+
+@pytest.mark.parametrize("text", ["head+frozen:int8", "lora:4+frozen:bf16", "blocks:2+frozen:int8"])
+def test_weight_bytes_equal_the_model_tensors(text):
+    """The estimate's weights and buffers are the bytes of the built model's parameters and buffers."""
+    spec = ZOO["char-gpt-xs"]
+    mode = TrainMode.parse(text, spec.n_blocks)
+    model = apply_mode(build_model(spec), mode)
+    held = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
+    report = estimate(spec, mode, 2, 16)
+    assert report.totals["param_bytes"] + report.buffer_bytes == held
+    compact = [m for m in model.modules() if isinstance(m, CompactLinear)]
+    assert len(compact) == 6 * (spec.n_blocks - len(mode.blocks))
+
+
+def test_int8_linear_is_within_half_a_step_and_its_input_gradient_is_the_dequantized_weights():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    compact = CompactLinear(linear, "int8")
+    scale = linear.weight.abs().amax(dim=1) / 127
+    dequantized = compact.weight.float() * compact.scale[:, None]
+    assert ((dequantized - linear.weight).abs() <= scale[:, None] / 2 + 1e-7).all()
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    reference = x.detach().clone().requires_grad_(True)
+    out = compact(x)
+    torch.testing.assert_close(out, F.linear(reference, dequantized, linear.bias))
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    F.linear(reference, dequantized, linear.bias).backward(grad)
+    torch.testing.assert_close(x.grad, reference.grad)
+
+
+@pytest.mark.parametrize("name, texts", [
+    ("char-gpt-xs", ("last:1", "last:1+frozen:bf16", "last:1+frozen:int8")),
+    ("minilm-l6", ("head", "head+frozen:bf16", "head+frozen:int8")),
+])
+def test_measured_peak_falls_with_compact_weights_as_predicted(name, texts):
+    """fp32, bf16 and int8 frozen weights: the measured peak falls at each step, and the estimate
+    predicts each fall within 5% of the measured one."""
+    spec = ZOO[name]
+    modes = [TrainMode.parse(text, spec.n_blocks) for text in texts]
+    measured = [measure(spec, mode, 8, 32).peak_bytes for mode in modes]
+    predicted = [estimate(spec, mode, 8, 32).peak_bytes for mode in modes]
+    assert measured[0] > measured[1] > measured[2]
+    for index in (1, 2):
+        fall, predicted_fall = measured[0] - measured[index], predicted[0] - predicted[index]
+        assert abs(predicted_fall / fall - 1) <= 0.05, (texts[index], predicted_fall, fall)
+
+
+def test_local_training_with_int8_frozen_weights_keeps_the_global_state_and_uploads_the_same_names():
+    spec = ZOO["char-gpt-xs"]
+    state = build_model(spec, seed=1).state_dict()
+    before = {k: v.clone() for k, v in state.items()}
+    batches = [(torch.randint(0, spec.vocab_size, (2, 16)), torch.randint(0, spec.vocab_size, (2, 16)))
+               for _ in range(2)]
+    results = [local_train(state, spec, TrainMode.parse(text, spec.n_blocks), iter(batches), steps=2, lr=0.05)
+               for text in ("blocks:2+lora:3=4", "blocks:2+lora:3=4+frozen:int8")]
+    assert results[0].update.keys() == results[1].update.keys()
+    assert all(v.dtype == torch.float32 for v in results[1].update.values())
+    assert all(torch.equal(state[k], before[k]) and state[k].dtype == before[k].dtype for k in state)
+    assert results[1].peak_bytes < results[0].peak_bytes and results[1].flops == results[0].flops
+    # the trained block's update differs only through the int8 blocks around it: close, not equal
+    name = "blocks.2.mlp.fc.weight"
+    assert 0 < (results[1].update[name] - results[0].update[name]).abs().max() < 1e-2
+
+
+def test_caff_train_runs_a_plan_with_int8_frozen_weights_within_its_predicted_peak(tmp_path, three_device_plan):
+    """A plan whose devices hold their frozen weights in int8 (its predicted peaks from the estimate, as
+    the planner writes them) trains one round through ``caff train``; each device's measured peak is
+    within the plan's prediction and 5% of it, its FLOPs equal the plan's."""
+    import json
+
+    from caff.cli import main
+
+    spec = ZOO["char-gpt-xs"]
+    plan = json.loads(three_device_plan.read_text())
+    for device in plan["devices"]:
+        if device["status"] == "optimal":
+            mode = TrainMode.parse(device["mode"] + "+frozen:int8", spec.n_blocks)
+            device["mode"] = str(mode)
+            device["peak_bytes"] = estimate(spec, mode, device["budgets"]["batch_size"], plan["seq"],
+                                            plan["optimizer"]).peak_bytes
+    path = tmp_path / "int8.json"
+    path.write_text(json.dumps(plan))
+    assert main(["train", "--task", "shakespeare", "--method", "caff", "--plan", str(path), "--rounds", "1",
+                 "--clients-per-round", "3", "--no-pretrained", "--eval-samples", "16", "--out", str(tmp_path / "run")]) == 0
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    trained = [c for c in record["clients"] if c["status"] == "trained"]
+    assert trained and all(c["mode"].endswith("+frozen:int8") for c in trained)
+    planned = {d["device"]: d for d in plan["devices"]}
+    for client in trained:
+        assert client["peak_bytes"] <= planned[client["device"]]["peak_bytes"] <= 1.05 * client["peak_bytes"], client
+        assert client["flops"] == client["predicted_flops"] == planned[client["device"]]["flops_per_round"], client
