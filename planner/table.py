@@ -286,6 +286,8 @@ class CostTable:
                 raise ValueError(f"LoRA rank {rank} of block {block} is not in the menu {list(self.lora_ranks)}")
         if mode.recompute and not self.recompute:
             raise ValueError(f"{mode}: recomputation is not in the menu (plan with recompute on)")
+        if mode.frozen:
+            raise ValueError(f"{mode}: the planner does not plan compact frozen weights")
         recomputed = {f"block.{b}" for b in mode.recompute}
         states = {name: Recomputed(layer_state(mode, name)) if name in recomputed else layer_state(mode, name)
                   for name in self.layers}

@@ -308,6 +308,14 @@ def test_equal_value_goes_to_fewer_flops_so_recomputation_only_where_memory_need
     assert subsets[expected]
 
 
+def test_table_refuses_modes_outside_its_menu():
+    table = small_table("gpt5-lora")  # ranks 2 and 4, no recompute
+    for mode, message in ((TrainMode(lora={0: 8}), "not in the menu"), (TrainMode(blocks={1}, recompute={1}), "recompute"),
+                          (TrainMode(blocks={1}, frozen="int8"), "compact frozen")):
+        with pytest.raises(ValueError, match=message):
+            table.selection(mode)
+
+
 def test_infeasible_device_gets_the_head_only_needs():
     spec, _, optimizer, _ = SMALL["gpt10"]
     head = estimate(spec, TrainMode(), BATCH, SEQ, optimizer)
