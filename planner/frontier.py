@@ -46,7 +46,7 @@ from planner.table import CostTable, PlanCosts
 
 # columns of a label's quantities
 BELOW, GRAD, FWD, BWD, FLOPS, UPLOAD = range(6)
-FEW = 512  # labels kept without pruning at a layer (the final pruning removes what is dominated)
+FEW = 64  # labels kept without pruning at a layer (the final pruning removes what is dominated)
 
 
 @dataclass
