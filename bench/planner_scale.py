@@ -1,9 +1,11 @@
 """Planner at fleet scale: 10,000 devices with distinct budgets x 4 twelve-block architectures, one device
-alone, and the fleet's plans checked against the per-device ILP on a random sample.
+alone, and the fleet's plans checked against the per-device ILP on a random sample; without and with
+a LoRA menu, each without and with recomputation.
 
-    python bench/planner_scale.py [--devices 10000] [--sample 50] [--seed 0]
+    python bench/planner_scale.py [--devices 10000] [--sample 50] [--seed 0] [--menus none,lora,recompute,both]
 
-Prints wall times (seconds) and how many sampled plans equal the ILP's optimum; asserts nothing.
+Prints wall and CPU times (seconds; CPU is this process's, which a busy machine inflates less) and how
+many sampled plans equal the ILP's optimum; asserts nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from costmodel import ModelSpec  # noqa: E402
 from planner import Budgets, CostTable, DeviceIlp, PlanSettings, SolverError, plan  # noqa: E402
+from planner.fleet import preferred  # noqa: E402
 from planner.frontier import compute_frontier  # noqa: E402
 from profiles import DeviceSpec  # noqa: E402
 
@@ -40,34 +43,58 @@ def random_devices(n: int, seed: int) -> list[DeviceSpec]:
             for i in range(n)]
 
 
+MENUS = {"none": ((), False), "lora": ((4, 8, 16), False), "recompute": ((), True), "both": ((4, 8, 16), True)}
+
+
 def timed(function, *args):
     started = time.perf_counter()
     result = function(*args)
     return result, time.perf_counter() - started
 
 
+def cpu_timed(function, *args):
+    """Result, wall seconds and CPU seconds of this process."""
+    cpu = time.process_time()
+    result, wall = timed(function, *args)
+    return result, wall, time.process_time() - cpu
+
+
 def check_against_ilp(result, devices, settings: PlanSettings, sample: int, rng: random.Random) -> None:
-    """Solve sampled devices of the winning architecture by the per-device ILP; compare keys and peak."""
+    """Solve sampled devices of the winning architecture by the per-device ILP, once per LoRA menu (plans
+    without LoRA against the runtime without its LoRA library; `planner.plan` does the same), the better
+    optimum (`fleet.preferred`) winning; compare keys, FLOPs and peak."""
     spec = result.spec(result.winner)
+    menus = {(), settings.lora_ranks}
     tables = {}
     agree, seconds = 0, []
     for i in rng.sample(range(len(devices)), sample):
         device, entry = devices[i], result.devices[i]
-        table = tables.get(device.batch_size) or tables.setdefault(device.batch_size, CostTable(
-            spec, device.batch_size, settings.seq, settings.optimizer, settings.lora_ranks, settings.objective))
-        try:
-            selection, elapsed = timed(DeviceIlp(table, Budgets.of_device(device, settings.margin)).solve)
-        except SolverError as exc:
-            print(f"    {device.name}: {exc}")
-            continue
-        seconds.append(elapsed)
-        if selection is None:
-            agree += entry.status == "infeasible"
-            continue
-        costs = table.evaluate(np.array(selection))
-        agree += (entry.status == "optimal" and len(entry.trained_blocks) == costs.primary[0]
-                  and entry.upload_bytes == costs.upload_bytes[0] and entry.peak_bytes == costs.peak_bytes[0])
-    print(f"  ILP check on {sample} sampled devices of {spec.name}: {agree}/{sample} optimal keys and peaks equal; "
+        best, elapsed = None, 0.0
+        for menu in menus:
+            key = (device.batch_size, menu)
+            table = tables.get(key) or tables.setdefault(key, CostTable(
+                spec, device.batch_size, settings.seq, settings.optimizer, menu, settings.objective,
+                settings.recompute))
+            budgets = Budgets.of_device(device, settings.margin, settings.shard_bytes, bool(menu))
+            try:
+                selection, seconds_menu = timed(DeviceIlp(table, budgets).solve)
+            except SolverError as exc:
+                print(f"    {device.name}: {exc}")
+                break
+            elapsed += seconds_menu
+            if selection is not None:
+                costs = table.evaluate(np.array(selection))
+                best = costs if best is None or preferred(costs, best)[0] else best
+        else:
+            seconds.append(elapsed)
+            if best is None:
+                agree += entry.status == "infeasible"
+                continue
+            agree += (entry.status == "optimal" and len(entry.trained_blocks) == best.primary[0]
+                      and entry.upload_bytes == best.upload_bytes[0] and entry.peak_bytes == best.peak_bytes[0]
+                      and entry.flops_per_round == device.local_steps * best.step_flops[0])
+    print(f"  ILP check on {sample} sampled devices of {spec.name}: {agree}/{sample} optimal keys, FLOPs and peaks "
+          "equal; "
           f"ILP {np.mean(seconds):.2f} s per device (median {np.median(seconds):.2f} s, max {np.max(seconds):.1f} s)")
 
 
@@ -76,28 +103,34 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=10_000)
     parser.add_argument("--sample", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--menus", default=",".join(MENUS), help=f"which state menus, of {', '.join(MENUS)}")
     args = parser.parse_args()
     devices = random_devices(args.devices, args.seed)
     widths = ", ".join(str(spec.d_model) for spec in ARCHITECTURES)
     print(f"{len(devices)} devices with distinct budgets, batch sizes 4/8/16, "
           f"{len(ARCHITECTURES)} architectures of 12 blocks (width {widths}), seq {SEQ}")
-    for ranks in ((), (4, 8, 16)):
-        settings = PlanSettings(lora_ranks=ranks, seq=SEQ, optimizer="adam")
-        print(f"\nLoRA menu {list(ranks) or 'none'} (adam):")
-        sizes = [len(compute_frontier(CostTable(spec, 8, SEQ, "adam", ranks))) for spec in ARCHITECTURES]
-        _, one_frontier = timed(compute_frontier, CostTable(ARCHITECTURES[-1], 8, SEQ, "adam", ranks))
-        print(f"  frontier sizes at batch 8: {sizes}; one frontier: {one_frontier * 1e3:.1f} ms")
-        result, fleet_seconds = timed(plan, ARCHITECTURES, devices, settings)
-        print(f"  fleet: {fleet_seconds:.2f} s for {len(devices)} devices x {len(ARCHITECTURES)} architectures "
-              f"({fleet_seconds / len(devices) / len(ARCHITECTURES) * 1e6:.1f} us per device-architecture); "
-              f"winner {result.winner}")
+    for menu in args.menus.split(","):
+        ranks, recompute = MENUS[menu]
+        settings = PlanSettings(lora_ranks=ranks, recompute=recompute, seq=SEQ, optimizer="adam")
+        print(f"\nLoRA menu {list(ranks) or 'none'}, recompute {'on' if recompute else 'off'} (adam):")
+        tables = [CostTable(spec, 8, SEQ, "adam", ranks, recompute=recompute) for spec in ARCHITECTURES]
+        sizes = [len(compute_frontier(table)) for table in tables]
+        _, one_frontier, one_cpu = cpu_timed(compute_frontier, tables[-1])
+        print(f"  frontier sizes at batch 8: {sizes}; one frontier: {one_frontier * 1e3:.1f} ms "
+              f"({one_cpu * 1e3:.1f} ms CPU)")
+        result, fleet_seconds, fleet_cpu = cpu_timed(plan, ARCHITECTURES, devices, settings)
+        print(f"  fleet: {fleet_seconds:.2f} s ({fleet_cpu:.2f} s CPU) for {len(devices)} devices x "
+              f"{len(ARCHITECTURES)} architectures ({fleet_seconds / len(devices) / len(ARCHITECTURES) * 1e6:.1f} us "
+              f"per device-architecture); winner {result.winner}")
         for arch in result.architectures:
             print(f"    {arch.model}: {arch.mean_trained_blocks:.2f} blocks, {arch.mean_lora_blocks:.2f} LoRA blocks, "
                   f"{arch.infeasible_devices} infeasible; {arch.verdict}")
-        _, single_one = timed(plan, ARCHITECTURES[-1:], devices[:1], settings)
-        _, single_all = timed(plan, ARCHITECTURES, devices[:1], settings)
-        print(f"  single device: {single_one * 1e3:.1f} ms with one architecture, "
-              f"{single_all * 1e3:.1f} ms choosing among {len(ARCHITECTURES)}")
+        recomputing = sum("recompute" in (entry.mode or "") for entry in result.devices)
+        print(f"    {recomputing} of {len(devices)} devices recompute some block in {result.winner}'s plans")
+        _, single_one, cpu_one = cpu_timed(plan, ARCHITECTURES[-1:], devices[:1], settings)
+        _, single_all, cpu_all = cpu_timed(plan, ARCHITECTURES, devices[:1], settings)
+        print(f"  single device: {single_one * 1e3:.1f} ms ({cpu_one * 1e3:.1f} ms CPU) with one architecture, "
+              f"{single_all * 1e3:.1f} ms ({cpu_all * 1e3:.1f} ms CPU) choosing among {len(ARCHITECTURES)}")
         if args.sample:
             check_against_ilp(result, devices, settings, args.sample, random.Random(args.seed))
 

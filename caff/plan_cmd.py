@@ -23,6 +23,8 @@ def add_parser(subparsers) -> dict:
     p.add_argument("--objective", default="blocks",
                    help="blocks (fully trained blocks, default) | params (trained bytes) | per-block weights w0,w1,...")
     p.add_argument("--lora-ranks", default="", help="LoRA ranks blocks not fully trained may take, e.g. 4,8,16")
+    p.add_argument("--recompute", action="store_true",
+                   help="trained blocks may also recompute their activations in backward (fewer bytes, more FLOPs)")
     p.add_argument("--margin", type=float, default=0.05, help="share of each device's memory kept free (default 0.05)")
     p.add_argument("--min-coverage", type=float, default=None,
                    help="share of devices that must train every block (fully or LoRA)")
@@ -94,9 +96,9 @@ def _settings(args) -> PlanSettings:
         shard = parse_bytes(args.shard_bytes)
     except ValueError as exc:
         raise ValueError(f"--shard-bytes: {exc}") from None
-    return PlanSettings(objective=objective, lora_ranks=ranks, margin=args.margin, min_coverage=args.min_coverage,
-                        batch=args.batch, seq=args.seq, optimizer=args.optimizer, solver=args.solver,
-                        shard_bytes=shard)
+    return PlanSettings(objective=objective, lora_ranks=ranks, recompute=args.recompute, margin=args.margin,
+                        min_coverage=args.min_coverage, batch=args.batch, seq=args.seq, optimizer=args.optimizer,
+                        solver=args.solver, shard_bytes=shard)
 
 
 def _print(result: PlanFile, args, n_devices: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -43,7 +44,7 @@ class Budgets:
     def of_device(cls, device, margin: float = 0.05, shard_bytes: int = 0, lora: bool = False) -> "Budgets":
         """The budgets of a `profiles.DeviceSpec` holding ``shard_bytes`` of data; ``lora``: plans may
         use LoRA adapters, so the runtime counts the LoRA library."""
-        runtime = load_runtime(device.runtime)
+        runtime = runtime_profile(device.runtime)
         return cls(device.memory_bytes, device.compute_flops, device.upload_bytes, device.local_steps, margin,
                    runtime.bytes_for(lora) + shard_bytes, runtime.allocator_overhead)
 
@@ -53,6 +54,16 @@ class Budgets:
         column = lambda name: np.array([getattr(b, name) for b in budgets])[:, None]  # noqa: E731
         return cls(column("memory_bytes"), column("compute_flops").astype(float), column("upload_bytes"),
                    column("local_steps"), budgets[0].margin, column("fixed_bytes"), column("tensor_overhead"))
+
+    @property
+    def devices(self) -> int:
+        """How many devices stacked budgets hold (fields a lifted budget made a number count for all)."""
+        return max(len(value) for f in dataclasses.fields(self) if np.ndim(value := getattr(self, f.name)))
+
+    def rows(self, index) -> "Budgets":
+        """The budgets of the devices at ``index`` (a slice or indices) of stacked budgets."""
+        return dataclasses.replace(self, **{f.name: value[index] for f in dataclasses.fields(self)
+                                            if np.ndim(value := getattr(self, f.name))})
 
     def without(self, budget: str) -> "Budgets":
         """The same budgets with ``budget`` ('memory', 'compute' or 'upload') lifted."""
@@ -69,8 +80,12 @@ class Budgets:
 
     def _variable_bytes(self, costs: PlanCosts) -> np.ndarray:
         """The plan-dependent part of `process_bytes`: tensor peak, the allocator's slack on it (rounded
-        up) and the kept received tensors (bounded by the upload), in integers."""
-        slack = np.ceil(costs.peak_bytes * self.tensor_overhead).astype(np.int64)
+        up) and the kept received tensors (bounded by the upload), in integers. Devices of one runtime
+        share one overhead: then per plan, not per device and plan."""
+        overhead = np.asarray(self.tensor_overhead)
+        if overhead.size and (overhead == overhead.flat[0]).all():
+            overhead = overhead.flat[0]
+        slack = np.ceil(costs.peak_bytes * overhead).astype(np.int64)
         return costs.peak_bytes + slack + costs.upload_bytes
 
     def over(self, costs: PlanCosts) -> dict[str, np.ndarray]:
@@ -87,15 +102,27 @@ class Budgets:
         return ~(over["memory"] | over["compute"] | over["upload"])
 
 
+@functools.lru_cache(maxsize=64)
+def runtime_profile(name: str):
+    """`load_runtime`, read once per name: a fleet shares a few runtimes among thousands of devices."""
+    return load_runtime(name)
+
+
 def _allowance(limit, per=1):
     """The largest integer q with ``per * q <= limit`` (elementwise for arrays), capped at MAX_COST: an
     integer cost c fits the limit iff c <= q. Exact for any size of limit and per, where multiplying
-    int64 costs by local steps (1e12 steps x 7e7 FLOPs) would wrap around."""
+    int64 costs by local steps (1e12 steps x 7e7 FLOPs) would wrap around: in int64 where limit and per
+    are below 2^53 (floats hold such integers exactly), in Python integers elsewhere."""
     def one(x, k) -> int:
         return MAX_COST if not math.isfinite(x) else min(math.floor(x) // int(k), MAX_COST)
 
     shape = np.broadcast_shapes(np.shape(limit), np.shape(per))
     if not shape:
         return one(limit, per)
-    pairs = zip(*(np.broadcast_to(np.asarray(v, dtype=object), shape).ravel() for v in (limit, per)))
-    return np.array([one(x, k) for x, k in pairs], dtype=np.int64).reshape(shape)
+    limit, per = (np.broadcast_to(np.asarray(v), shape) for v in (limit, per))
+    small = (np.abs(limit) < 2.0**53) & (per < 2**53)  # limit is finite there
+    q = np.full(shape, MAX_COST, dtype=np.int64)
+    q[small] = np.minimum(np.floor(limit[small]).astype(np.int64) // per[small].astype(np.int64), MAX_COST)
+    for index in zip(*np.nonzero(~small)):
+        q[index] = one(limit[index], per[index])
+    return q

@@ -26,24 +26,26 @@ import numpy as np
 from costmodel.estimate import layer_names
 from costmodel.process import predict_process
 from costmodel.spec import ModelSpec
-from planner.budget import BUDGETS, Budgets
+from planner.budget import BUDGETS, Budgets, runtime_profile
 from planner.frontier import compute_frontier
 from planner.ilp import DeviceIlp
 from planner.planfile import ArchitectureSummary, DeviceBudgets, DevicePlan, Needs, PlanFile, ProcessTerms
 from planner.table import CostTable, Objective, PlanCosts
-from profiles.runtime import load_runtime
 
 SOLVERS = ("frontier", "ilp")
 
 
 @dataclass(frozen=True)
 class PlanSettings:
-    """How to plan: objective, LoRA rank menu, memory margin, coverage, step shape and solver.
+    """How to plan: objective, LoRA rank menu, recomputation, memory margin, coverage, step shape and solver.
 
-    ``batch`` overrides every device's batch size; ``seq`` None is each model's maximum."""
+    ``batch`` overrides every device's batch size; ``seq`` None is each model's maximum. ``recompute``:
+    trained blocks may also recompute their activations in backward (off by default, as the LoRA
+    menu is empty by default: plans made before stay as they were)."""
 
     objective: Objective = Objective()
     lora_ranks: tuple[int, ...] = ()
+    recompute: bool = False
     margin: float = 0.05
     min_coverage: float | None = None
     batch: int | None = None
@@ -87,26 +89,29 @@ def plan(specs: list[ModelSpec], devices: list, settings: PlanSettings = PlanSet
         raise ValueError("plan: need at least one model and one device")
     if len({spec.name for spec in specs}) < len(specs):
         raise ValueError("models: two candidate models share a name")
-    solved = [_solve_architecture(spec, devices, settings) for spec in specs]
+    menus = [settings.lora_ranks]
+    if settings.lora_ranks and any(runtime_profile(d.runtime).lora_bytes for d in devices):
+        menus.insert(0, ())
+    budgets = {menu: [Budgets.of_device(d, settings.margin, settings.shard_bytes, bool(menu)) for d in devices]
+               for menu in menus}
+    solved = [_solve_architecture(spec, devices, budgets, settings) for spec in specs]
     summaries, winner = _summaries(solved, settings)
-    return PlanFile(objective=str(settings.objective), lora_ranks=list(settings.lora_ranks), margin=settings.margin,
+    return PlanFile(objective=str(settings.objective), lora_ranks=list(settings.lora_ranks),
+                    recompute=settings.recompute, margin=settings.margin,
                     min_coverage=settings.min_coverage, seq=settings.seq, optimizer=settings.optimizer,
                     solver=settings.solver, models=specs, architectures=summaries,
                     winner=winner.spec.name if winner else None,
                     devices=_entries(winner, devices, settings) if winner else [])
 
 
-def _solve_architecture(spec: ModelSpec, devices: list, settings: PlanSettings) -> _Solved:
-    """Every device's best plan of ``spec``. A runtime that loads a LoRA library for LoRA plans only
-    (``lora_bytes``) makes two menus: plans without LoRA against the plain runtime and plans with it
-    against the larger one; each device takes the better of its two best plans."""
+def _solve_architecture(spec: ModelSpec, devices: list, budgets: dict[tuple, list[Budgets]],
+                        settings: PlanSettings) -> _Solved:
+    """Every device's best plan of ``spec``; ``budgets``: each device's, per LoRA menu (see `plan`): plans
+    without LoRA against the plain runtime and plans with it against the larger one; each device takes
+    the better of its best plans."""
     n = len(devices)
     batches = np.array([settings.batch or d.batch_size for d in devices])
-    menus = [settings.lora_ranks]
-    if settings.lora_ranks and any(load_runtime(d.runtime).lora_bytes for d in devices):
-        menus.insert(0, ())
-    budgets = {menu: [Budgets.of_device(d, settings.margin, settings.shard_bytes, bool(menu)) for d in devices]
-               for menu in menus}
+    menus = list(budgets)
     rows = np.full((n, len(layer_names(spec))), -1)
     costs = PlanCosts(*(np.zeros(n, dtype=dtype) for dtype in (np.int64,) * 4 + (float,)))
     binding = np.zeros((n, len(BUDGETS)), dtype=bool)
@@ -119,20 +124,18 @@ def _solve_architecture(spec: ModelSpec, devices: list, settings: PlanSettings) 
         members = np.flatnonzero(batches == batch)
         for menu in menus:
             started = time.perf_counter()
-            table = CostTable(spec, int(batch), settings.seq, settings.optimizer, menu, settings.objective)
+            table = CostTable(spec, int(batch), settings.seq, settings.optimizer, menu, settings.objective,
+                              settings.recompute)
             menu_budgets = [budgets[menu][i] for i in members]
             menu_rows, menu_binding, menu_seconds = solve(table, menu_budgets, started)
             menu_costs = _costs(table, menu_rows)
             feasible = menu_rows[:, 0] >= 0
             if menu is menus[0]:  # binding where no menu fits: the budgets the head-only plan breaks
                 take = np.ones(len(members), dtype=bool)
-                over = Budgets.stack(menu_budgets).over(table.evaluate(table.head_only()))
+                over = Budgets.stack(menu_budgets).over(table.evaluate(table.head_only))
                 menu_binding[~feasible] = np.column_stack([over[budget][:, 0] for budget in BUDGETS])[~feasible]
             else:
-                previous = costs.take(members)
-                larger = (menu_costs.primary > previous.primary) | (
-                    (menu_costs.primary == previous.primary) & (menu_costs.trained_bytes > previous.trained_bytes))
-                take = feasible & ((rows[members, 0] < 0) | larger)
+                take = feasible & ((rows[members, 0] < 0) | preferred(menu_costs, costs.take(members)))
             chosen = members[take]
             seconds[members] += menu_seconds  # solver seconds per device, all menus
             rows[chosen], binding[chosen] = menu_rows[take], menu_binding[take]
@@ -164,11 +167,22 @@ def _solve_by_ilp(table: CostTable, budgets: list[Budgets], started: float):
         if selection is not None:
             rows[i] = selection
             for k, budget in enumerate(BUDGETS):
-                lifted = DeviceIlp(table, device_budgets.without(budget)).solve(least_peak=False)
+                lifted = DeviceIlp(table, device_budgets.without(budget)).solve(tiebreaks=False)
                 binding[i, k] = _better(table.evaluate(np.array([lifted, selection])), np.array([0]), np.array([1]))[0]
         seconds[i] = time.perf_counter() - started
         started = time.perf_counter()
     return rows, binding, seconds
+
+
+def preferred(a: PlanCosts, b: PlanCosts) -> np.ndarray:
+    """Whether each plan of ``a`` comes before the plan of ``b`` in the planner's order: larger key
+    (primary, then trained bytes), then fewer FLOPs, then less peak."""
+    better, tied = np.zeros(len(a.primary), dtype=bool), np.ones(len(a.primary), dtype=bool)
+    for x, y in ((a.primary, b.primary), (a.trained_bytes, b.trained_bytes), (b.step_flops, a.step_flops),
+                 (b.peak_bytes, a.peak_bytes)):
+        better |= tied & (x > y)
+        tied &= x == y
+    return better
 
 
 def _better(costs: PlanCosts, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -180,7 +194,7 @@ def _better(costs: PlanCosts, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def _costs(table: CostTable, rows: np.ndarray) -> PlanCosts:
     """Costs of each row's plan, or of the head-only plan where the row is -1."""
-    plans, inverse = np.unique(np.where(rows[:, :1] >= 0, rows, table.head_only()), axis=0, return_inverse=True)
+    plans, inverse = np.unique(np.where(rows[:, :1] >= 0, rows, table.head_only), axis=0, return_inverse=True)
     return table.evaluate(plans).take(inverse.ravel())
 
 
@@ -231,18 +245,19 @@ def _entries(solved: _Solved, devices: list, settings: PlanSettings) -> list[Dev
                                 local_steps=steps, batch_size=table.batch)
         common = dict(device=device.name, model=solved.spec.name, budgets=budgets, solver_seconds=seconds,
                       binding=[budget for budget, is_bound in zip(BUDGETS, bound) if is_bound])
-        key = (table.batch, tuple(row if row[0] >= 0 else table.head_only()), device.runtime)
+        key = (table.batch, tuple(row if row[0] >= 0 else table.head_only), device.runtime)
         if key not in planned:
             mode = table.mode(key[1])
-            planned[key] = dict(mode=str(mode), trained_blocks=sorted(mode.blocks), lora_ranks=mode.lora,
-                                terms=predict_process(solved.spec, mode, table.batch, settings.seq, settings.optimizer,
-                                                      load_runtime(device.runtime), settings.shard_bytes))
-        fields_of_plan = dict(planned[key])
-        terms = fields_of_plan.pop("terms")
-        common |= dict(runtime=device.runtime, process=ProcessTerms(**terms.to_json()))
-        if row[0] < 0:
             least = Budgets.of_device(device, settings.margin, settings.shard_bytes)  # head only: no LoRA
-            process = least.process_bytes(table.evaluate(np.array(key[1])))[0]
+            terms = predict_process(solved.spec, mode, table.batch, settings.seq, settings.optimizer,
+                                    runtime_profile(device.runtime), settings.shard_bytes)
+            planned[key] = dict(mode=str(mode), trained_blocks=sorted(mode.blocks), lora_ranks=mode.lora,
+                                terms=ProcessTerms(**terms.to_json()),
+                                process=int(least.process_bytes(table.evaluate(np.array(key[1])))[0]))
+        fields_of_plan = dict(planned[key])
+        terms, process = fields_of_plan.pop("terms"), fields_of_plan.pop("process")
+        common |= dict(runtime=device.runtime, process=terms)  # one ProcessTerms per plan, shared
+        if row[0] < 0:
             needs = Needs(memory_bytes=process / (1 - settings.margin), compute_flops=steps * step_flops[i],
                           upload_bytes=uploads[i])
             entries.append(DevicePlan(status="infeasible", mode=None, needs=needs, **common))

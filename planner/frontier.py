@@ -1,27 +1,37 @@
 """The Pareto frontier of a model's plans: every plan that is some device's optimum, whatever its budgets.
 
 A device's optimum is the plan of largest key (primary, trained bytes; lexicographic, see
-`Objective`) and then least peak, among plans within its memory, compute and upload budgets.
-A plan q *dominates* p when key(q) >= key(p) and q needs no more peak memory, FLOPs or upload
-than p: wherever p fits, q fits and is at least as good. So the non-dominated plans, sorted by
-(key descending, peak ascending), hold every device's optimum: the first one that fits.
+`Objective`), then fewest FLOPs, then least peak, among plans within its memory, compute and upload
+budgets. A plan q *dominates* p when key(q) >= key(p) and q needs no more peak memory, FLOPs or
+upload than p: wherever p fits, q fits and is at least as good. So the non-dominated plans, sorted
+by (key descending, FLOPs ascending, peak ascending), hold every device's optimum: the first one
+that fits.
 
 The frontier is exact, computed by dynamic programming over the layers in topological order.
-A partial plan (a label) of the first layers carries, in bytes and FLOPs per step::
+With per layer j ``base_j = W_j + O_j + buffers_j``, ``below_j = A_j - external_j``, ``G_j``,
+``F_j``, ``B_j`` and ``S_j`` (`CostTable.memory_terms`), a partial plan (a label) of the first
+layers carries, in bytes and FLOPs per step, each memory phase of `costmodel.estimate` so far with
+the terms later layers add to it left out::
 
-    base  = sum W_j + O_j + buffers_j      below = sum A_j - external_j     grad = sum G_j
-    fwd   = max over its layers l of  below_{<l} + F_l
-    bwd   = max over its layers l in backward of  below_{<l} + B_l + grad_{>l, so far}
-    temp  = max S_l                        flops, upload, and the key
+    below = sum_j base_j + below_j                      (what a later layer's phases start from)
+    grad  = sum_j base_j + G_j
+    fwd   = max over its layers l of  sum_j base_j + below_{<l} + F_l
+    bwd   = max over its layers l of  sum_j base_j + grad_{<=l} + S_l, and over those l in backward
+            of  sum_j base_j + below_{<l} + B_l + grad_{>l}
+    flops, upload, and the key
 
-and, once every layer is placed, ``peak = X + base + max(fwd, bwd, grad + temp)``, the phases of
-`costmodel.estimate`. Adding a layer changes each quantity by a nondecreasing function of the
-old ones, and lexicographic order is kept under addition, so a label dominated (key >=, every
-quantity <=) by another with the same *signature* (which later layers already have an input that
-requires grad) can never complete to a better plan than its dominator does: dropping it is exact.
-Without LoRA menus the plan space is 2^blocks; with a menu of r ranks (2 + r)^blocks, of which the
-pruning keeps some hundreds of labels (12 blocks and 3 ranks: at most ~1,300 before a layer's pruning,
-a frontier of ~200-300 plans). Tests check the frontier against enumeration through `estimate` and
+Each later layer adds its base to every phase and its G to the backward and optimizer phases, so
+once every layer is placed, ``peak = X + max(fwd, bwd)`` (the optimizer's largest temporary S
+joins the optimizer phase of its own layer). Adding a layer changes each quantity by a
+nondecreasing function of the old ones, and lexicographic order is kept under addition, so a label
+dominated (key >=, every quantity <=) by another with the same *signature* (which later layers
+already have an input that requires grad) can never complete to a better plan than its dominator
+does: dropping it is exact.
+Without LoRA menus the plan space is 2^blocks; with a menu of r ranks (2 + r)^blocks, and with
+recomputation (2 + 2r)^blocks, of which the pruning keeps some hundreds of labels (12 blocks and 3
+ranks: at most ~1,300 before a layer's pruning, a frontier of ~200-300 plans; with recomputation
+too, up to ~100,000 before a layer's pruning and a frontier of ~5,000-8,500 plans, each key's
+plans trading FLOPs for memory). Tests check the frontier against enumeration through `estimate` and
 against the per-device ILP.
 """
 
@@ -35,12 +45,13 @@ from planner.budget import Budgets
 from planner.table import CostTable, PlanCosts
 
 # columns of a label's quantities
-BASE, BELOW, GRAD, FWD, BWD, TEMP, FLOPS, UPLOAD = range(8)
+BELOW, GRAD, FWD, BWD, FLOPS, UPLOAD = range(6)
+FEW = 64  # labels kept without pruning at a layer (the final pruning removes what is dominated)
 
 
 @dataclass
 class Frontier:
-    """Non-dominated plans of one table, best first: key descending, then peak ascending."""
+    """Non-dominated plans of one table, best first: key descending, then FLOPs, then peak ascending."""
 
     table: CostTable
     selections: np.ndarray  # (plans, layers) option indices
@@ -49,11 +60,14 @@ class Frontier:
     def __len__(self) -> int:
         return len(self.selections)
 
-    def best(self, budgets: Budgets) -> np.ndarray:
+    def best(self, budgets: Budgets, chunk: int = 1024) -> np.ndarray:
         """For budgets of many devices (column arrays), the index of each one's optimal plan; -1 where
-        none fits."""
-        fits = budgets.fits(self.costs)
-        return np.where(fits.any(axis=1), fits.argmax(axis=1), -1)
+        none fits. Devices go ``chunk`` at a time, so that memory stays ~chunk x plans x 8 bytes."""
+        found = []
+        for start in range(0, budgets.devices, chunk):
+            fits = budgets.rows(slice(start, start + chunk)).fits(self.costs)
+            found.append(np.where(fits.any(axis=1), fits.argmax(axis=1), -1))
+        return np.concatenate(found)
 
 
 def compute_frontier(table: CostTable) -> Frontier:
@@ -67,7 +81,7 @@ def compute_frontier(table: CostTable) -> Frontier:
             descendants[position[ancestor], position[name]] = True
     option_trains = np.array([o.trains for o in table.options])
 
-    quantities = np.zeros((1, 8), dtype=np.int64)
+    quantities = np.zeros((1, 6), dtype=np.int64)
     primary = np.zeros(1)
     trained = np.zeros(1, dtype=np.int64)
     selections = np.zeros((1, 0), dtype=np.int64)
@@ -80,52 +94,73 @@ def compute_frontier(table: CostTable) -> Frontier:
         option = options[choice]
         old = quantities[label]
         new = np.empty_like(old)
-        new[:, BASE] = old[:, BASE] + q["base"][option]
-        new[:, BELOW] = old[:, BELOW] + q["below"][option]
-        new[:, GRAD] = old[:, GRAD] + q["grad"][option]
-        new[:, FWD] = np.maximum(old[:, FWD], old[:, BELOW] + q["fwd"][option])
-        earlier = old[:, BWD] + q["grad"][option]  # earlier backward phases also hold this layer's gradients
-        new[:, BWD] = np.where(q["in_backward"][option], np.maximum(earlier, old[:, BELOW] + q["bwd"][option]),
-                               earlier)
-        new[:, TEMP] = np.maximum(old[:, TEMP], q["temp"][option])
+        base = q["base"][option]
+        new[:, BELOW] = old[:, BELOW] + base + q["below"][option]
+        new[:, GRAD] = old[:, GRAD] + base + q["grad"][option]
+        new[:, FWD] = np.maximum(old[:, FWD] + base, old[:, BELOW] + base + q["fwd"][option])
+        # earlier backward phases also hold this layer's gradients; its optimizer temporary joins all of them
+        earlier = np.maximum(old[:, BWD] + base + q["grad"][option], new[:, GRAD] + q["temp"][option])
+        new[:, BWD] = np.where(q["in_backward"][option],
+                               np.maximum(earlier, old[:, BELOW] + base + q["bwd"][option]), earlier)
         new[:, FLOPS] = old[:, FLOPS] + table.step_flops[option]
         new[:, UPLOAD] = old[:, UPLOAD] + table.upload_bytes[option]
         primary = primary[label] + table.primary[option]
         trained = trained[label] + table.trained_bytes[option]
         selections = np.column_stack([selections[label], option])
         input_grad = input_grad[label] | (option_trains[option][:, None] & descendants[at][None, :])
+        if len(new) <= FEW or len(table.states[name]) == 1:  # prune many new labels; the final pruning follows
+            quantities = new
+            continue
         keep = _non_dominated(primary, trained, new, input_grad[:, at + 1:])
         quantities, primary, trained = new[keep], primary[keep], trained[keep]
         selections, input_grad = selections[keep], input_grad[keep]
     final = PlanCosts(
-        peak_bytes=table.batch_bytes + quantities[:, BASE]
-        + np.maximum.reduce([quantities[:, FWD], quantities[:, BWD], quantities[:, GRAD] + quantities[:, TEMP]]),
+        peak_bytes=table.batch_bytes + np.maximum(quantities[:, FWD], quantities[:, BWD]),
         step_flops=quantities[:, FLOPS], upload_bytes=quantities[:, UPLOAD], trained_bytes=trained, primary=primary)
     keep = _non_dominated(primary, trained, np.column_stack(
         [final.peak_bytes, final.step_flops, final.upload_bytes]), np.zeros((len(primary), 0), dtype=bool))
-    order = keep[np.lexsort((final.peak_bytes[keep], -trained[keep], -primary[keep]))]
+    order = keep[np.lexsort((final.peak_bytes[keep], final.step_flops[keep], -trained[keep], -primary[keep]))]
     return Frontier(table, selections[order], final.take(order))
 
 
 def _non_dominated(primary: np.ndarray, trained: np.ndarray, costs: np.ndarray, signature: np.ndarray,
-                   chunk: int = 64) -> np.ndarray:
+                   size: int = 256, block: int = 4096) -> np.ndarray:
     """Indices of labels no other label of the same signature dominates (key >= and costs <=);
     of identical labels the first is kept.
 
     Sorted by key descending, then costs, a label's dominators all come before it, and every label
-    before it is kept or dominated by a kept one. So a chunk of labels at a time is tested against
-    the labels kept so far and against the labels before it in its chunk."""
+    before it is kept or dominated by a kept one. The sorted labels are cut into groups at key
+    boundaries (runs of one key, joined until a group holds ``size``). A label of group A can
+    dominate one of group B only if A's least costs (per column) are <= B's largest. So each group in
+    turn is tested, ``size`` rows by ``block`` labels at a time, against its own earlier labels and
+    against the kept labels of the earlier groups that pass that test, each row dropped once dominated."""
     order = np.lexsort((*costs.T[::-1], -trained, -primary))
     columns = costs[order].T
     packed = np.packbits(signature[order], axis=1)
-    group = np.unique(packed.view(f"V{packed.shape[1]}").ravel(), return_inverse=True)[1] if packed.size else \
-        np.zeros(len(order), dtype=np.int64)
-    kept = np.zeros(len(order), dtype=bool)
-    for start in range(0, len(order), chunk):
-        rows = np.arange(start, min(start + chunk, len(order)))
-        before = np.concatenate([np.flatnonzero(kept[:start]), rows])
-        dominated = (before[None, :] < rows[:, None]) & (group[before][None, :] == group[rows][:, None])
+    sig = np.unique(packed.view(f"V{packed.shape[1]}").ravel(), return_inverse=True)[1].ravel() if packed.size \
+        else np.zeros(len(order), dtype=np.int64)
+    runs = np.flatnonzero(np.concatenate([[True], (np.diff(primary[order]) != 0) | (np.diff(trained[order]) != 0)]))
+    starts = runs[np.concatenate([[True], np.diff(runs // size) > 0])]
+    ends = np.append(starts[1:], len(order))
+    least = np.stack([np.minimum.reduceat(column, starts) for column in columns], axis=1)
+    most = np.stack([np.maximum.reduceat(column, starts) for column in columns], axis=1)
+
+    def dominated(rows: np.ndarray, by: np.ndarray) -> np.ndarray:
+        """Per row, whether a label of ``by`` (positions in ``order``) before it dominates it."""
+        found = (by[None, :] < rows[:, None]) & (sig[by][None, :] == sig[rows][:, None])
         for column in columns:
-            dominated &= column[before][None, :] <= column[rows][:, None]
-        kept[rows] = ~dominated.any(axis=1)
-    return order[kept]
+            found &= column[by][None, :] <= column[rows][:, None]
+        return found.any(axis=1)
+
+    def survivors(rows: np.ndarray, by: np.ndarray) -> np.ndarray:
+        for start in range(0, len(by), block):
+            rows = rows[~dominated(rows, by[start:start + block])]
+        return rows
+
+    kept: list[np.ndarray] = []
+    for g, (start, end) in enumerate(zip(starts, ends)):
+        rows = np.concatenate([survivors(np.arange(at, min(at + size, end)), np.arange(start, min(at + size, end)))
+                               for at in range(start, end, size)])
+        could = np.flatnonzero((least[:g] <= most[g]).all(axis=1))[::-1]  # latest first: likeliest dominators
+        kept.append(survivors(rows, np.concatenate([kept[a] for a in could]) if len(could) else could))
+    return order[np.concatenate(kept)]

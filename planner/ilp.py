@@ -1,7 +1,8 @@
-r"""The exact per-device ILP: which blocks train, fully or with which LoRA rank (PuLP + CBC).
+r"""The exact per-device ILP: which blocks train, fully or with which LoRA rank, recomputed or not (PuLP + CBC).
 
 Sets: layers l in L (topological order of `layer_graph`), anc(l) the ancestors of l, states s in
-S_l (blocks: frozen, full, each LoRA rank of the menu; other layers one fixed state), T_l the
+S_l (blocks: frozen, full, each LoRA rank of the menu, and with the recompute menu full and each
+rank recomputed; other layers one fixed state), T_l the
 trained states of S_l, and for each option (l, s, f) of `CostTable` (f: l's input requires grad)
 its costs from `layer_cost` + the optimizer: c_p(l,s,f) for each memory phase p, flops(l,s,f)
 per step, upload(l,s,f) and trained(l,s,f) bytes, primary(l,s,f) of the objective. X is the
@@ -27,7 +28,10 @@ Constraints::
 
 Objective, lexicographic, one CBC solve per level, each level's optimum fixed for the next::
 
-    max sum primary(l,s,f) y;   then max sum trained(l,s,f) y;   then min peak
+    max sum primary(l,s,f) y;   then max sum trained(l,s,f) y;   then min sum flops(l,s,f) y;   then min peak
+
+(the FLOPs level keeps recomputation, and any other costlier plan of equal value, out of a plan that
+does not need it).
 
 The linearization is exact: every feasible (x, g, y) is one plan, its y the plan's options, and
 ``max_p`` of the phase sums is `estimate`'s peak (tests compare them on random plans). CBC works
@@ -54,7 +58,7 @@ from planner.budget import Budgets
 from planner.table import CostTable, trains
 
 MiB = 2**20
-GFLOP = 1e9
+MFLOP, GFLOP = 1e6, 1e9
 
 
 class SolverError(RuntimeError):
@@ -103,19 +107,21 @@ class DeviceIlp:
     def _sum(self, per_option, unit=1.0) -> pulp.LpAffineExpression:
         return pulp.lpSum(float(c) / unit * y for c, y in zip(per_option, self.y) if c)
 
-    def solve(self, least_peak: bool = True) -> list[int] | None:
+    def solve(self, tiebreaks: bool = True) -> list[int] | None:
         """Option indices of the lexicographic optimum, or None when no plan fits.
 
-        Without ``least_peak`` the last level (least peak among plans of the best key) is skipped."""
+        Without ``tiebreaks`` the last two levels (fewest FLOPs, then least peak, among plans of the
+        best key) are skipped."""
         table = self.table
         params = table.objective.kind == "params"
         levels = [(table.primary, MiB if params else 1.0, pulp.LpMaximize),  # (per-option values, unit, sense)
                   (table.trained_bytes, MiB, pulp.LpMaximize),
+                  (table.step_flops, MFLOP, pulp.LpMinimize),  # MFLOP: CBC's 1e-7 tolerance is 0.1 FLOP
                   (None, MiB, pulp.LpMinimize)]  # None: the peak
         if params:
             del levels[1]  # the primary is already the trained bytes
-        if not least_peak:
-            del levels[-1]
+        if not tiebreaks:
+            del levels[-2:]
         selection, fixed = None, []
         for level, (values, unit, sense) in enumerate(levels):
             expression = self.peak if values is None else self._sum(values, unit)
@@ -128,7 +134,10 @@ class DeviceIlp:
             if level < len(levels) - 1:  # keep this level's optimum in the next levels
                 reached = float(values[selection].sum())
                 tolerance = 0.5 if _integral(values) else 1e-9 * max(1.0, abs(reached))
-                self.problem += expression >= (reached - tolerance) / unit
+                if sense == pulp.LpMaximize:
+                    self.problem += expression >= (reached - tolerance) / unit
+                else:
+                    self.problem += expression <= (reached + tolerance) / unit
                 fixed.append(values)
         return selection
 

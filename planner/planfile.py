@@ -123,6 +123,7 @@ class PlanFile(_Strict):
     version: Literal[1] = PLAN_FILE_VERSION
     objective: str
     lora_ranks: list[int]
+    recompute: bool = Field(default=False, description="trained blocks could recompute (plans before it: no)")
     margin: float = Field(ge=0, lt=1)
     min_coverage: float | None = Field(default=None, ge=0, le=1)
     seq: int | None = Field(default=None, ge=1, description="tokens per sample; null: each model's maximum")

@@ -1,9 +1,10 @@
 """Every (layer, state, input-requires-grad) option of a model, and each planned quantity as a linear form.
 
-A plan gives each layer one state (``layer_state``: 'full', 'frozen' or a LoRA rank for blocks;
-the embeddings' fixed flag; True for the head; False for the loss). A layer's cost depends on its
-state and on whether its input requires grad, which holds iff an ancestor in `layer_graph` trains
-(`layer_ancestors`).
+A plan gives each layer one state (``layer_state``: 'full', 'frozen' or a LoRA rank for blocks,
+or, with the recompute menu, `Recomputed` ('full' or a rank) for a trained block that re-runs its
+forward in backward; the embeddings' fixed flag; True for the head; False for the loss). A layer's
+cost depends on its state and on whether its input requires grad, which holds iff an ancestor in
+`layer_graph` trains (`layer_ancestors`).
 An *option* is one such (layer, state, flag) triple; a plan selects exactly one option per layer,
 so every quantity of `costmodel.estimate` is a sum over layers of a number per selected option:
 
@@ -15,8 +16,11 @@ so every quantity of `costmodel.estimate` is a sum over layers of a number per s
       backward at l:  X + sum_j base_j + sum_{j<l} below_j + sum_{j>l} grad_j + B_l
       optimizer at l: X + sum_j base_j + sum_j grad_j + S_l
 
-  (``j<l``: before l in topological order, as estimate sums). The optimizer step's max over
-  temporaries ``S = max_l S_l`` becomes one phase per layer. A backward phase exists only where
+  (``j<l``: before l in topological order, as estimate sums). A recomputed block is no exception:
+  estimate's own terms for it are its input as A_l, its forward with only that input kept as F_l,
+  and as B_l the larger of its forward's re-run (with the incoming gradient live) and its backward
+  over the re-materialized tensors (`costmodel.tape`), each a function of its own option only.
+  The optimizer step's max over temporaries ``S = max_l S_l`` becomes one phase per layer. A backward phase exists only where
   layer l is in the backward pass. Where it is not, no ancestor of l trains, so none saves
   anything; if every layer before l is an ancestor (a chain), the row then sums to
   ``X + sum_j base_j + sum_j grad_j``, which the optimizer rows bound, and its coefficient 0 keeps
@@ -46,13 +50,30 @@ MAX_COST = 2**62  # bytes or FLOPs of one step the planner handles: its int64 su
 
 
 def trains(state) -> bool:
-    """Whether a layer state (see `layer_state`) holds trained parameters."""
+    """Whether a layer state (see `layer_state`, or `Recomputed`) holds trained parameters."""
     return state not in (False, "frozen")
 
 
 @dataclass(frozen=True)
+class Recomputed:
+    """The state of a trained block ('full' or a LoRA rank) that keeps only its input in the forward
+    pass and re-runs its forward in backward (``recompute:`` of `TrainMode`)."""
+
+    state: str | int
+
+    def __str__(self) -> str:
+        return f"{self.state}+recompute"
+
+
+def trained_state(state):
+    """What a state trains: 'full', a LoRA rank, 'frozen', or the layer's flag; `Recomputed` unwrapped."""
+    return state.state if isinstance(state, Recomputed) else state
+
+
+@dataclass(frozen=True)
 class Objective:
-    """What a plan maximizes, lexicographically: ``primary``, then trained parameter bytes, then -peak.
+    """What a plan maximizes, lexicographically: ``primary``, then trained parameter bytes, then
+    -FLOPs per step (recomputation only where it buys value), then -peak.
 
     ``kind`` 'blocks': primary = number of fully trained blocks; 'params': primary = trained parameter
     bytes; 'weights': primary = sum of ``weights[b]`` over fully trained blocks b.
@@ -91,7 +112,7 @@ class Objective:
     def primary(self, spec: ModelSpec, layer: str, state, cost: LayerCost) -> float:
         if self.kind == "params":
             return cost.trained_param_bytes
-        if not layer.startswith("block.") or state != "full":
+        if not layer.startswith("block.") or trained_state(state) != "full":
             return 0
         if self.kind == "blocks":
             return 1
@@ -105,7 +126,7 @@ class Option:
     """One layer in one state, with its input requiring grad or not; ``cost`` includes the optimizer."""
 
     layer: str
-    state: str | int | bool
+    state: str | int | bool | Recomputed
     input_grad: bool
     cost: LayerCost
 
@@ -132,11 +153,12 @@ class PlanCosts:
 class CostTable:
     """The options of ``spec`` at one batch/seq/optimizer, and every planned quantity as a linear form.
 
-    ``lora_ranks`` is the menu of LoRA ranks a block not fully trained may take.
+    ``lora_ranks`` is the menu of LoRA ranks a block not fully trained may take; with ``recompute``, a
+    trained block (full or LoRA) may also be `Recomputed`.
     """
 
     def __init__(self, spec: ModelSpec, batch: int, seq: int | None, optimizer: str,
-                 lora_ranks: tuple[int, ...] = (), objective: Objective = Objective()):
+                 lora_ranks: tuple[int, ...] = (), objective: Objective = Objective(), recompute: bool = False):
         if batch < 1:
             raise ValueError(f"batch: must be >= 1, got {batch}")
         if optimizer not in OPTIMIZERS:
@@ -149,19 +171,22 @@ class CostTable:
             raise ValueError(f"seq: {exc} ({spec.name})") from None
         self.spec, self.batch, self.seq, self.optimizer = spec, batch, seq, optimizer
         self.lora_ranks = tuple(sorted(set(lora_ranks)))
-        self.objective = objective
+        self.objective, self.recompute = objective, recompute
         self.ancestors: dict[str, frozenset[str]] = dict(layer_ancestors(spec))
         self.layers = list(self.ancestors)  # topological order, as estimate sums
         fixed = normalize_mode(spec, TrainMode())
-        self.states = {name: ["frozen", "full", *self.lora_ranks] if name.startswith("block.")
-                       else [layer_state(fixed, name)] for name in self.layers}
+        trained = ["full", *self.lora_ranks]
+        block_states = ["frozen", *trained, *(map(Recomputed, trained) if recompute else ())]
+        self.states = {name: block_states if name.startswith("block.") else [layer_state(fixed, name)]
+                       for name in self.layers}
         self.options: list[Option] = []
         self.layer_options: dict[str, list[int]] = {}
         for name in self.layers:
             self.layer_options[name] = []
             for flag in self._input_grad_flags(name):
                 for state in self.states[name]:
-                    cost = layer_cost(spec, name, state, flag, batch, self.tokens)
+                    cost = layer_cost(spec, name, trained_state(state), flag, batch, self.tokens,
+                                      isinstance(state, Recomputed))
                     self.layer_options[name].append(len(self.options))
                     self.options.append(Option(name, state, flag, with_optimizer(cost, optimizer)))
         self.index = {(o.layer, o.state, o.input_grad): i for i, o in enumerate(self.options)}
@@ -259,10 +284,17 @@ class CostTable:
         for block, rank in mode.lora.items():
             if rank not in self.lora_ranks:
                 raise ValueError(f"LoRA rank {rank} of block {block} is not in the menu {list(self.lora_ranks)}")
-        trained = {name for name in self.layers if trains(layer_state(mode, name))}
-        return [self.index[name, layer_state(mode, name), bool(self.ancestors[name] & trained)]
-                for name in self.layers]
+        if mode.recompute and not self.recompute:
+            raise ValueError(f"{mode}: recomputation is not in the menu (plan with recompute on)")
+        if mode.frozen:
+            raise ValueError(f"{mode}: the planner does not plan compact frozen weights")
+        recomputed = {f"block.{b}" for b in mode.recompute}
+        states = {name: Recomputed(layer_state(mode, name)) if name in recomputed else layer_state(mode, name)
+                  for name in self.layers}
+        trained = {name for name in self.layers if trains(states[name])}
+        return [self.index[name, states[name], bool(self.ancestors[name] & trained)] for name in self.layers]
 
+    @cached_property
     def head_only(self) -> np.ndarray:
         """The smallest plan: only the head trains (and tied embeddings)."""
         return np.array(self.selection(TrainMode()))
@@ -271,8 +303,8 @@ class CostTable:
         """Per plan (rows of option indices; a row of -1 is no plan) and block: whether the block
         trains fully, and whether it trains with LoRA."""
         blocks = selections[:, [self.layers.index(f"block.{b}") for b in range(self.spec.n_blocks)]]
-        full = np.array([o.state == "full" for o in self.options])
-        lora = np.array([o.layer.startswith("block.") and o.trains and o.state != "full" for o in self.options])
+        full = np.array([trained_state(o.state) == "full" for o in self.options])
+        lora = np.array([o.layer.startswith("block.") and o.trains and not full[i] for i, o in enumerate(self.options)])
         return full[blocks] & (blocks >= 0), lora[blocks] & (blocks >= 0)
 
     def mode(self, selection) -> TrainMode:
@@ -282,9 +314,11 @@ class CostTable:
     def mode_of(self, states: dict) -> TrainMode:
         """The TrainMode giving each layer its state in ``states`` (layer name -> state)."""
         blocks = [states[f"block.{b}"] for b in range(self.spec.n_blocks)]
+        trained = [trained_state(state) for state in blocks]
         return normalize_mode(self.spec, TrainMode(
-            blocks=frozenset(b for b, state in enumerate(blocks) if state == "full"),
-            lora={b: state for b, state in enumerate(blocks) if trains(state) and state != "full"}))
+            blocks=frozenset(b for b, state in enumerate(trained) if state == "full"),
+            lora={b: state for b, state in enumerate(trained) if trains(state) and state != "full"},
+            recompute=frozenset(b for b, state in enumerate(blocks) if isinstance(state, Recomputed))))
 
     def evaluate(self, selections: np.ndarray) -> PlanCosts:
         """Quantities of plans given as option indices, shape (plans, layers)."""

@@ -3,10 +3,12 @@ brute force over every plan (through `estimate`), fleets, plan files and ``caff 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import itertools
 import json
+import math
 import os
 import random
 
@@ -17,7 +19,7 @@ import pytest
 from costmodel.sampling import random_config
 
 from caff.cli import main
-from costmodel import ModelSpec, TrainMode, estimate
+from costmodel import ZOO, ModelSpec, TrainMode, estimate
 from planner import (BUDGETS, Budgets, CostTable, DeviceIlp, Objective, PlanCosts, PlanSettings, compute_frontier, plan,
                      read_plan_file, write_plan_file)
 from profiles import DeviceSpec
@@ -26,33 +28,53 @@ from tests.conftest import TENSORS_ONLY
 pytestmark = pytest.mark.filterwarnings("ignore:PULP_CBC_CMD is deprecated:DeprecationWarning")
 estimate_module = importlib.import_module("costmodel.estimate")
 BATCH, SEQ = 4, 16
-SMALL = {  # name: (spec, LoRA rank menu, optimizer); at most 1024 plans each
+SMALL = {  # name: (spec, LoRA rank menu, optimizer, recompute menu); every zoo model of at most 8 blocks
     "gpt10": (ModelSpec(name="gpt10", kind="gpt", n_blocks=10, d_model=32, n_heads=2, d_ff=64, max_seq_len=16,
-                        vocab_size=20), (), "sgd"),
+                        vocab_size=20), (), "sgd", False),
     "gpt5-lora": (ModelSpec(name="gpt5", kind="gpt", n_blocks=5, d_model=48, n_heads=2, d_ff=96, max_seq_len=16,
-                            vocab_size=20), (2, 4), "adam"),
+                            vocab_size=20), (2, 4), "adam", False),
     "tied-lora": (ModelSpec(name="tied", kind="gpt", n_blocks=4, d_model=32, n_heads=2, d_ff=128, max_seq_len=16,
-                            vocab_size=40, tied_embeddings=True), (2,), "momentum"),
+                            vocab_size=40, tied_embeddings=True), (2,), "momentum", True),
     "encoder-lora": (ModelSpec(name="enc", kind="encoder", n_blocks=4, d_model=32, n_heads=4, d_ff=64, max_seq_len=16,
-                               vocab_size=30, norm="post", attention="sdpa"), (2, 4), "adam"),
+                               vocab_size=30, norm="post", attention="sdpa"), (2, 4), "adam", True),
     "vit-lora": (ModelSpec(name="vit", kind="vit", n_blocks=3, d_model=32, n_heads=2, d_ff=64, image_size=8,
-                           patch_size=4, n_classes=5), (4,), "sgd"),
+                           patch_size=4, n_classes=5), (4,), "sgd", True),
+    "char-gpt-xs": (ZOO["char-gpt-xs"], (4,), "adam", True),
+    "char-gpt-s": (ZOO["char-gpt-s"], (), "sgd", True),
+    "char-gpt-m": (ZOO["char-gpt-m"], (), "momentum", True),
+    "vit-tiny": (ZOO["vit-tiny"], (), "adam", True),
+    "minilm-l6": (ZOO["minilm-l6"], (), "sgd", True),
 }
 
 
-def all_modes(spec: ModelSpec, ranks) -> list[TrainMode]:
-    modes = []
-    for states in itertools.product(["frozen", "full", *ranks], repeat=spec.n_blocks):
-        modes.append(TrainMode(blocks=frozenset(b for b, s in enumerate(states) if s == "full"),
-                               lora={b: s for b, s in enumerate(states) if isinstance(s, int)}))
-    return modes
+def mode_of_states(states) -> TrainMode:
+    """The mode giving block b ``states[b]``: 'frozen', 'full', a rank, or ('recompute', 'full' or rank)."""
+    trained = [s[1] if isinstance(s, tuple) else s for s in states]
+    return TrainMode(blocks=frozenset(b for b, s in enumerate(trained) if s == "full"),
+                     lora={b: s for b, s in enumerate(trained) if isinstance(s, int)},
+                     recompute=frozenset(b for b, s in enumerate(states) if isinstance(s, tuple)))
+
+
+def block_states(ranks, recompute: bool) -> list:
+    trained = ["full", *ranks]
+    return ["frozen", *trained, *([("recompute", s) for s in trained] if recompute else [])]
+
+
+def all_modes(spec: ModelSpec, ranks, recompute: bool = False) -> list[TrainMode]:
+    return [mode_of_states(states) for states in itertools.product(block_states(ranks, recompute),
+                                                                   repeat=spec.n_blocks)]
+
+
+def small_table(name: str, objective: Objective = Objective()) -> CostTable:
+    spec, ranks, optimizer, recompute = SMALL[name]
+    return CostTable(spec, BATCH, SEQ, optimizer, ranks, objective, recompute)
 
 
 @functools.cache
 def brute_force(name: str):
     """Every plan of a small model and its costs, each from `estimate`."""
-    spec, ranks, optimizer = SMALL[name]
-    modes = all_modes(spec, ranks)
+    spec, ranks, optimizer, recompute = SMALL[name]
+    modes = all_modes(spec, ranks, recompute)
     reports = [estimate(spec, mode, BATCH, SEQ, optimizer) for mode in modes]
     column = lambda values: np.array(list(values), dtype=np.int64)  # noqa: E731
     return modes, {"peak": column(r.peak_bytes for r in reports),
@@ -95,17 +117,34 @@ def fits(budgets: Budgets, peak, flops, upload):
 
 
 def brute_best(objective: Objective, name: str, budgets: Budgets):
-    """The optimum's key (primary, trained bytes, -peak) over every plan that fits, or None."""
+    """The optimum's key (primary, trained bytes, -FLOPs, -peak) over every plan that fits, or None."""
     modes, costs = brute_force(name)
-    keys = list(zip(primary(objective, modes, costs["trained"]), costs["trained"], -costs["peak"]))
-    ok = fits(budgets, costs["peak"], costs["flops"], costs["upload"])
-    return max((k for k, fit in zip(keys, ok) if fit), default=None)
+    keys = (primary(objective, modes, costs["trained"]), costs["trained"], -costs["flops"], -costs["peak"])
+    ok = np.flatnonzero(fits(budgets, costs["peak"], costs["flops"], costs["upload"]))
+    if not len(ok):
+        return None
+    best = ok[np.lexsort([k[ok] for k in keys[::-1]])[-1]]
+    return tuple(k[best] for k in keys)
+
+
+def pareto_set(vectors: np.ndarray, chunk: int = 256) -> set[tuple]:
+    """The rows (-primary, -trained bytes, peak, FLOPs, upload) no other row dominates: a key at least as
+    good (lexicographically) and no larger costs; compared all with all, ``chunk`` rows at a time."""
+    vectors = np.unique(vectors, axis=0)
+    kept = set()
+    for rows in np.array_split(vectors, -(-len(vectors) // chunk)):
+        mine, other = rows[:, None, :], vectors[None, :, :]
+        better_key = (other[..., 0] < mine[..., 0]) | (
+            (other[..., 0] == mine[..., 0]) & (other[..., 1] <= mine[..., 1]))
+        dominated = better_key & (other[..., 2:] <= mine[..., 2:]).all(axis=2) & (other != mine).any(axis=2)
+        kept |= set(map(tuple, rows[~dominated.any(axis=1)]))
+    return kept
 
 
 def key_of(objective: Objective, mode: TrainMode, report):
     modes = [mode]
     return (primary(objective, modes, np.array([report.totals["grad_bytes"]]))[0], report.totals["grad_bytes"],
-            -report.peak_bytes)
+            -(report.totals["fwd_flops"] + report.totals["bwd_flops"]), -report.peak_bytes)
 
 
 def objectives(rng: random.Random, n_blocks: int) -> list[Objective]:
@@ -118,10 +157,11 @@ def objectives(rng: random.Random, n_blocks: int) -> list[Objective]:
 @pytest.mark.parametrize("seed", range(24))
 def test_linear_forms_equal_estimate_on_random_plans(seed):
     rng = random.Random(seed)
-    spec, mode, batch, seq, optimizer = random_config(rng)
+    recompute = seed % 2 == 1
+    spec, mode, batch, seq, optimizer = random_config(rng, recompute)
     mode = mode.model_copy(update={"embeddings": False})  # the planner never trains untied embeddings
     ranks = tuple(sorted({*mode.lora.values(), rng.choice([1, 8])}))
-    table = CostTable(spec, batch, seq, optimizer, ranks)
+    table = CostTable(spec, batch, seq, optimizer, ranks, recompute=recompute)
     for _ in range(8):
         report = estimate(spec, mode, batch, seq, optimizer)
         costs = table.evaluate(np.array(table.selection(mode)))
@@ -129,18 +169,17 @@ def test_linear_forms_equal_estimate_on_random_plans(seed):
         assert int(costs.step_flops[0]) == report.totals["fwd_flops"] + report.totals["bwd_flops"]
         assert int(costs.upload_bytes[0]) == report.totals["upload_bytes"]
         assert int(costs.trained_bytes[0]) == report.totals["grad_bytes"]
-        states = [rng.choice(["frozen", "full", *ranks]) for _ in range(spec.n_blocks)]
-        mode = TrainMode(blocks=frozenset(b for b, s in enumerate(states) if s == "full"),
-                         lora={b: s for b, s in enumerate(states) if isinstance(s, int)})
+        assert table.mode(table.selection(mode)) == estimate_module.normalize_mode(spec, mode)  # round trip
+        mode = mode_of_states([rng.choice(block_states(ranks, recompute)) for _ in range(spec.n_blocks)])
 
 
-@pytest.mark.parametrize("name", ["gpt5-lora", "tied-lora"])
+@pytest.mark.parametrize("name", ["gpt5-lora", "tied-lora", "char-gpt-s"])
 def test_ilp_with_a_fixed_plan_reproduces_estimate(name):
     """The ILP's own variables: fix x to a plan; g, y and the peak must follow exactly."""
-    spec, ranks, optimizer = SMALL[name]
-    table = CostTable(spec, BATCH, SEQ, optimizer, ranks)
+    spec, ranks, optimizer, recompute = SMALL[name]
+    table = small_table(name)
     rng = random.Random(name)
-    for mode in rng.sample(all_modes(spec, ranks), 3):
+    for mode in rng.sample(all_modes(spec, ranks, recompute), 3):
         ilp = DeviceIlp(table, Budgets(float("inf"), float("inf"), float("inf")))
         states = {layer: s for layer, s in zip(table.layers, (table.options[i].state for i in table.selection(mode)))}
         for (layer, state), x in ilp.x.items():
@@ -184,17 +223,17 @@ def test_linear_forms_and_plans_on_a_branching_graph(monkeypatch):
             budgets = Budgets(rng.uniform(process.min(), process.max()), rng.uniform(flops.min(), flops.max()),
                               rng.uniform(uploads.min(), uploads.max()), 1, 0.0)
             ok = fits(budgets, peaks, flops, uploads)
-            best = max((len(m.blocks), int(t), -int(p)) for m, t, p, f in zip(modes, trained, peaks, ok) if f) \
-                if ok.any() else None
+            best = max((len(m.blocks), int(t), -int(c), -int(p))
+                       for m, t, c, p, f in zip(modes, trained, flops, peaks, ok) if f) if ok.any() else None
             index = frontier.best(Budgets.stack([budgets]))[0]
-            got = None if index < 0 else (int(frontier.costs.primary[index]), int(frontier.costs.trained_bytes[index]),
-                                          -int(frontier.costs.peak_bytes[index]))
+            got = None if index < 0 else tuple(int(sign * getattr(frontier.costs, name)[index]) for sign, name in (
+                (1, "primary"), (1, "trained_bytes"), (-1, "step_flops"), (-1, "peak_bytes")))
             assert got == best
             if trial < 4:
                 selection = DeviceIlp(table, budgets).solve()
                 by_ilp = None if selection is None else table.evaluate(np.array(selection))
                 assert got == (None if by_ilp is None else (int(by_ilp.primary[0]), int(by_ilp.trained_bytes[0]),
-                                                            -int(by_ilp.peak_bytes[0])))
+                                                            -int(by_ilp.step_flops[0]), -int(by_ilp.peak_bytes[0])))
     finally:
         estimate_module.layer_ancestors.cache_clear()
 
@@ -203,12 +242,12 @@ def test_linear_forms_and_plans_on_a_branching_graph(monkeypatch):
 
 @pytest.mark.parametrize("name", SMALL)
 def test_ilp_optimum_equals_brute_force(name):
-    spec, ranks, optimizer = SMALL[name]
+    spec, _, optimizer, _ = SMALL[name]
     rng = random.Random(name)
     choices = objectives(rng, spec.n_blocks)
-    for trial in range(12):
+    for trial in range(6):
         objective = choices[trial % 3]
-        table = CostTable(spec, BATCH, SEQ, optimizer, ranks, objective)
+        table = small_table(name, objective)
         budgets = random_budgets(rng, brute_force(name)[1])
         expected = brute_best(objective, name, budgets)
         selection = DeviceIlp(table, budgets).solve()
@@ -224,20 +263,15 @@ def test_ilp_optimum_equals_brute_force(name):
 
 @pytest.mark.parametrize("name", SMALL)
 def test_frontier_is_the_brute_force_pareto_set_and_finds_every_optimum(name):
-    spec, ranks, optimizer = SMALL[name]
+    spec, _, optimizer, _ = SMALL[name]
     rng = random.Random(name)
     modes, costs = brute_force(name)
     for objective in objectives(rng, spec.n_blocks):
-        table = CostTable(spec, BATCH, SEQ, optimizer, ranks, objective)
+        table = small_table(name, objective)
         frontier = compute_frontier(table)
         value = primary(objective, modes, costs["trained"])
-        vectors = np.column_stack([-value, -costs["trained"], costs["peak"], costs["flops"], costs["upload"]])
-        pareto = set()
-        for v in vectors:
-            better_key = (vectors[:, 0] < v[0]) | ((vectors[:, 0] == v[0]) & (vectors[:, 1] <= v[1]))
-            dominated = better_key & (vectors[:, 2:] <= v[2:]).all(axis=1) & (vectors != v).any(axis=1)
-            if not dominated.any():
-                pareto.add(tuple(v))
+        pareto = pareto_set(np.column_stack([-value, -costs["trained"], costs["peak"], costs["flops"],
+                                             costs["upload"]]))
         got = np.column_stack([-frontier.costs.primary, -frontier.costs.trained_bytes, frontier.costs.peak_bytes,
                                frontier.costs.step_flops, frontier.costs.upload_bytes])
         assert {tuple(v) for v in got} == pareto and len(got) == len(pareto)
@@ -247,12 +281,43 @@ def test_frontier_is_the_brute_force_pareto_set_and_finds_every_optimum(name):
         found = [frontier.best(Budgets.stack([b]))[0] for b in budgets]
         for b, index in zip(budgets, found):
             got_key = None if index < 0 else (frontier.costs.primary[index], frontier.costs.trained_bytes[index],
-                                              -frontier.costs.peak_bytes[index])
+                                              -frontier.costs.step_flops[index], -frontier.costs.peak_bytes[index])
             assert got_key == brute_best(objective, name, b)
 
 
+def test_equal_value_goes_to_fewer_flops_so_recomputation_only_where_memory_needs_it():
+    """Training every block, with or without recomputation, has equal value; where both fit, the plan
+    without (fewer FLOPs, more memory) wins. At the memory of recomputing every block, the plan trains
+    every block and recomputes the subset of least FLOPs that fits (brute force through `estimate`)."""
+    spec = ZOO["char-gpt-xs"]
+    table = CostTable(spec, BATCH, SEQ, "sgd", recompute=True)
+    frontier = compute_frontier(table)
+    every = frozenset(range(spec.n_blocks))
+    subsets = [frozenset(r) for k in range(spec.n_blocks + 1) for r in itertools.combinations(every, k)]
+    reports = [estimate(spec, TrainMode(blocks=every, recompute=r), BATCH, SEQ, "sgd") for r in subsets]
+    flops = [r.totals["fwd_flops"] + r.totals["bwd_flops"] for r in reports]
+    process = [r.peak_bytes + r.totals["upload_bytes"] for r in reports]
+    assert process[-1] < process[0] and flops[-1] > flops[0]  # recomputing all: less memory, more FLOPs
+    for memory, expected in ((math.inf, 0), (process[-1], None)):
+        budgets = Budgets(memory, math.inf, math.inf, 1, 0.0)
+        if expected is None:
+            expected = min((i for i in range(len(subsets)) if process[i] <= memory), key=flops.__getitem__)
+        by_frontier = frontier.selections[frontier.best(Budgets.stack([budgets]))[0]]
+        for chosen in (DeviceIlp(table, budgets).solve(), by_frontier):
+            assert table.mode(chosen) == TrainMode(blocks=every, recompute=subsets[expected])
+    assert subsets[expected]
+
+
+def test_table_refuses_modes_outside_its_menu():
+    table = small_table("gpt5-lora")  # ranks 2 and 4, no recompute
+    for mode, message in ((TrainMode(lora={0: 8}), "not in the menu"), (TrainMode(blocks={1}, recompute={1}), "recompute"),
+                          (TrainMode(blocks={1}, frozen="int8"), "compact frozen")):
+        with pytest.raises(ValueError, match=message):
+            table.selection(mode)
+
+
 def test_infeasible_device_gets_the_head_only_needs():
-    spec, ranks, optimizer = SMALL["gpt10"]
+    spec, _, optimizer, _ = SMALL["gpt10"]
     head = estimate(spec, TrainMode(), BATCH, SEQ, optimizer)
     flops = head.totals["fwd_flops"] + head.totals["bwd_flops"]
     device = DeviceSpec(name="tiny", memory_bytes=head.peak_bytes // 2, compute_flops=1e15,
@@ -281,10 +346,10 @@ def random_devices(rng: random.Random, name: str, n: int, batches=(BATCH, 2 * BA
 
 def test_fleet_frontier_plans_equal_per_device_ilp():
     specs = [SMALL["gpt5-lora"][0], SMALL["gpt10"][0]]
-    devices = random_devices(random.Random(3), "gpt5-lora", 4)
-    settings = PlanSettings(lora_ranks=(2, 4), seq=SEQ, optimizer="adam")
+    devices = random_devices(random.Random(3), "gpt5-lora", 3)
+    settings = PlanSettings(lora_ranks=(2, 4), recompute=True, seq=SEQ, optimizer="adam")
     by_frontier = plan(specs, devices, settings)
-    by_ilp = plan(specs, devices, PlanSettings(lora_ranks=(2, 4), seq=SEQ, optimizer="adam", solver="ilp"))
+    by_ilp = plan(specs, devices, dataclasses.replace(settings, solver="ilp"))
     summary = lambda p: [(a.model, a.score, a.infeasible_devices) for a in p.architectures]  # noqa: E731
     assert summary(by_frontier) == summary(by_ilp)
     same = lambda e: (e.status, len(e.trained_blocks), e.upload_bytes, e.peak_bytes, e.binding, e.needs)  # noqa: E731
@@ -296,8 +361,13 @@ def test_fleet_chooses_the_architecture_and_every_plan_fits():
     specs = [ModelSpec(name=f"gpt{n}", kind="gpt", n_blocks=n, d_model=32, n_heads=2, d_ff=64, max_seq_len=16,
                        vocab_size=20) for n in (2, 4, 6)]
     devices = random_devices(rng, "gpt10", 300)
-    result = plan(specs, devices, PlanSettings(seq=SEQ, optimizer="sgd", lora_ranks=(2,)))
+    result = plan(specs, devices, PlanSettings(seq=SEQ, optimizer="sgd", lora_ranks=(2,), recompute=True))
     scores = {a.model: a.score for a in result.architectures}
+    without = plan(specs, devices, PlanSettings(seq=SEQ, optimizer="sgd", lora_ranks=(2,)))
+    assert all(a.score >= b.score for a, b in zip(result.architectures, without.architectures))
+    assert sum(a.score for a in result.architectures) > sum(b.score for b in without.architectures)
+    assert any("recompute" in e.mode for e in result.devices if e.mode) and not any(
+        "recompute" in e.mode for e in without.devices if e.mode)
     assert result.winner == max(scores, key=scores.get)
     assert all(a.verdict.startswith("won" if a.model == result.winner else "lost") for a in result.architectures)
     spec = result.spec(result.winner)
@@ -364,7 +434,8 @@ def test_budgets_without_lifts_one_budget():
 def small_plan():
     spec = SMALL["tied-lora"][0]
     devices = random_devices(random.Random(2), "tied-lora", 6)
-    return plan([spec, SMALL["gpt10"][0]], devices, PlanSettings(seq=SEQ, lora_ranks=(2,), optimizer="momentum"))
+    return plan([spec, SMALL["gpt10"][0]], devices, PlanSettings(seq=SEQ, lora_ranks=(2,), recompute=True,
+                                                                 optimizer="momentum"))
 
 
 def test_plan_file_round_trip_is_atomic(tmp_path, small_plan):
@@ -372,7 +443,11 @@ def test_plan_file_round_trip_is_atomic(tmp_path, small_plan):
     write_plan_file(path, small_plan)
     assert read_plan_file(path) == small_plan
     assert os.listdir(tmp_path) == ["plan.json"]
-    assert json.loads(path.read_text())["version"] == 1
+    data = json.loads(path.read_text())
+    assert data["version"] == 1 and data["recompute"] is True
+    del data["recompute"]  # a plan file written before the recompute menu
+    path.write_text(json.dumps(data))
+    assert read_plan_file(path).recompute is False
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -407,8 +482,9 @@ def test_plan_file_mode_must_match_its_blocks(tmp_path, small_plan):
 # -- caff plan ----------------------------------------------------------------------------------
 
 def test_cli_plans_a_device_as_json(capsys):
-    assert main(["plan", "char-gpt-xs", "--device", "rpi4-2gb", "--lora-ranks", "4,8", "--json"]) == 0
+    assert main(["plan", "char-gpt-xs", "--device", "rpi4-2gb", "--lora-ranks", "4,8", "--recompute", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
+    assert out["recompute"] is True
     entry = out["devices"][0]
     assert (entry["device"], entry["model"], entry["status"]) == ("rpi4-2gb", "char-gpt-xs", "optimal")
 
