@@ -366,7 +366,8 @@ def main() -> None:
         for method in methods:
             scored = [(t["rounds"][-1]["test_loss"], t["config"]["lr"]) for t in tuning
                       if t["regime"] == regime and t["method"] == method and "error" not in t
-                      and t["rounds"][-1]["test_loss"] is not None and any(x["trained"] for x in t["rounds"])]
+                      and t["rounds"][-1]["test_loss"] is not None and math.isfinite(t["rounds"][-1]["test_loss"])
+                      and any(x["trained"] for x in t["rounds"])]  # a diverged learning rate never wins
             tuned[(regime, method)] = min(scored)[1] if scored else grid[0]
     runs = _execute([_job(args, g, m, tuned[(g, m)], "run", s) for g in regimes for m in methods for s in seeds],
                     args.jobs, "runs", args.report_only)
