@@ -107,6 +107,26 @@ def test_the_lora_library_counts_only_for_plans_that_use_lora():
     assert entry.process.total_bytes == predict_process(spec, mode, 4, 80, "sgd", runtime).total_bytes
 
 
+def test_baselines_count_the_whole_process_as_caff_does():
+    from profiles import load_fleet
+    from trainer.methods import device_mode
+
+    spec, runtime = ZOO["char-gpt-xs"], load_runtime(DEFAULT_RUNTIME)
+    planned = plan([spec], load_fleet("edge-mix").expand(40, seed=0), PlanSettings(seq=80, batch=16,
+                                                                                   lora_ranks=(2, 4, 8, 16)))
+    seen = set()
+    for device in planned.devices:
+        for method in ("full", "lora"):
+            mode = device_mode(method, spec, device, planned)
+            candidate = mode or TrainMode.parse("all" if method == "full" else "lora:2", spec.n_blocks)
+            process = predict_process(spec, candidate, 16, 80, "sgd", runtime).total_bytes
+            assert (mode is not None) == (process <= device.budgets.usable_memory_bytes), (device.device, method)
+            seen.add((device.device.split("#")[0], method, mode is not None))
+    # the Pi Zeros' 384 MiB hold the runtime and a suffix (caff), not full fine-tuning nor the LoRA library
+    assert {("rpi-zero-2w", "full", False), ("rpi-zero-2w", "lora", False), ("rpi4-2gb", "full", True),
+            ("rpi4-2gb", "lora", True)} <= seen
+
+
 def test_plan_and_cost_show_each_term(capsys):
     assert main(["cost", "char-gpt-s", "--train", "last:2", "--batch", "4", "--shard-bytes", "2MiB", "--json"]) == 0
     process = json.loads(capsys.readouterr().out)["process"]

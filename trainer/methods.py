@@ -21,7 +21,9 @@ from __future__ import annotations
 import random
 
 from costmodel import ModelSpec, TrainMode, estimate
+from costmodel.process import kept_bytes, process_memory
 from planner.planfile import DevicePlan, PlanFile
+from profiles.runtime import load_runtime
 
 METHODS = ("caff", "lora", "full", "head", "fedra", "smallest")
 LORA_MENU = (1, 2, 4, 8, 16, 32, 64)
@@ -34,10 +36,18 @@ def shallow_spec(spec: ModelSpec, n_held: int) -> ModelSpec:
 
 
 def fits(spec: ModelSpec, mode: TrainMode, device: DevicePlan, plan: PlanFile) -> bool:
-    """Whether ``mode`` meets the device's memory (less the margin), compute and upload budgets."""
+    """Whether ``mode`` meets the device's memory (less the margin), compute and upload budgets. Memory
+    is the whole training process's (`costmodel.process`: the device's runtime, the LoRA library
+    where ``mode`` uses it, its data shard, the step's tensors), as the planner counts it for caff;
+    plans made before runtimes were counted compare the step's tensors only."""
     budgets = device.budgets
     report = estimate(spec, mode, budgets.batch_size, plan.seq, plan.optimizer)
-    return (report.peak_bytes <= budgets.usable_memory_bytes
+    memory = report.peak_bytes
+    if device.runtime is not None:
+        shard = device.process.shard_bytes if device.process else 0
+        memory = process_memory(load_runtime(device.runtime), mode, report.peak_bytes, shard,
+                                kept_bytes(spec, mode, report)).total_bytes
+    return (memory <= budgets.usable_memory_bytes
             and budgets.local_steps * (report.totals["fwd_flops"] + report.totals["bwd_flops"]) <= budgets.compute_flops
             and report.totals["upload_bytes"] <= budgets.upload_bytes)
 
