@@ -54,7 +54,7 @@ def need_data():
 
 @pytest.fixture
 def three_device_plan(tmp_path):
-    """A plan file for char-gpt-xs on devices with 0.3, 0.6 and 1.2 times full fine-tuning's peak (batch 2)."""
+    """A plan file for char-gpt-xs on devices with 0.3, 0.6 and 1.4 times full fine-tuning's peak (batch 2)."""
     from costmodel import ZOO, TrainMode, estimate
     from planner.fleet import PlanSettings, plan
     from planner.planfile import write_plan_file
@@ -63,7 +63,7 @@ def three_device_plan(tmp_path):
     spec = ZOO["char-gpt-xs"]
     full = estimate(spec, TrainMode.parse("all", spec.n_blocks), 2, 80).peak_bytes
     devices = [DeviceSpec(name=f"d{i}", memory_bytes=int(f * full), compute_flops=1e12, upload_bytes=10**8,
-                          local_steps=2, batch_size=2, runtime=TENSORS_ONLY) for i, f in enumerate((0.3, 0.6, 1.2))]
+                          local_steps=2, batch_size=2, runtime=TENSORS_ONLY) for i, f in enumerate((0.3, 0.6, 1.4))]
     path = tmp_path / "plan.json"
     write_plan_file(path, plan([spec], devices, PlanSettings(seq=80, lora_ranks=(2, 4))))
     return path
