@@ -22,8 +22,8 @@ import random
 
 from costmodel import ModelSpec, TrainMode, estimate
 from costmodel.process import kept_bytes, process_memory
+from planner.budget import runtime_profile
 from planner.planfile import DevicePlan, PlanFile
-from profiles.runtime import load_runtime
 
 METHODS = ("caff", "lora", "full", "head", "fedra", "smallest")
 LORA_MENU = (1, 2, 4, 8, 16, 32, 64)
@@ -45,7 +45,7 @@ def fits(spec: ModelSpec, mode: TrainMode, device: DevicePlan, plan: PlanFile) -
     memory = report.peak_bytes
     if device.runtime is not None:
         shard = device.process.shard_bytes if device.process else 0
-        memory = process_memory(load_runtime(device.runtime), mode, report.peak_bytes, shard,
+        memory = process_memory(runtime_profile(device.runtime), mode, report.peak_bytes, shard,
                                 kept_bytes(spec, mode, report)).total_bytes
     return (memory <= budgets.usable_memory_bytes
             and budgets.local_steps * (report.totals["fwd_flops"] + report.totals["bwd_flops"]) <= budgets.compute_flops
