@@ -387,7 +387,7 @@ def flwr_cli(address: str, root_certificates: str | Path | None):
     with tempfile.TemporaryDirectory() as home:
         Path(home, "config.toml").write_text(
             f'[superlink]\ndefault = "caff"\n\n[superlink.caff]\naddress = "{address}"\n{tls}\n')
-        yield {**os.environ, "FLWR_HOME": home}
+        yield {**os.environ, "FLWR_HOME": home, "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
 def _flwr(args: list[str], env: dict, log_file, timeout: float | None = None) -> None:
@@ -443,8 +443,10 @@ def localhost_federation(n_nodes: int, log_dir: str | Path, node_config=lambda i
     ``log_dir``. ``node_config(i)`` is node i's ``--node-config``. ``simulation``: the SuperLink
     runs Flower's simulation engine (its nodes are virtual: start it with no nodes, insecure).
 
-    The processes share this machine's cores: each gets one torch (OpenMP) thread, telemetry is
-    off, and a SuperNode's SuperExec polls for messages every 0.5 s (Flower's default: 1 s; at
+    The SuperLink keeps its state in memory (Flower's default): with a SQLite file here, pushes
+    failed with "database is locked" under load and a node's reply was lost. The processes share
+    this machine's cores: each gets one torch (OpenMP) thread, telemetry and Flower's update check
+    (no network here) are off, and a SuperNode's SuperExec polls for messages every 0.5 s (Flower's default: 1 s; at
     0.1 s four idle nodes took a third of a core here)."""
     from trainer.certs import make_certificates, make_node_key
 
@@ -453,7 +455,7 @@ def localhost_federation(n_nodes: int, log_dir: str | Path, node_config=lambda i
     bin_dir = Path(sys.executable).parent
     link = f"127.0.0.1:{free_port()}"  # the SuperLink's HTTP API: Fleet, Control and ServerAppIo
     link_command = [str(bin_dir / "flower-superlink"), "--host", "127.0.0.1", "--port", link.split(":")[1],
-                    "--database", str(log_dir / "superlink.db"), "--disable-runtime-dependency-installation",
+                    "--disable-runtime-dependency-installation",
                     *(["--simulation"] if simulation else [])]
     node_security = [["--insecure"]] * (n_nodes + unregistered)
     ca = None
@@ -474,6 +476,7 @@ def localhost_federation(n_nodes: int, log_dir: str | Path, node_config=lambda i
             processes.append(subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT,
                                               env={**os.environ, "FLWR_HOME": str(log_dir / "flwr-home"),
                                                    "OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0",
+                                                   "FLWR_DISABLE_UPDATE_CHECK": "1",
                                                    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.5"},
                                               start_new_session=True))
     try:
