@@ -1,9 +1,10 @@
-"""The Pareto frontier of a model's plans: every plan that is some device's optimum, whatever its budgets.
+"""The Pareto frontier of a table's plans: every plan that is some device's optimum, whatever its budgets.
 
 A device's optimum is the plan of largest key (primary, trained bytes; lexicographic, see
 `Objective`), then fewest FLOPs, then least peak, among plans within its memory, compute and upload
-budgets. A plan q *dominates* p when key(q) >= key(p) and q needs no more peak memory, FLOPs or
-upload than p: wherever p fits, q fits and is at least as good. So the non-dominated plans, sorted
+budgets (a table's plans share one precision of frozen weights). A plan q *dominates* p when
+key(q) >= key(p) and q needs no more peak memory, FLOPs, upload or kept bytes than p: wherever p
+fits, q fits and is at least as good. So the non-dominated plans, sorted
 by (key descending, FLOPs ascending, peak ascending), hold every device's optimum: the first one
 that fits.
 
@@ -18,7 +19,7 @@ the terms later layers add to it left out::
     fwd   = max over its layers l of  sum_j base_j + below_{<l} + F_l
     bwd   = max over its layers l of  sum_j base_j + grad_{<=l} + S_l, and over those l in backward
             of  sum_j base_j + below_{<l} + B_l + grad_{>l}
-    flops, upload, and the key
+    flops, upload, kept (received bytes kept, `CostTable.kept_bytes`), and the key
 
 Each later layer adds its base to every phase and its G to the backward and optimizer phases, so
 once every layer is placed, ``peak = X + max(fwd, bwd)`` (the optimizer's largest temporary S
@@ -45,7 +46,7 @@ from planner.budget import Budgets
 from planner.table import CostTable, PlanCosts
 
 # columns of a label's quantities
-BELOW, GRAD, FWD, BWD, FLOPS, UPLOAD = range(6)
+BELOW, GRAD, FWD, BWD, FLOPS, UPLOAD, KEPT = range(7)
 FEW = 64  # labels kept without pruning at a layer (the final pruning removes what is dominated)
 
 
@@ -81,7 +82,7 @@ def compute_frontier(table: CostTable) -> Frontier:
             descendants[position[ancestor], position[name]] = True
     option_trains = np.array([o.trains for o in table.options])
 
-    quantities = np.zeros((1, 6), dtype=np.int64)
+    quantities = np.zeros((1, 7), dtype=np.int64)
     primary = np.zeros(1)
     trained = np.zeros(1, dtype=np.int64)
     selections = np.zeros((1, 0), dtype=np.int64)
@@ -104,6 +105,7 @@ def compute_frontier(table: CostTable) -> Frontier:
                                np.maximum(earlier, old[:, BELOW] + base + q["bwd"][option]), earlier)
         new[:, FLOPS] = old[:, FLOPS] + table.step_flops[option]
         new[:, UPLOAD] = old[:, UPLOAD] + table.upload_bytes[option]
+        new[:, KEPT] = old[:, KEPT] + table.kept_bytes[option]
         primary = primary[label] + table.primary[option]
         trained = trained[label] + table.trained_bytes[option]
         selections = np.column_stack([selections[label], option])
@@ -116,9 +118,11 @@ def compute_frontier(table: CostTable) -> Frontier:
         selections, input_grad = selections[keep], input_grad[keep]
     final = PlanCosts(
         peak_bytes=table.batch_bytes + np.maximum(quantities[:, FWD], quantities[:, BWD]),
-        step_flops=quantities[:, FLOPS], upload_bytes=quantities[:, UPLOAD], trained_bytes=trained, primary=primary)
+        step_flops=quantities[:, FLOPS], upload_bytes=quantities[:, UPLOAD], trained_bytes=trained, primary=primary,
+        kept_bytes=quantities[:, KEPT], precision=np.full(len(primary), table.precision))
     keep = _non_dominated(primary, trained, np.column_stack(
-        [final.peak_bytes, final.step_flops, final.upload_bytes]), np.zeros((len(primary), 0), dtype=bool))
+        [final.peak_bytes, final.step_flops, final.upload_bytes, final.kept_bytes]),
+        np.zeros((len(primary), 0), dtype=bool))
     order = keep[np.lexsort((final.peak_bytes[keep], final.step_flops[keep], -trained[keep], -primary[keep]))]
     return Frontier(table, selections[order], final.take(order))
 
