@@ -93,9 +93,15 @@ class Budgets:
         """Per budget, whether each plan exceeds it (compute counts ``local_steps`` steps), compared
         exactly in integers: a plan's cost exceeds a budget iff it exceeds the budget's `_allowance`
         (memory: the process's tensor peak and kept tensors against what the fixed bytes leave)."""
-        return {"memory": self._variable_bytes(costs) > _allowance(self.usable_memory_bytes - self.fixed_bytes),
-                "compute": costs.step_flops > _allowance(self.compute_flops, self.local_steps),
-                "upload": costs.upload_bytes > _allowance(self.upload_bytes)}
+        memory, compute, upload = self.allowances()
+        return {"memory": self._variable_bytes(costs) > memory, "compute": costs.step_flops > compute,
+                "upload": costs.upload_bytes > upload}
+
+    def allowances(self) -> tuple:
+        """Per budget (memory, compute, upload), the largest integer cost that fits it (`_allowance`):
+        memory for the tensor peak with its slack and the kept tensors, FLOPs of one step, bytes."""
+        return (_allowance(self.usable_memory_bytes - self.fixed_bytes),
+                _allowance(self.compute_flops, self.local_steps), _allowance(self.upload_bytes))
 
     def fits(self, costs: PlanCosts) -> np.ndarray:
         """Whether each plan fits every budget."""
@@ -122,8 +128,8 @@ def _allowance(limit, per=1):
         return one(limit, per)
     limit, per = (np.broadcast_to(np.asarray(v), shape) for v in (limit, per))
     small = (np.abs(limit) < 2.0**53) & (per < 2**53)  # limit is finite there
-    q = np.full(shape, MAX_COST, dtype=np.int64)
+    q = np.full(shape, MAX_COST, dtype=np.int64)  # also where the limit is lifted (infinite)
     q[small] = np.minimum(np.floor(limit[small]).astype(np.int64) // per[small].astype(np.int64), MAX_COST)
-    for index in zip(*np.nonzero(~small)):
+    for index in zip(*np.nonzero(~small & np.isfinite(limit))):
         q[index] = one(limit[index], per[index])
     return q

@@ -100,7 +100,8 @@ def plan(specs: list[ModelSpec], devices: list, settings: PlanSettings = PlanSet
         menus.insert(0, ())
     budgets = {menu: [Budgets.of_device(d, settings.margin, settings.shard_bytes, bool(menu)) for d in devices]
                for menu in menus}
-    solved = [_solve_architecture(spec, devices, budgets, settings) for spec in specs]
+    stacked = {menu: Budgets.stack(budgets[menu]) for menu in menus}
+    solved = [_solve_architecture(spec, devices, budgets, stacked, settings) for spec in specs]
     summaries, winner = _summaries(solved, settings)
     return PlanFile(objective=str(settings.objective), lora_ranks=list(settings.lora_ranks),
                     recompute=settings.recompute, frozen=list(settings.frozen), margin=settings.margin,
@@ -111,9 +112,10 @@ def plan(specs: list[ModelSpec], devices: list, settings: PlanSettings = PlanSet
 
 
 def _solve_architecture(spec: ModelSpec, devices: list, budgets: dict[tuple, list[Budgets]],
-                        settings: PlanSettings) -> _Solved:
-    """Every device's best plan of ``spec``; ``budgets``: each device's, per LoRA menu (see `plan`): plans
-    without LoRA against the plain runtime and plans with it against the larger one. One table per
+                        stacked: dict[tuple, Budgets], settings: PlanSettings) -> _Solved:
+    """Every device's best plan of ``spec``; ``budgets``: each device's, per LoRA menu (see `plan`), and
+    ``stacked`` the same as column arrays: plans without LoRA against the plain runtime and plans with
+    it against the larger one. One table per
     LoRA menu and way of holding frozen weights; each device takes the best of its best plans
     (`preferred`)."""
     n = len(devices)
@@ -134,13 +136,13 @@ def _solve_architecture(spec: ModelSpec, devices: list, budgets: dict[tuple, lis
             started = time.perf_counter()
             table = CostTable(spec, int(batch), settings.seq, settings.optimizer, menu, settings.objective,
                               settings.recompute, frozen)
-            menu_budgets = [budgets[menu][i] for i in members]
-            menu_rows, menu_binding, menu_seconds = solve(table, menu_budgets, started)
-            menu_costs = _costs(table, menu_rows)
+            menu_budgets = stacked[menu].rows(members)
+            menu_rows, menu_costs, menu_binding, menu_seconds = solve(
+                table, [budgets[menu][i] for i in members], menu_budgets, started)
             feasible = menu_rows[:, 0] >= 0
             if (menu, frozen) == choices[0]:  # binding where no table fits: the budgets its head-only plan breaks
                 take = np.ones(len(members), dtype=bool)
-                over = Budgets.stack(menu_budgets).over(table.evaluate(table.head_only))
+                over = menu_budgets.over(table.evaluate(table.head_only))
                 menu_binding[~feasible] = np.column_stack([over[budget][:, 0] for budget in BUDGETS])[~feasible]
             else:
                 take = feasible & ((rows[members, 0] < 0) | preferred(menu_costs, costs.take(members)))
@@ -155,18 +157,22 @@ def _solve_architecture(spec: ModelSpec, devices: list, budgets: dict[tuple, lis
     return _Solved(spec, tables, rows, costs, binding, seconds, full, lora)
 
 
-def _solve_by_frontier(table: CostTable, budgets: list[Budgets], started: float):
-    """Option rows, binding budgets and seconds per device, from one frontier for all of them."""
-    frontier = compute_frontier(table)
-    stacked = Budgets.stack(budgets)
+def _solve_by_frontier(table: CostTable, budgets: list[Budgets], stacked: Budgets, started: float):
+    """Option rows, their costs (the head-only plan's where none fits), binding budgets and seconds per
+    device, from one frontier for all of them (``stacked``: their budgets as column arrays)."""
+    frontier = compute_frontier(table, stacked)
     best = frontier.best(stacked)
-    binding = np.column_stack([_better(frontier.costs, frontier.best(stacked.without(b)), best) for b in BUDGETS])
-    rows = np.where(best[:, None] >= 0, frontier.selections[best], -1)
-    return rows, binding & (best >= 0)[:, None], (time.perf_counter() - started) / len(budgets)
+    plans = PlanCosts(*(np.concatenate([getattr(frontier.costs, f.name), getattr(head, f.name)])  # -1: head only
+                        for head in [table.evaluate(table.head_only)] for f in fields(PlanCosts)))
+    binding = np.column_stack([_better(plans, frontier.best(stacked.without(b)), best) for b in BUDGETS])
+    rows = np.full((len(best), len(table.layers)), -1)
+    rows[best >= 0] = frontier.selections[best[best >= 0]]
+    return rows, plans.take(best), binding & (best >= 0)[:, None], (time.perf_counter() - started) / len(budgets)
 
 
-def _solve_by_ilp(table: CostTable, budgets: list[Budgets], started: float):
-    """Option rows, binding budgets and seconds per device, one ILP (and one per lifted budget) each."""
+def _solve_by_ilp(table: CostTable, budgets: list[Budgets], stacked: Budgets, started: float):
+    """Option rows, their costs, binding budgets and seconds per device, one ILP (and one per lifted
+    budget) each."""
     rows = np.full((len(budgets), len(table.layers)), -1)
     binding = np.zeros((len(budgets), len(BUDGETS)), dtype=bool)
     seconds = np.zeros(len(budgets))
@@ -179,7 +185,7 @@ def _solve_by_ilp(table: CostTable, budgets: list[Budgets], started: float):
                 binding[i, k] = _better(table.evaluate(np.array([lifted, selection])), np.array([0]), np.array([1]))[0]
         seconds[i] = time.perf_counter() - started
         started = time.perf_counter()
-    return rows, binding, seconds
+    return rows, _costs(table, rows), binding, seconds
 
 
 def preferred(a: PlanCosts, b: PlanCosts) -> np.ndarray:

@@ -34,6 +34,14 @@ ranks: at most ~1,300 before a layer's pruning, a frontier of ~200-300 plans; wi
 too, up to ~100,000 before a layer's pruning and a frontier of ~5,000-8,500 plans, each key's
 plans trading FLOPs for memory). Tests check the frontier against enumeration through `estimate` and
 against the per-device ILP.
+
+Given the budgets of the devices it serves, the frontier keeps only the plans that fit some device
+with at most one of its budgets lifted (all the fleet planner asks of it: each device's optimum,
+and whether lifting one budget reaches a better plan). Every quantity of a label is a lower bound
+on that of any plan it completes to (later layers add nonnegative bytes and FLOPs: at least each
+later layer's cheapest option), so a label whose bounds exceed the largest allowance of the fleet
+in two budgets or more completes to no such plan, and is dropped (`_beyond_reach`). A dominated label
+exceeds what its dominator exceeds, so the two prunings agree.
 """
 
 from __future__ import annotations
@@ -64,6 +72,8 @@ class Frontier:
     def best(self, budgets: Budgets, chunk: int = 1024) -> np.ndarray:
         """For budgets of many devices (column arrays), the index of each one's optimal plan; -1 where
         none fits. Devices go ``chunk`` at a time, so that memory stays ~chunk x plans x 8 bytes."""
+        if not len(self):
+            return np.full(budgets.devices, -1)
         found = []
         for start in range(0, budgets.devices, chunk):
             fits = budgets.rows(slice(start, start + chunk)).fits(self.costs)
@@ -71,9 +81,11 @@ class Frontier:
         return np.concatenate(found)
 
 
-def compute_frontier(table: CostTable) -> Frontier:
-    """The exact frontier of ``table`` by dynamic programming with dominance pruning."""
+def compute_frontier(table: CostTable, budgets: Budgets | None = None) -> Frontier:
+    """The exact frontier of ``table`` by dynamic programming with dominance pruning; with ``budgets``
+    (column arrays, many devices), only its plans that fit some device with at most one budget lifted."""
     q = table.memory_terms
+    reach = _Reach(table, budgets) if budgets is not None else None
     layers = table.layers
     position = {name: i for i, name in enumerate(layers)}
     descendants = np.zeros((len(layers), len(layers)), dtype=bool)  # descendants[a, l]: l is below a
@@ -110,6 +122,10 @@ def compute_frontier(table: CostTable) -> Frontier:
         trained = trained[label] + table.trained_bytes[option]
         selections = np.column_stack([selections[label], option])
         input_grad = input_grad[label] | (option_trains[option][:, None] & descendants[at][None, :])
+        if reach is not None:
+            near = ~reach.beyond(at, new)
+            new, primary, trained, selections, input_grad = (a[near] for a in (new, primary, trained, selections,
+                                                                               input_grad))
         if len(new) <= FEW or len(table.states[name]) == 1:  # prune many new labels; the final pruning follows
             quantities = new
             continue
@@ -127,6 +143,31 @@ def compute_frontier(table: CostTable) -> Frontier:
     return Frontier(table, selections[order], final.take(order))
 
 
+class _Reach:
+    """The largest allowance of many devices in each budget, and per layer the least bytes and FLOPs
+    the layers after it add to a label's quantities (`compute_frontier`)."""
+
+    def __init__(self, table: CostTable, budgets: Budgets):
+        self.memory, self.compute, self.upload = (int(np.max(a)) for a in budgets.allowances())
+        self.overhead = float(np.min(budgets.tensor_overhead))
+        q = table.memory_terms
+        least = lambda values: np.array([min(int(values[i]) for i in table.layer_options[name])  # noqa: E731
+                                         for name in table.layers] + [0], dtype=np.int64)
+        after = lambda values: np.cumsum(least(values)[::-1])[::-1][1:]  # noqa: E731  sum over layers > at
+        self.batch_bytes = table.batch_bytes
+        self.base, self.base_grad = after(q["base"]), after(q["base"] + q["grad"])
+        self.flops, self.uploads, self.kept = after(table.step_flops), after(table.upload_bytes), after(table.kept_bytes)
+
+    def beyond(self, at: int, labels: np.ndarray) -> np.ndarray:
+        """Whether each label (quantities after layer ``at``) completes only to plans that exceed the
+        fleet's largest allowance in two budgets or more."""
+        peak = self.batch_bytes + np.maximum(labels[:, FWD] + self.base[at], labels[:, BWD] + self.base_grad[at])
+        memory = peak + np.ceil(peak * self.overhead).astype(np.int64) + labels[:, KEPT] + self.kept[at]
+        over = ((memory > self.memory).astype(np.int8) + (labels[:, FLOPS] + self.flops[at] > self.compute)
+                + (labels[:, UPLOAD] + self.uploads[at] > self.upload))
+        return over >= 2
+
+
 def _non_dominated(primary: np.ndarray, trained: np.ndarray, costs: np.ndarray, signature: np.ndarray,
                    size: int = 256, block: int = 4096) -> np.ndarray:
     """Indices of labels no other label of the same signature dominates (key >= and costs <=);
@@ -138,6 +179,8 @@ def _non_dominated(primary: np.ndarray, trained: np.ndarray, costs: np.ndarray, 
     dominate one of group B only if A's least costs (per column) are <= B's largest. So each group in
     turn is tested, ``size`` rows by ``block`` labels at a time, against its own earlier labels and
     against the kept labels of the earlier groups that pass that test, each row dropped once dominated."""
+    if not len(primary):
+        return np.zeros(0, dtype=np.int64)
     order = np.lexsort((*costs.T[::-1], -trained, -primary))
     columns = costs[order].T
     packed = np.packbits(signature[order], axis=1)

@@ -333,6 +333,27 @@ def test_frontier_is_the_brute_force_pareto_set_and_finds_every_optimum(name):
             assert got_key == brute_best(objective, name, budgets)
 
 
+@pytest.mark.parametrize("name", ["tied-lora", "char-gpt-xs", "minilm-l6"])
+def test_frontier_for_some_devices_keeps_their_optima_with_any_budget_lifted(name):
+    """A frontier pruned to the plans some device can reach (with at most one budget lifted) gives every
+    device the same optimum as the full frontier, under its budgets and with each lifted."""
+    rng = random.Random(name)
+    costs = brute_force(name)[1]
+    for table in small_tables(name):
+        full = compute_frontier(table)
+        key = lambda frontier, index: [None if i < 0 else (frontier.costs.primary[i], frontier.costs.trained_bytes[i],  # noqa: E731
+                                                          frontier.costs.step_flops[i], frontier.costs.peak_bytes[i])
+                                       for i in index]
+        for devices in (1, 1, 5, 30):
+            budgets = Budgets.stack([random_budgets(rng, costs) for _ in range(devices)])
+            pruned = compute_frontier(table, budgets)
+            assert len(pruned) <= len(full)
+            for lifted in (budgets, *(budgets.without(b) for b in BUDGETS)):
+                assert key(pruned, pruned.best(lifted)) == key(full, full.best(lifted))
+        tight = Budgets.stack([Budgets(int(costs["peak"].min()), float(costs["flops"].min()), 1, 1, 0.0)])
+        assert len(compute_frontier(table, tight)) < len(full)
+
+
 def test_equal_value_goes_to_fewer_flops_so_recomputation_only_where_memory_needs_it():
     """Training every block, with or without recomputation, has equal value; where both fit, the plan
     without (fewer FLOPs, more memory) wins. At the memory of recomputing every block, the plan trains
