@@ -263,20 +263,22 @@ class CostTable:
         kept = self.upload_bytes.copy()
         if not self.frozen:
             return kept
-        head = self.compaction_kept({})
-        per_state = {(o.layer, o.state): self.compaction_kept({o.layer: o.state}) - head
+        frozen = {f"block.{b}": "frozen" for b in range(self.spec.n_blocks)}
+        # the old values of trained tensors are alike with and without compaction: one report serves
+        report = estimate(self.spec, self.mode_of(frozen).model_copy(update={"frozen": None}), self.batch, self.seq,
+                          self.optimizer)
+
+        def compaction(states: dict) -> int:
+            compact = self.mode_of(frozen | states)
+            return kept_bytes(self.spec, compact, report) - kept_bytes(self.spec, compact.model_copy(
+                update={"frozen": None}), report)
+
+        head = compaction({})
+        per_state = {(o.layer, o.state): compaction({o.layer: o.state}) - head
                      for o in self.options if o.layer.startswith("block.")}
         for i, option in enumerate(self.options):
             kept[i] += per_state.get((option.layer, option.state), head if option.layer == "head" else 0)
         return kept
-
-    def compaction_kept(self, states: dict) -> int:
-        """Bytes `costmodel.process.kept_bytes` adds with this table's compact frozen weights, to the plan
-        giving each block in ``states`` (layer -> state) its state and every other block 'frozen'."""
-        compact = self.mode_of({f"block.{b}": "frozen" for b in range(self.spec.n_blocks)} | states)
-        plain = compact.model_copy(update={"frozen": None})
-        return sum(sign * kept_bytes(self.spec, mode, estimate(self.spec, mode, self.batch, self.seq, self.optimizer))
-                   for sign, mode in ((1, compact), (-1, plain)))
 
     @cached_property
     def primary(self) -> np.ndarray:
