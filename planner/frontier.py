@@ -46,6 +46,7 @@ exceeds what its dominator exceeds, so the two prunings agree.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,14 +72,19 @@ class Frontier:
 
     def best(self, budgets: Budgets, chunk: int = 1024) -> np.ndarray:
         """For budgets of many devices (column arrays), the index of each one's optimal plan; -1 where
-        none fits. Devices go ``chunk`` at a time, so that memory stays ~chunk x plans x 8 bytes."""
+        none fits. A device under the least cost of every plan in a budget fits none; the others
+        go ``chunk`` at a time, so that memory stays ~chunk x plans x 8 bytes."""
+        found = np.full(budgets.devices, -1)
         if not len(self):
-            return np.full(budgets.devices, -1)
-        found = []
-        for start in range(0, budgets.devices, chunk):
-            fits = budgets.rows(slice(start, start + chunk)).fits(self.costs)
-            found.append(np.where(fits.any(axis=1), fits.argmax(axis=1), -1))
-        return np.concatenate(found)
+            return found
+        least = PlanCosts(*(getattr(self.costs, f.name)[[0]].clip(max=getattr(self.costs, f.name).min())
+                            for f in dataclasses.fields(PlanCosts)))
+        could = np.flatnonzero(np.broadcast_to(budgets.fits(least), (budgets.devices, 1))[:, 0])
+        for start in range(0, len(could), chunk):
+            devices = could[start:start + chunk]
+            fits = budgets.rows(devices).fits(self.costs)
+            found[devices] = np.where(fits.any(axis=1), fits.argmax(axis=1), -1)
+        return found
 
 
 def compute_frontier(table: CostTable, budgets: Budgets | None = None) -> Frontier:
@@ -86,6 +92,7 @@ def compute_frontier(table: CostTable, budgets: Budgets | None = None) -> Fronti
     (column arrays, many devices), only its plans that fit some device with at most one budget lifted."""
     q = table.memory_terms
     reach = _Reach(table, budgets) if budgets is not None else None
+    width = KEPT + 1 if table.frozen else KEPT  # without compact weights the kept bytes are the upload bytes
     layers = table.layers
     position = {name: i for i, name in enumerate(layers)}
     descendants = np.zeros((len(layers), len(layers)), dtype=bool)  # descendants[a, l]: l is below a
@@ -129,7 +136,7 @@ def compute_frontier(table: CostTable, budgets: Budgets | None = None) -> Fronti
         if len(new) <= FEW or len(table.states[name]) == 1:  # prune many new labels; the final pruning follows
             quantities = new
             continue
-        keep = _non_dominated(primary, trained, new, input_grad[:, at + 1:])
+        keep = _non_dominated(primary, trained, new[:, :width], input_grad[:, at + 1:])
         quantities, primary, trained = new[keep], primary[keep], trained[keep]
         selections, input_grad = selections[keep], input_grad[keep]
     final = PlanCosts(
@@ -137,7 +144,7 @@ def compute_frontier(table: CostTable, budgets: Budgets | None = None) -> Fronti
         step_flops=quantities[:, FLOPS], upload_bytes=quantities[:, UPLOAD], trained_bytes=trained, primary=primary,
         kept_bytes=quantities[:, KEPT], precision=np.full(len(primary), table.precision))
     keep = _non_dominated(primary, trained, np.column_stack(
-        [final.peak_bytes, final.step_flops, final.upload_bytes, final.kept_bytes]),
+        [final.peak_bytes, final.step_flops, final.upload_bytes, final.kept_bytes][:width - 3]),
         np.zeros((len(primary), 0), dtype=bool))
     order = keep[np.lexsort((final.peak_bytes[keep], final.step_flops[keep], -trained[keep], -primary[keep]))]
     return Frontier(table, selections[order], final.take(order))
@@ -171,7 +178,25 @@ class _Reach:
 def _non_dominated(primary: np.ndarray, trained: np.ndarray, costs: np.ndarray, signature: np.ndarray,
                    size: int = 256, block: int = 4096) -> np.ndarray:
     """Indices of labels no other label of the same signature dominates (key >= and costs <=);
-    of identical labels the first is kept.
+    of identical labels the first is kept. Each signature's labels go on their own, with each cost
+    column replaced by its dense rank (the same comparisons, in 2 or 4 bytes rather than 8)."""
+    if not len(primary):
+        return np.zeros(0, dtype=np.int64)
+    ranked = np.column_stack([np.unique(column, return_inverse=True)[1].ravel() for column in costs.T])
+    ranked = ranked.astype(np.int16 if ranked.max() < 2**15 else np.int32)
+    packed = np.packbits(signature, axis=1)
+    sig = np.unique(packed.view(f"V{packed.shape[1]}").ravel(), return_inverse=True)[1].ravel() if packed.size \
+        else np.zeros(len(primary), dtype=np.int64)
+    kept = []
+    for value in np.unique(sig):
+        members = np.flatnonzero(sig == value)
+        kept.append(members[_non_dominated_alike(primary[members], trained[members], ranked[members], size, block)])
+    return np.concatenate(kept)
+
+
+def _non_dominated_alike(primary: np.ndarray, trained: np.ndarray, costs: np.ndarray, size: int,
+                         block: int) -> np.ndarray:
+    """`_non_dominated` among labels of one signature.
 
     Sorted by key descending, then costs, a label's dominators all come before it, and every label
     before it is kept or dominated by a kept one. The sorted labels are cut into groups at key
@@ -179,13 +204,8 @@ def _non_dominated(primary: np.ndarray, trained: np.ndarray, costs: np.ndarray, 
     dominate one of group B only if A's least costs (per column) are <= B's largest. So each group in
     turn is tested, ``size`` rows by ``block`` labels at a time, against its own earlier labels and
     against the kept labels of the earlier groups that pass that test, each row dropped once dominated."""
-    if not len(primary):
-        return np.zeros(0, dtype=np.int64)
     order = np.lexsort((*costs.T[::-1], -trained, -primary))
-    columns = costs[order].T
-    packed = np.packbits(signature[order], axis=1)
-    sig = np.unique(packed.view(f"V{packed.shape[1]}").ravel(), return_inverse=True)[1].ravel() if packed.size \
-        else np.zeros(len(order), dtype=np.int64)
+    columns = np.ascontiguousarray(costs[order].T)
     runs = np.flatnonzero(np.concatenate([[True], (np.diff(primary[order]) != 0) | (np.diff(trained[order]) != 0)]))
     starts = runs[np.concatenate([[True], np.diff(runs // size) > 0])]
     ends = np.append(starts[1:], len(order))
@@ -194,13 +214,15 @@ def _non_dominated(primary: np.ndarray, trained: np.ndarray, costs: np.ndarray, 
 
     def dominated(rows: np.ndarray, by: np.ndarray) -> np.ndarray:
         """Per row, whether a label of ``by`` (positions in ``order``) before it dominates it."""
-        found = (by[None, :] < rows[:, None]) & (sig[by][None, :] == sig[rows][:, None])
+        found = by[None, :] < rows[:, None]
         for column in columns:
             found &= column[by][None, :] <= column[rows][:, None]
         return found.any(axis=1)
 
     def survivors(rows: np.ndarray, by: np.ndarray) -> np.ndarray:
         for start in range(0, len(by), block):
+            if not len(rows):
+                break
             rows = rows[~dominated(rows, by[start:start + block])]
         return rows
 
