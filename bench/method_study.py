@@ -299,6 +299,10 @@ def claims(finals: dict, refs: dict, least_share: dict) -> str:
             rows.append(f"| {claim} | {regime} | {verdict} | caff {caff:.2%}; {against} |")
     for regime in ("upload-1/32", "upload-1/8"):
         caff, lora = mean(regime, "caff"), mean(regime, "lora")
+        if caff is not None and blocked(regime, "lora"):
+            rows.append(f"| on par with LoRA under upload limits (within 1 point) | {regime} | cannot be tested: no "
+                        f"device can upload LoRA's smallest rank | caff {caff:.2%}, lora cannot run |")
+            continue
         if caff is None or lora is None:
             rows.append(f"| on par with LoRA under upload limits (within 1 point) | {regime} | not run | |")
             continue
