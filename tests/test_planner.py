@@ -445,8 +445,8 @@ def random_devices(rng: random.Random, name: str, n: int, batches=(BATCH, 2 * BA
 
 def test_fleet_frontier_plans_equal_per_device_ilp():
     specs = [SMALL["gpt5-lora"][0], SMALL["gpt10"][0]]
-    devices = random_devices(random.Random(3), "gpt5-lora", 3)
-    settings = PlanSettings(lora_ranks=(2, 4), recompute=True, seq=SEQ, optimizer="adam")
+    devices = random_devices(random.Random(3), "gpt5-lora", 2)
+    settings = PlanSettings(lora_ranks=(2, 4), recompute=True, frozen=("int8",), seq=SEQ, optimizer="adam")
     by_frontier = plan(specs, devices, settings)
     by_ilp = plan(specs, devices, dataclasses.replace(settings, solver="ilp"))
     summary = lambda p: [(a.model, a.score, a.infeasible_devices) for a in p.architectures]  # noqa: E731
@@ -544,9 +544,9 @@ def test_plan_file_round_trip_is_atomic(tmp_path, small_plan):
     assert os.listdir(tmp_path) == ["plan.json"]
     data = json.loads(path.read_text())
     assert data["version"] == 1 and data["recompute"] is True
-    del data["recompute"]  # a plan file written before the recompute menu
+    del data["recompute"], data["frozen"]  # a plan file written before the recompute and frozen menus
     path.write_text(json.dumps(data))
-    assert read_plan_file(path).recompute is False
+    assert read_plan_file(path).recompute is False and read_plan_file(path).frozen == []
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -581,9 +581,10 @@ def test_plan_file_mode_must_match_its_blocks(tmp_path, small_plan):
 # -- caff plan ----------------------------------------------------------------------------------
 
 def test_cli_plans_a_device_as_json(capsys):
-    assert main(["plan", "char-gpt-xs", "--device", "rpi4-2gb", "--lora-ranks", "4,8", "--recompute", "--json"]) == 0
+    assert main(["plan", "char-gpt-xs", "--device", "rpi4-2gb", "--lora-ranks", "4,8", "--recompute", "--frozen",
+                 "int8,bf16", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["recompute"] is True
+    assert out["recompute"] is True and out["frozen"] == ["int8", "bf16"]
     entry = out["devices"][0]
     assert (entry["device"], entry["model"], entry["status"]) == ("rpi4-2gb", "char-gpt-xs", "optimal")
 
@@ -600,6 +601,7 @@ def test_cli_plans_a_fleet_and_writes_the_plan(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--device", "rpi4-2gb", "--margin", "1.5"], "--margin: must be in [0, 1)"),
     (["--device", "rpi4-2gb", "--lora-ranks", "4,x"], "--lora-ranks"),
+    (["--device", "rpi4-2gb", "--frozen", "int4"], "--frozen: formats are bf16 and int8"),
     (["--device", "rpi4-2gb", "--objective", "1,2"], "--objective: 2 weights"),
     (["--device", "rpi4-2gb", "--fleet-size", "3"], "--fleet-size"),
     (["--fleet", "heterogeneous-mix"], "--fleet-size"),
