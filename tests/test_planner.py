@@ -445,8 +445,8 @@ def random_devices(rng: random.Random, name: str, n: int, batches=(BATCH, 2 * BA
 
 def test_fleet_frontier_plans_equal_per_device_ilp():
     specs = [SMALL["gpt5-lora"][0], SMALL["gpt10"][0]]
-    devices = random_devices(random.Random(3), "gpt5-lora", 2)
-    settings = PlanSettings(lora_ranks=(2, 4), recompute=True, frozen=("int8",), seq=SEQ, optimizer="adam")
+    devices = random_devices(random.Random(3), "gpt5-lora", 3)
+    settings = PlanSettings(lora_ranks=(2, 4), recompute=True, seq=SEQ, optimizer="adam")
     by_frontier = plan(specs, devices, settings)
     by_ilp = plan(specs, devices, dataclasses.replace(settings, solver="ilp"))
     summary = lambda p: [(a.model, a.score, a.infeasible_devices) for a in p.architectures]  # noqa: E731
