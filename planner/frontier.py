@@ -93,6 +93,7 @@ def compute_frontier(table: CostTable, budgets: Budgets | None = None) -> Fronti
     q = table.memory_terms
     reach = _Reach(table, budgets) if budgets is not None else None
     width = KEPT + 1 if table.frozen else KEPT  # without compact weights the kept bytes are the upload bytes
+    last_choice = max((at for at, name in enumerate(table.layers) if len(table.states[name]) > 1), default=-1)
     layers = table.layers
     position = {name: i for i, name in enumerate(layers)}
     descendants = np.zeros((len(layers), len(layers)), dtype=bool)  # descendants[a, l]: l is below a
@@ -133,7 +134,7 @@ def compute_frontier(table: CostTable, budgets: Budgets | None = None) -> Fronti
             near = ~reach.beyond(at, new)
             new, primary, trained, selections, input_grad = (a[near] for a in (new, primary, trained, selections,
                                                                                input_grad))
-        if len(new) <= FEW or len(table.states[name]) == 1:  # prune many new labels; the final pruning follows
+        if len(new) <= FEW or last_choice <= at:  # prune many new labels while choices remain; the final pruning follows
             quantities = new
             continue
         keep = _non_dominated(primary, trained, new[:, :width], input_grad[:, at + 1:])
