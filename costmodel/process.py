@@ -12,11 +12,11 @@
 - data shard: the bytes of the device's own training data, resident while it trains;
 - received arrays kept: local training trains a copy of each fully trained tensor and keeps the
   received one as the old value its update is taken against (new - old); frozen tensors and
-  LoRA's base weights are the received tensors themselves, LoRA factors are new; with
-  ``frozen:bf16|int8`` the model holds compact copies of the frozen linear weights, and the
-  received full-precision ones stay held by the process that received them (every engine keeps
-  the arrays it was sent while it trains), so they are kept bytes too: a compact frozen weight
-  lowers the step's tensor peak, not yet the process's (that needs the server to send it compact).
+  LoRA's base weights are the received tensors themselves, LoRA factors are new. With
+  ``frozen:bf16|int8`` the server sends the compact linears compact (`costmodel.compact.compact_state`)
+  and the model holds the received compact arrays themselves: they are weights of the tensor peak,
+  and nothing of them is kept besides, so a compact frozen weight lowers the process as it lowers
+  the tensor peak.
 """
 
 from __future__ import annotations
@@ -50,20 +50,10 @@ class ProcessMemory:
 
 def kept_bytes(spec: ModelSpec, mode: TrainMode, report: CostReport) -> int:
     """Bytes of received tensors kept besides the model: the old values of the fully trained tensors
-    of ``report`` (an estimate of ``mode``), and the full-precision weights compact linears replace;
-    LoRA factors are not received."""
+    of ``report`` (an estimate of ``mode``); LoRA factors are not received, and compact frozen
+    weights arrive compact and are the model's own."""
     mode = normalize_mode(spec, mode)  # tied embeddings train with the head
-    old = sum(cost.trained_param_bytes for cost in report.layers if layer_state(mode, cost.name) in ("full", True))
-    return old + compacted_weight_bytes(spec, mode)
-
-
-def compacted_weight_bytes(spec: ModelSpec, mode: TrainMode) -> int:
-    """Bytes of the received full-precision weights that ``mode``'s compact linears were built from:
-    every attention and MLP weight of each block not fully trained (`costmodel.compact`)."""
-    if not mode.frozen:
-        return 0
-    per_block = (4 * spec.d_model ** 2 + 2 * spec.d_model * spec.d_ff) * spec.dtype_bytes
-    return per_block * (spec.n_blocks - len(mode.blocks))
+    return sum(cost.trained_param_bytes for cost in report.layers if layer_state(mode, cost.name) in ("full", True))
 
 
 def tensor_bytes(*tensors) -> int:

@@ -11,7 +11,8 @@ engine's, up to the order of floating-point sums.
   its task (its entry of the plan: mode, steps, batch, learning rate; a ``ConfigRecord``) and the
   weights it needs (an ``ArrayRecord``: a plan of the whole model runs its whole forward pass, so
   it needs every array; a FedRA device gets only the blocks its shallow model holds, with the
-  embeddings and head). ``aggregate_train`` averages each tensor over the replies that
+  embeddings and head; a plan with ``frozen:bf16|int8`` gets those weights compact:
+  `trainer.engine.received_arrays`). ``aggregate_train`` averages each tensor over the replies that
   hold it (stock FedAvg refuses replies whose keys differ).
 - Nodes and devices: the strategy asks every node (a ``query`` message) which device it is: its
   node config's ``device`` (a name in the plan) or ``partition-id`` (an index into the plan's
@@ -141,7 +142,8 @@ class CaffStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> list[Message]:
-        from trainer.engine import received_arrays, task_record
+        from costmodel.compact import compact_linears
+        from trainer.engine import received_arrays, task_model, task_record
 
         self.assign_nodes(grid)
         self.round_started = time.perf_counter()
@@ -150,10 +152,14 @@ class CaffStrategy(FedAvg):
         self.round_tasks = [t for t in tasks if t["device"] in self.node_of_device]
         self.round_records += [task_record(t, status="no node")
                                for t in tasks if t["device"] not in self.node_of_device]
-        whole = ArrayRecord(self.server.state)  # one record, shared by the messages that need every array
+        records: dict[tuple, ArrayRecord] = {}  # one record per distinct set of arrays sent, shared
 
-        def arrays(task: dict) -> ArrayRecord:  # a FedRA device's shallow model needs only its blocks
-            return whole if task.get("held_blocks") is None else ArrayRecord(received_arrays(task, self.server.state))
+        def arrays(task: dict) -> ArrayRecord:  # a FedRA device gets only its blocks; compact weights compact
+            spec, mode, held = task_model(task)
+            key = (held and tuple(held), mode.frozen, compact_linears(spec, mode))
+            if key not in records:
+                records[key] = ArrayRecord(received_arrays(task, self.server.state))
+            return records[key]
         return [Message(RecordDict({"arrays": arrays(task), "task": ConfigRecord(task)}),
                         message_type=MessageType.TRAIN, dst_node_id=self.node_of_device[task["device"]])
                 for task in self.round_tasks]
