@@ -11,6 +11,7 @@ from costmodel import ZOO, TrainMode, apply_mode, build_model, estimate, measure
 from costmodel.compact import CompactLinear
 from costmodel.sampling import random_config
 from test_costmodel import _compare
+from test_flower import flower_task_identity, node_context  # noqa: F401 (fixtures)
 from trainer.local import local_train
 
 
@@ -282,3 +283,59 @@ def test_a_round_with_compact_weights_sent_compact_gives_the_same_global_model(t
     for a, b in trained:
         assert a["upload_bytes"] == b["upload_bytes"] and a["loss"] == b["loss"]
         assert a["download_bytes"] < b["download_bytes"] or TrainMode.parse(a["mode"], 4).blocks == set(range(4))
+
+
+def test_the_strategy_sends_compact_weights_and_its_round_is_the_in_process_engines(
+        tmp_path, three_device_plan, flower_task_identity, node_context):
+    """Through the Flower strategy and the ClientApp (Flower's serialization, no transport): each message
+    carries the compact linears in int8 with their scales, and the round (records, download bytes
+    measured by Flower's serialization, global model) is the in-process engine's."""
+    from safetensors.torch import load_file
+
+    from costmodel.compact import compact_linears
+    from planner.planfile import read_plan_file
+    from test_flower import CONFIG, KnownNodes, _strategy, _strip_timing
+    from trainer.engine import run
+    from trainer.flower import client_train
+
+    path, config = _compact_plan(three_device_plan, tmp_path, "int8"), CONFIG.model_copy(update={"rounds": 1})
+    strategy = _strategy(tmp_path / "flower", path, config)
+    messages = strategy.configure_train(1, None, None, grid=KnownNodes(strategy))
+    linears = [compact_linears(ZOO["char-gpt-xs"], TrainMode.parse(dict(m.content["task"])["mode"], 4)) for m in messages]
+    assert any(linears)
+    for message, names in zip(messages, linears):
+        arrays = message.content["arrays"]
+        assert all(arrays[f"{n}.weight"].dtype == "int8" and arrays[f"{n}.scale"].dtype == "float32" for n in names)
+    strategy.aggregate_train(1, [client_train(message, node_context) for message in messages])
+    in_process = run(config, read_plan_file(path), tmp_path / "in-process")
+    assert _strip_timing(strategy.server.metrics) == _strip_timing(in_process)
+    expected = load_file(str(tmp_path / "in-process" / "global-1.safetensors"))
+    assert all(torch.equal(strategy.server.state[k], expected[k]) for k in expected)
+
+
+@pytest.mark.slow  # Flower's simulation engine starts Ray; the strategy test above covers the same path without it
+def test_flower_simulation_sends_compact_weights_and_gives_the_in_process_engines_model(tmp_path, three_device_plan,
+                                                                                         monkeypatch, caff):
+    """A plan with int8 frozen weights on Flower's simulation: the strategy sends them compact (Flower's own
+    serialization measures each download, equal to the in-process engine's), and the global model after
+    the rounds is the in-process engine's."""
+    import json
+
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # Ray's workers: the same float sums as this process
+    path = _compact_plan(three_device_plan, tmp_path, "int8")
+    args = ["train", "--task", "shakespeare", "--method", "caff", "--plan", str(path), "--rounds", "1",
+            "--clients-per-round", "3", "--seed", "3", "--no-pretrained", "--eval-samples", "16"]
+    assert caff(*args, "--out", str(tmp_path / "local")).returncode == 0
+    simulated = caff(*args, "--engine", "flower-sim", "--out", str(tmp_path / "sim"))
+    assert simulated.returncode == 0, simulated.stderr
+    first, second = (load_file(str(tmp_path / out / "global-1.safetensors")) for out in ("local", "sim"))
+    assert first.keys() == second.keys() and all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)
+    clients = [[c for c in json.loads((tmp_path / out / "metrics.jsonl").read_text())["clients"]
+                if c["status"] == "trained"] for out in ("local", "sim")]
+    assert [c["download_bytes"] for c in clients[0]] == [c["download_bytes"] for c in clients[1]]
+    state = build_model(ZOO["char-gpt-xs"]).state_dict()
+    from costmodel.wire import wire_bytes
+    compacted = [c for c in clients[1] if TrainMode.parse(c["mode"], 4).blocks != set(range(4))]
+    assert compacted and all(c["download_bytes"] < wire_bytes(state) for c in compacted)
