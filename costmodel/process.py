@@ -1,14 +1,15 @@
 """Predicted memory of a device's whole training process, term by term (bytes).
 
-    process = runtime footprint + the step's tensor peak x (1 + allocator overhead)
-              + data shard + received arrays kept
+    process = runtime footprint + the step's tensor peak
+              + allocator overhead x (the tensor peak less the weights) + data shard + received arrays kept
 
 - runtime: the runtime profile's fixed footprint (`profiles.RuntimeProfile`), with what loading
   the LoRA library adds when the mode has adapters;
 - tensor peak: `costmodel.estimate`'s peak of live tensor bytes (weights once, gradients,
   optimizer state, batch, activations, temporaries);
-- allocator slack: the runtime profile's measured overhead per byte of tensor peak (memory the
-  allocator keeps resident after tensors are freed);
+- allocator slack: the runtime profile's measured overhead per byte of the tensor peak that is not
+  weights (memory the allocator keeps resident after tensors are freed: activations, gradients and
+  temporaries come and go each step, the weights are allocated once and stay);
 - data shard: the bytes of the device's own training data, resident while it trains;
 - received arrays kept: local training trains a copy of each fully trained tensor and keeps the
   received one as the old value its update is taken against (new - old); frozen tensors and
@@ -66,12 +67,18 @@ def predict_process(spec: ModelSpec, mode: TrainMode, batch: int, seq: int | Non
                     runtime: RuntimeProfile, shard_bytes: int = 0) -> ProcessMemory:
     """The predicted peak memory of a process that trains ``mode`` of ``spec`` holding ``shard_bytes``."""
     report = estimate(spec, mode, batch, seq, optimizer)
-    return process_memory(runtime, mode, report.peak_bytes, shard_bytes, kept_bytes(spec, mode, report))
+    return process_memory(runtime, mode, report, shard_bytes, kept_bytes(spec, mode, report))
 
 
-def process_memory(runtime: RuntimeProfile, mode: TrainMode, tensor_peak: int, shard_bytes: int,
+def churned_bytes(report: CostReport) -> int:
+    """The bytes of ``report``'s tensor peak that are not weights: what the allocator's slack scales."""
+    return report.peak_bytes - report.totals["param_bytes"]
+
+
+def process_memory(runtime: RuntimeProfile, mode: TrainMode, report: CostReport, shard_bytes: int,
                    kept: int) -> ProcessMemory:
-    """The terms of a process that trains ``mode`` with this tensor peak, shard and kept bytes."""
-    return ProcessMemory(runtime.bytes_for(bool(mode.lora)), tensor_peak,
-                         math.ceil(runtime.allocator_overhead * tensor_peak), shard_bytes, kept)
+    """The terms of a process that trains ``mode`` with the tensors of ``report`` (an estimate of it),
+    this shard and these kept bytes."""
+    return ProcessMemory(runtime.bytes_for(bool(mode.lora)), report.peak_bytes,
+                         math.ceil(runtime.allocator_overhead * churned_bytes(report)), shard_bytes, kept)
 

@@ -246,7 +246,7 @@ def train_client(task: dict, received: dict[str, torch.Tensor],
     reply = result.update if held is None else renumber_blocks(result.update, dict(enumerate(held)))
     predicted = estimate(spec, mode, task["batch"], TASK_SEQ[task["task"]], task["optimizer"])
     totals = predicted.totals
-    process = process_memory(load_runtime(task.get("runtime") or DEFAULT_RUNTIME), mode, predicted.peak_bytes,
+    process = process_memory(load_runtime(task.get("runtime") or DEFAULT_RUNTIME), mode, predicted,
                              sum(t.numel() * t.element_size() for t in shard),  # a bound: windows may overlap
                              kept_bytes(spec, mode, predicted))
     scales = set(result.lora_scales.values())  # alpha = 2 x rank: one scale for every adapter
