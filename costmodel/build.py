@@ -49,8 +49,8 @@ def apply_mode(model: TinyTransformer, mode: TrainMode,
         block.recompute = index in mode.recompute
         if mode.frozen and index not in mode.blocks:
             prefix = f"blocks.{index}."
-            compact_frozen_linears(block, lora_targets(spec), mode.frozen,
-                                   {k.removeprefix(prefix): v for k, v in (compact or {}).items() if k.startswith(prefix)})
+            received = {k.removeprefix(prefix): v for k, v in (compact or {}).items() if k.startswith(prefix)}
+            compact_frozen_linears(block, lora_targets(spec), mode.frozen, received)
     model.head.requires_grad_(True)
     if mode.embeddings:
         model.embed.requires_grad_(True)

@@ -301,7 +301,8 @@ def test_the_strategy_sends_compact_weights_and_its_round_is_the_in_process_engi
     path, config = _compact_plan(three_device_plan, tmp_path, "int8"), CONFIG.model_copy(update={"rounds": 1})
     strategy = _strategy(tmp_path / "flower", path, config)
     messages = strategy.configure_train(1, None, None, grid=KnownNodes(strategy))
-    linears = [compact_linears(ZOO["char-gpt-xs"], TrainMode.parse(dict(m.content["task"])["mode"], 4)) for m in messages]
+    linears = [compact_linears(ZOO["char-gpt-xs"], TrainMode.parse(dict(m.content["task"])["mode"], 4))
+               for m in messages]
     assert any(linears)
     for message, names in zip(messages, linears):
         arrays = message.content["arrays"]
