@@ -205,7 +205,7 @@ def test_a_nodes_worker_keeps_its_shard_and_figures_and_a_fresh_worker_reads_the
     before = peak_rss_bytes()
     first = [client_train(message, node_context) for message in messages]
     after = peak_rss_bytes() + 2**20  # the kernel's resident-set counters are per-CPU, read with some slack
-    folder = tmp_path / "node" / "run-1"
+    folder = tmp_path / "node" / "run-1-node-0"
     worker = _worker_pid(folder)
     worker_peak = int(next(line.split()[1] for line in open(f"/proc/{worker}/status") if line.startswith("VmHWM"))) * 1024
     for message, reply in zip(messages, first):
@@ -271,7 +271,7 @@ def test_the_clientapp_imports_no_torch_and_a_nodes_messages_share_one_worker(
 
     strategy = _strategy(tmp_path, three_device_plan)
     messages = strategy.configure_train(1, None, None, grid=KnownNodes(strategy))
-    folder, workers = tmp_path / "node" / "run-1", []
+    folder, workers = tmp_path / "node" / "run-1-node-0", []
     try:
         for i, message in enumerate(messages):
             task = dict(message.content["task"])
@@ -372,6 +372,16 @@ def _pids_gone(processes):
     return all(process.poll() is not None for process in processes)
 
 
+def _workers_gone(pids, seconds=10.0):
+    """Whether the processes ``pids`` (not this process's children) are all gone within ``seconds``."""
+    from trainer.nodeworker import alive
+
+    deadline = time.monotonic() + seconds
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not any(alive(pid) for pid in pids)
+
+
 def test_localhost_deployment_gives_the_in_process_engines_model(tmp_path, three_device_plan, monkeypatch, caff):
     """flower-superlink and three flower-supernodes on free ports, with TLS and SuperNode
     authentication, two rounds with ``flwr run``; a fourth node, whose key nobody registered, is refused."""
@@ -389,6 +399,8 @@ def test_localhost_deployment_gives_the_in_process_engines_model(tmp_path, three
         intruder = (tmp_path / "logs" / "process-4.log").read_text()
     assert deployed.returncode == 0, deployed.stderr
     assert _pids_gone(federation.processes)
+    workers = [int(path.read_text()) for path in (tmp_path / "logs" / "flwr-home" / "caff-nodes").glob("*/worker.pid")]
+    assert len(workers) == 2 and _workers_gone(workers)  # one per training node (d0 sits out), ended with its node
     assert "Failed to activate SuperNode" in intruder, intruder[-2000:]
     _same_model(tmp_path / "local", tmp_path / "flower")
     assert _metrics(tmp_path / "flower") == _metrics(tmp_path / "local")
@@ -423,6 +435,7 @@ def test_a_node_killed_mid_round_does_not_stall_the_run(tmp_path, three_device_p
                  root_certificates=federation.root_certificates)
         killer.join()
     assert _pids_gone(processes)
+    assert _workers_gone([int(path.read_text()) for path in (tmp_path / "logs").glob("flwr-home/caff-nodes/*/worker.pid")])
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rounds) == 2, f"the run stopped after {len(rounds)} rounds ({time.time() - started:.0f} s)"
     d2 = [next(c for c in m["clients"] if c["device"] == "d2") for m in rounds]

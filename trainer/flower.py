@@ -232,12 +232,13 @@ server_app = make_server_app()
 
 
 def node_folder(context: Context) -> Path:
-    """This node's folder for the run: ``CACHE/run-RUN``, where CACHE is the node config's
-    ``cache-dir`` or ``$FLWR_HOME/caff-nodes`` (default ``~/.flwr``). Folders of runs untouched
-    for a day are removed when a new run's folder is made."""
+    """This node's folder for the run: ``CACHE/run-RUN-node-NODE``, where CACHE is the node config's
+    ``cache-dir`` or ``$FLWR_HOME/caff-nodes`` (default ``~/.flwr``): nodes that share a machine and
+    a Flower home keep their own (each has its own worker). Folders of runs untouched for a day are
+    removed when a new run's folder is made."""
     cache = Path(str(context.node_config.get("cache-dir")
                      or Path(os.environ.get("FLWR_HOME", "~/.flwr")).expanduser() / "caff-nodes"))
-    folder = cache / f"run-{context.run_id}"
+    folder = cache / f"run-{context.run_id}-node-{context.node_id}"
     if not folder.is_dir():
         folder.mkdir(parents=True, exist_ok=True)
         for old in cache.glob("run-*"):

@@ -263,6 +263,9 @@ def serve(folder: Path, watch: int) -> None:
                 received_at, cpu = time.time(), time.process_time()
                 try:
                     header, payload = receive(connection)
+                except ConnectionError:  # another worker's probe (`listen`), or a shim that gave up
+                    continue
+                try:
                     task = header["task"]
                     received = {k: torch.from_numpy(v) for k, v in unpack(header["arrays"], payload).items()}
                     key = (task["task"], task["n_devices"], task["seed"], task["index"])
@@ -277,7 +280,7 @@ def serve(folder: Path, watch: int) -> None:
                     meta, packed = pack({k: v.detach().contiguous().numpy() for k, v in reply.items()})
                     times = {"received": received_at, "data": loaded, "trained": trained,
                              "worker_cpu": time.process_time() - cpu}
-                    send(connection, {"record": record, "arrays": meta, "times": times, "pid": os.getpid()}, packed)
+                    send(connection, {"record": record, "arrays": meta, "times": times}, packed)
                 except Exception as error:  # noqa: BLE001 - one line back to the shim, the traceback in the log
                     log.exception("a request failed")
                     line = f"{type(error).__name__}: {error}".splitlines()[0]
