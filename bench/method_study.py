@@ -229,7 +229,44 @@ def summarize(args, refs: dict, tuned: dict, runs: list[dict]) -> tuple[str, dic
     return "\n".join(lines), finals
 
 
-def claims(finals: dict, refs: dict) -> str:
+def participation(runs: list[dict]) -> dict[str, tuple[int, int]]:
+    """Per device class (a device's name before ``#``): (rounds in which its update entered the global
+    model, rounds in which it was sampled), summed over ``runs``, read from each run's metrics."""
+    counts: dict[str, list[int]] = {}
+    for run in runs:
+        for line in (Path(run["out"]) / "metrics.jsonl").read_text().splitlines():
+            for client in json.loads(line)["clients"]:
+                seen = counts.setdefault(client["device"].split("#")[0], [0, 0])
+                seen[0] += client["status"] == "trained"
+                seen[1] += 1
+    return {name: (trained, sampled) for name, (trained, sampled) in sorted(counts.items())}
+
+
+def fairness_table(args, runs: list[dict]) -> tuple[str, dict]:
+    """Per regime with more than one device class, the share of sampled rounds in which each class's
+    update entered the global model, per method (markdown), and {regime: {method: least share}}."""
+    lines, least = [], {}
+    for regime in args.regimes.split(","):
+        shares = {m: participation([r for r in runs if r["regime"] == regime and r["method"] == m
+                                    and r["phase"] == "run" and "error" not in r])
+                  for m in args.methods.split(",")}
+        shares = {m: by_class for m, by_class in shares.items() if by_class}
+        classes = sorted({c for by_class in shares.values() for c in by_class})
+        if len(classes) < 2:
+            continue
+        lines += [f"**{regime}: device contributions** (rounds in which a class's update entered the global model, "
+                  "of the rounds it was sampled; all seeds)", "",
+                  "| device class | " + " | ".join(shares) + " |", "|---|" + "---:|" * len(shares)]
+        for name in classes:
+            cells = [f"{t / n:.0%} ({t}/{n})" if (t, n) != (0, 0) else "" for t, n in
+                     (by_class.get(name, (0, 0)) for by_class in shares.values())]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+        least[regime] = {m: min(t / n for t, n in by_class.values()) for m, by_class in shares.items()}
+    return "\n".join(lines), least
+
+
+def claims(finals: dict, refs: dict, least_share: dict) -> str:
     """The paper's claims against our numbers: reproduced, not reproduced, or not run."""
     pre, top = refs["pretrained"]["accuracy"], refs["upper_bound"]["accuracy"]
 
@@ -262,6 +299,10 @@ def claims(finals: dict, refs: dict) -> str:
             rows.append(f"| {claim} | {regime} | {verdict} | caff {caff:.2%}; {against} |")
     for regime in ("upload-1/32", "upload-1/8"):
         caff, lora = mean(regime, "caff"), mean(regime, "lora")
+        if caff is not None and blocked(regime, "lora"):
+            rows.append(f"| on par with LoRA under upload limits (within 1 point) | {regime} | cannot be tested: no "
+                        f"device can upload LoRA's smallest rank | caff {caff:.2%}, lora cannot run |")
+            continue
         if caff is None or lora is None:
             rows.append(f"| on par with LoRA under upload limits (within 1 point) | {regime} | not run | |")
             continue
@@ -280,7 +321,17 @@ def claims(finals: dict, refs: dict) -> str:
         rows.append(f"| issue 11's expectation: caff recovers half the headroom where LoRA and full cannot run | "
                     f"{regime} | {verdict} | caff recovers {share:.0%} of the headroom; cannot run: "
                     f"{', '.join(cannot) or 'none'} |")
-    rows.append("| fairer device contributions | | not run | not measured by this study |")
+    for regime in ("edge-mix",):
+        shares = least_share.get(regime, {})
+        others = {m: v for m, v in shares.items() if m in ("lora", "full", "fedra")}
+        if "caff" not in shares or not all_baselines_done(regime):
+            rows.append(f"| fairer device contributions (the least-served device class's share of its sampled "
+                        f"rounds that entered the model) | {regime} | not run | |")
+            continue
+        verdict = "reproduced" if all(shares["caff"] > v for v in others.values()) else "not reproduced"
+        rows.append(f"| fairer device contributions (the least-served device class's share of its sampled rounds "
+                    f"that entered the model) | {regime} | {verdict} | caff {shares['caff']:.0%}; "
+                    + ", ".join(f"{m} {v:.0%}" for m, v in others.items()) + " |")
     return "\n".join(rows)
 
 
@@ -372,7 +423,8 @@ def main() -> None:
     runs = _execute([_job(args, g, m, tuned[(g, m)], "run", s) for g in regimes for m in methods for s in seeds],
                     args.jobs, "runs", args.report_only)
     table, finals = summarize(args, refs, tuned, runs)
-    text = f"{table}\n{claims(finals, refs)}\n"
+    fairness, least_share = fairness_table(args, runs)
+    text = f"{table}\n{fairness}\n{claims(finals, refs, least_share)}\n"
     (Path(args.out) / "study.md").write_text(text)
     print(text)
     print(f"plots: {', '.join(plot(args, refs, runs))}")
