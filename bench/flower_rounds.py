@@ -169,7 +169,7 @@ def main() -> None:
             del os.environ["CAFF_FLOWER_TIMINGS"]
 
     def floor() -> None:
-        floats = sum(t.numel() for t in load_file(str(work / "in-process" / "global-1.safetensors")).values())
+        floats = sum(t.numel() for t in load_file(str(work / "in-process" / f"global-{args.rounds}.safetensors")).values())
         (work / "flower-floor").mkdir()
         with localhost_federation(args.devices, work / "floor-logs") as federation:
             flwr_run(str(work / "flower-floor" / "rounds.jsonl"), federation.address, app_dir / "bench" / "flower_floor_app",

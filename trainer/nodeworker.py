@@ -244,6 +244,7 @@ def serve(folder: Path, watch: int) -> None:
     inode = path.stat().st_ino
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # ended: remove the socket on the way out
     atomic_write(folder / "worker.pid", str(os.getpid()))
+    log.info("serving %s at %s while process %d lives", folder, path, watch)
     import torch
 
     from trainer.engine import train_client
