@@ -24,7 +24,9 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import statistics
+import sys
 import tempfile
 import threading
 import time
@@ -138,9 +140,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", default="char-gpt-xs")
     parser.add_argument("--engines", default="in-process,flower-sim,flower,flower-floor",
-                        help="comma-separated; in-process always runs (the reference); flower-floor: "
-                             "Flower's own floor, a ClientApp that echoes its arrays (bench/flower_floor_app)")
+                        help="comma-separated; in-process always runs (the reference); flower-floor: Flower's "
+                             "own floor, a ClientApp that echoes caff's arrays (bench/flower_floor_app); "
+                             "flower-floor-packed: the same bytes as one array")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # a timeout's SIGTERM still ends the federation
     torch.set_num_threads(1)  # every engine one thread per process: the same float sums everywhere
     os.environ.update({"OMP_NUM_THREADS": "1", "FLWR_TELEMETRY_ENABLED": "0"})
     devices = load_fleet("edge-mix").expand(args.devices, seed=0)
@@ -168,17 +172,18 @@ def main() -> None:
         finally:
             del os.environ["CAFF_FLOWER_TIMINGS"]
 
-    def floor() -> None:
-        floats = sum(t.numel() for t in load_file(str(work / "in-process" / f"global-{args.rounds}.safetensors")).values())
-        (work / "flower-floor").mkdir()
-        with localhost_federation(args.devices, work / "floor-logs") as federation:
-            flwr_run(str(work / "flower-floor" / "rounds.jsonl"), federation.address, app_dir / "bench" / "flower_floor_app",
-                     log_file=work / "floor-run.log", root_certificates=federation.root_certificates,
-                     run_config={"nodes": args.devices, "rounds": args.rounds, "floats": floats})
+    def floor(packed: bool) -> None:
+        name = "flower-floor" + ("-packed" if packed else "")
+        (work / name).mkdir()
+        with localhost_federation(args.devices, work / f"{name}-logs") as federation:
+            flwr_run(str(work / name / "rounds.jsonl"), federation.address, app_dir / "bench" / "flower_floor_app",
+                     log_file=work / f"{name}.log", root_certificates=federation.root_certificates,
+                     run_config={"nodes": args.devices, "rounds": args.rounds, "packed": packed,
+                                 "arrays": str(work / "in-process" / f"global-{args.rounds}.safetensors")})
 
     engines = {"in-process": lambda: run(config, planned, work / "in-process"),
                "flower-sim": lambda: run_simulation(run_file("flower-sim"), args.devices, app_dir, work / "sim-logs"),
-               "flower": deployment, "flower-floor": floor}
+               "flower": deployment, "flower-floor": lambda: floor(False), "flower-floor-packed": lambda: floor(True)}
     engines = {name: start for name, start in engines.items()
                if name == "in-process" or name in args.engines.split(",")}
     walls = {}
@@ -191,17 +196,17 @@ def main() -> None:
     print(f"\n{args.model}, {args.devices} edge-mix devices, all sampled, {args.rounds} rounds, "
           f"{sum(d.status == 'optimal' for d in planned.devices)} train; {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f}")
-    print(f"{'engine':12s} {'wall s':>8s} {'round s (2+)':>12s} {'x in-process':>12s} {'max |w - w_in-process|':>22s}")
+    print(f"{'engine':20s} {'wall s':>8s} {'round s (2+)':>12s} {'x in-process':>12s} {'max |w - w_in-process|':>22s}")
     for name in engines:
-        if name == "flower-floor":  # a trivial ClientApp: its own clock, no weights to compare
+        if name.startswith("flower-floor"):  # a trivial ClientApp: its own clock, no weights to compare
             rounds = [json.loads(line) for line in (work / name / "rounds.jsonl").read_text().splitlines()]
             mean = statistics.mean(r["finished"] - r["started"] for r in rounds[1:])
-            print(f"{name:12s} {walls[name]:8.1f} {mean:12.2f} {mean / base:12.1f} {'(echoes its arrays)':>22s}")
+            print(f"{name:20s} {walls[name]:8.1f} {mean:12.2f} {mean / base:12.1f} {'(echoes its arrays)':>22s}")
             continue
         weights = load_file(str(work / name / f"global-{args.rounds}.safetensors"))
         difference = max((weights[k] - reference[k]).abs().max().item() for k in reference)
         mean = statistics.mean(_round_seconds(work / name)[1:])
-        print(f"{name:12s} {walls[name]:8.1f} {mean:12.2f} {mean / base:12.1f} {difference:22.2e}")
+        print(f"{name:20s} {walls[name]:8.1f} {mean:12.2f} {mean / base:12.1f} {difference:22.2e}")
     if "flower" not in engines:
         return
     print("\nwhere a deployment round goes (rounds 2+; client stages: mean per message, in parallel across nodes)")

@@ -1,15 +1,17 @@
 """Flower's own floor for `bench/flower_rounds.py`: a trivial numpy ClientApp that sends back the
 arrays it received, on the same federation and ServerApp grid (`trainer.flower.PromptGrid`) as caff.
 
-Run config: ``nodes`` (how many to wait for and train each round), ``rounds``, ``floats`` (how
-many float32 numbers the global arrays hold: caff's model's count) and ``run-file`` (where the ServerApp appends one JSON line per round: its start and end, seconds
+Run config: ``nodes`` (how many to wait for and train each round), ``rounds``, ``arrays`` (a
+safetensors file: caff's global model, so messages carry what caff's carry), ``packed`` (true:
+those bytes as one array instead: Flower sends every array as an object of its own) and
+``run-file`` (where the ServerApp appends one JSON line per round: its start and end, seconds
 since the epoch)."""
 
 import json
 import time
 
 import numpy as np
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
@@ -52,6 +54,11 @@ def main(grid: Grid, context: Context) -> None:
     nodes = int(context.run_config["nodes"])
     strategy = TimedFedAvg(str(context.run_config["run-file"]), fraction_train=1.0, fraction_evaluate=0.0,
                            min_available_nodes=nodes, min_train_nodes=nodes)
-    strategy.start(grid=PromptGrid(grid), initial_arrays=ArrayRecord([np.zeros(int(context.run_config["floats"]),
-                                                                                dtype=np.float32)]),
+    from safetensors.numpy import load_file
+
+    arrays = load_file(str(context.run_config["arrays"]))
+    if context.run_config["packed"]:
+        arrays = {"packed": np.concatenate([a.ravel() for a in arrays.values()])}
+    strategy.start(grid=PromptGrid(grid), initial_arrays=ArrayRecord({k: Array.from_numpy_ndarray(v)
+                                                                      for k, v in arrays.items()}),
                    num_rounds=int(context.run_config["rounds"]))
