@@ -110,14 +110,24 @@ def _stop_workers(folder):
             os.kill(int(pid_file.read_text()), signal.SIGTERM)
 
 
-@pytest.fixture
-def node_context(tmp_path):
-    """A node's context in run 1, its files in ``tmp_path / "node"``; its worker ends with the test."""
+def _context(cache):
+    """A node's context in run 1, its files under ``cache``."""
     from flwr.app import Context, RecordDict
 
-    yield Context(run_id=1, node_id=0, node_config={"cache-dir": str(tmp_path / "node")}, state=RecordDict(),
-                  run_config={})
-    _stop_workers(tmp_path / "node")
+    return Context(run_id=1, node_id=0, node_config={"cache-dir": str(cache)}, state=RecordDict(), run_config={})
+
+
+@pytest.fixture(scope="module")
+def node_cache(tmp_path_factory):
+    """One node's files for this module's tests: one training worker serves them, as on a node."""
+    cache = tmp_path_factory.mktemp("node")
+    yield cache
+    _stop_workers(cache)
+
+
+@pytest.fixture
+def node_context(node_cache):
+    return _context(node_cache)
 
 
 def test_a_failed_node_loses_its_update_and_the_round_goes_on(tmp_path, three_device_plan, flower_task_identity,
@@ -185,8 +195,15 @@ def _worker_pid(folder):
     return int((folder / "worker.pid").read_text())
 
 
+@pytest.fixture
+def own_node(tmp_path):
+    """A node of the test's own, its files in ``tmp_path / "node"``; its worker ends with the test."""
+    yield _context(tmp_path / "node")
+    _stop_workers(tmp_path / "node")
+
+
 def test_a_nodes_worker_keeps_its_shard_and_figures_and_a_fresh_worker_reads_them_back(
-        tmp_path, three_device_plan, flower_task_identity, node_context):
+        tmp_path, three_device_plan, flower_task_identity, own_node):
     """A deployment node's messages go to its training worker (`trainer.nodeworker`). The first
     writes the device's shard (the loader's storage layout) and its measured FLOPs and peak to the
     node's folder; the worker keeps them in memory, so the next message, served by the same worker,
@@ -203,7 +220,7 @@ def test_a_nodes_worker_keeps_its_shard_and_figures_and_a_fresh_worker_reads_the
     strategy = _strategy(tmp_path, three_device_plan)
     messages = strategy.configure_train(1, None, None, grid=KnownNodes(strategy))
     before = peak_rss_bytes()
-    first = [client_train(message, node_context) for message in messages]
+    first = [client_train(message, own_node) for message in messages]
     after = peak_rss_bytes() + 2**20  # the kernel's resident-set counters are per-CPU, read with some slack
     folder = tmp_path / "node" / "run-1-node-0"
     worker = _worker_pid(folder)
@@ -223,9 +240,16 @@ def test_a_nodes_worker_keeps_its_shard_and_figures_and_a_fresh_worker_reads_the
     assert len(files) == 2 * len(messages)
     for path in files:
         path.unlink()
-    again = [client_train(message, node_context) for message in messages]
+    again = [client_train(message, own_node) for message in messages]
     assert _worker_pid(folder) == worker and not any(path.exists() for path in files)  # kept in memory
     _same_replies(first, again)
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+
+    task = dict(messages[0].content["task"]) | {"memory_budget_bytes": 1}  # refused before its step
+    with pytest.raises(RuntimeError, match="^the node worker failed: [^\n]*budget[^\n]*$"):
+        client_train(Message(RecordDict({"arrays": messages[0].content["arrays"], "task": ConfigRecord(task)}),
+                             message_type=MessageType.TRAIN, dst_node_id=0), own_node)
+    assert _worker_pid(folder) == worker and alive(worker)  # and it serves on
 
     os.kill(worker, signal.SIGKILL)  # a fresh worker finds a stale socket and the files, its FLOPs marked + 1
     os.waitpid(worker, 0)  # the shim, this process, started it
@@ -233,7 +257,7 @@ def test_a_nodes_worker_keeps_its_shard_and_figures_and_a_fresh_worker_reads_the
         saved = json.loads(raw) if path.suffix == ".json" else None
         path.write_bytes(raw if saved is None else json.dumps(saved | {"value": [saved["value"][0] + 1,
                                                                                    saved["value"][1]]}).encode())
-    fresh = [client_train(message, node_context) for message in messages]
+    fresh = [client_train(message, own_node) for message in messages]
     assert _worker_pid(folder) != worker and not alive(worker)
     _same_replies(first, fresh, TIMING | PROCESS | {"flops"})
     assert [dict(r.content["record"])["flops"] for r in fresh] == [dict(r.content["record"])["flops"] + 1 for r in first]

@@ -137,6 +137,7 @@ def connect(folder: Path, watch: int) -> socket.socket:
                     return _connect(path)
                 raise RuntimeError(f"the node worker exited with {worker.returncode} (see {folder / 'worker.log'})")
             if time.monotonic() > deadline:
+                worker.kill()
                 raise RuntimeError(f"the node worker did not answer within {START_SECONDS:.0f} s") from None
             time.sleep(0.05)
 
@@ -150,7 +151,7 @@ def ask(folder: Path, task: dict, arrays: dict[str, np.ndarray], watch: int) -> 
         try:
             send(connection, {"task": task, "arrays": meta}, payload)
             header, reply = receive(connection)
-        except (OSError, ConnectionError) as error:  # socket.timeout is an OSError
+        except OSError as error:  # a timeout, or a closed connection
             raise RuntimeError(f"the node worker gave no reply ({error}; see {folder / 'worker.log'})") from None
     if "error" in header:
         raise RuntimeError(f"the node worker failed: {header['error']}")
