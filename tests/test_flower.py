@@ -263,6 +263,28 @@ def test_a_nodes_worker_keeps_its_shard_and_figures_and_a_fresh_worker_reads_the
     assert [dict(r.content["record"])["flops"] for r in fresh] == [dict(r.content["record"])["flops"] + 1 for r in first]
 
 
+def test_a_worker_ends_when_the_process_it_watches_is_gone(tmp_path):
+    """A node's worker watches the process that started its ClientApps (a SuperNode's SuperExec):
+    once that is gone, the worker ends too, its socket removed; it never lingers as an orphan."""
+    import subprocess
+    import sys
+
+    from trainer.nodeworker import alive, connect, socket_path
+
+    watched = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        connect(tmp_path, watched.pid).close()
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "worker.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        worker = _worker_pid(tmp_path)
+        assert alive(worker)
+    finally:
+        watched.kill()
+        watched.wait()
+    assert _workers_gone([worker], seconds=120) and not socket_path(tmp_path).exists()
+
+
 SHIM = """
 import json, sys
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
