@@ -217,7 +217,8 @@ def main() -> None:
     last = json.loads((work / "flower" / "metrics.jsonl").read_text().splitlines()[-1])
     for client in (c for c in last["clients"] if c["status"] == "trained"):
         print(f"  {client['device']:24s} worker {client['process_bytes'] / 2**20:7.1f} (USS "
-              f"{client.get('process_uss_bytes', 0) / 2**20:6.1f})  predicted {client['predicted_process_bytes'] / 2**20:7.1f}"
+              f"{client.get('process_uss_bytes', 0) / 2**20:6.1f})  "
+              f"predicted {client['predicted_process_bytes'] / 2**20:7.1f}"
               f"  ({client['process_bytes'] / client['predicted_process_bytes'] - 1:+.1%})"
               f"  ClientApp shim {client['clientapp_bytes'] / 2**20:6.1f}")
     for what, sizes in memory.items():

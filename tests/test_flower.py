@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -186,7 +187,8 @@ def _same_replies(first, second, strip=TIMING | PROCESS):
     for one, two in zip(first, second, strict=True):
         assert {k: v for k, v in dict(one.content["record"]).items() if k not in strip} == \
             {k: v for k, v in dict(two.content["record"]).items() if k not in strip}
-        one_arrays, two_arrays = one.content["arrays"].to_torch_state_dict(), two.content["arrays"].to_torch_state_dict()
+        one_arrays = one.content["arrays"].to_torch_state_dict()
+        two_arrays = two.content["arrays"].to_torch_state_dict()
         assert one_arrays.keys() == two_arrays.keys()
         assert all(torch.equal(one_arrays[k], two_arrays[k]) for k in one_arrays)
 
@@ -224,7 +226,8 @@ def test_a_nodes_worker_keeps_its_shard_and_figures_and_a_fresh_worker_reads_the
     after = peak_rss_bytes() + 2**20  # the kernel's resident-set counters are per-CPU, read with some slack
     folder = tmp_path / "node" / "run-1-node-0"
     worker = _worker_pid(folder)
-    worker_peak = int(next(line.split()[1] for line in open(f"/proc/{worker}/status") if line.startswith("VmHWM"))) * 1024
+    status = Path(f"/proc/{worker}/status").read_text().splitlines()
+    worker_peak = int(next(line.split()[1] for line in status if line.startswith("VmHWM"))) * 1024
     for message, reply in zip(messages, first):
         task, record = dict(message.content["task"]), dict(reply.content["record"])
         assert record["process_memory"] == "measured" and 0 < record["process_bytes"] <= worker_peak
@@ -260,7 +263,8 @@ def test_a_nodes_worker_keeps_its_shard_and_figures_and_a_fresh_worker_reads_the
     fresh = [client_train(message, own_node) for message in messages]
     assert _worker_pid(folder) != worker and not alive(worker)
     _same_replies(first, fresh, TIMING | PROCESS | {"flops"})
-    assert [dict(r.content["record"])["flops"] for r in fresh] == [dict(r.content["record"])["flops"] + 1 for r in first]
+    flops = [[dict(r.content["record"])["flops"] for r in replies] for replies in (first, fresh)]
+    assert flops[1] == [f + 1 for f in flops[0]]
 
 
 def test_a_worker_ends_when_the_process_it_watches_is_gone(tmp_path):
@@ -323,10 +327,10 @@ def test_the_clientapp_imports_no_torch_and_a_nodes_messages_share_one_worker(
             task = dict(message.content["task"])
             received = message.content["arrays"].to_torch_state_dict()
             save_file(received, tmp_path / f"received-{i}.safetensors")
-            job = {"task": task, "received": str(tmp_path / f"received-{i}.safetensors"), "cache": str(tmp_path / "node"),
-                   "reply": str(tmp_path / f"reply-{i}.safetensors")}
+            job = {"task": task, "received": str(tmp_path / f"received-{i}.safetensors"),
+                   "cache": str(tmp_path / "node"), "reply": str(tmp_path / f"reply-{i}.safetensors")}
             shim = subprocess.run([sys.executable, "-c", SHIM], input=json.dumps(job), capture_output=True, text=True,
-                                  timeout=300, env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))})
+                                  timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
             assert shim.returncode == 0, shim.stderr[-2000:]
             said = json.loads(shim.stdout.splitlines()[-1])
             assert said["torch"] is False
@@ -481,7 +485,8 @@ def test_a_node_killed_mid_round_does_not_stall_the_run(tmp_path, three_device_p
                  root_certificates=federation.root_certificates)
         killer.join()
     assert _pids_gone(processes)
-    assert _workers_gone([int(path.read_text()) for path in (tmp_path / "logs").glob("flwr-home/caff-nodes/*/worker.pid")])
+    folders = tmp_path / "logs" / "flwr-home" / "caff-nodes"
+    assert _workers_gone([int(path.read_text()) for path in folders.glob("*/worker.pid")])
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rounds) == 2, f"the run stopped after {len(rounds)} rounds ({time.time() - started:.0f} s)"
     d2 = [next(c for c in m["clients"] if c["device"] == "d2") for m in rounds]

@@ -26,11 +26,11 @@ engine's, up to the order of floating-point sums.
 
 On a deployment node the ClientApp imports no torch: each message is a fresh process, so it
 hands the task to the node's long-lived training worker (`trainer.nodeworker`), which loads only
-its own device's data (`trainer.engine.client_shard`) once. The ServerApp reads one JSON file named by the run config
-key ``run-file`` (`write_run_file`):
-the `TrainConfig`, the plan file, the run directory, resume, seconds a round waits for replies,
-and the folder of pretrained checkpoints (the app bundle that Flower ships carries code only).
-Its paths are read on the SuperLink's machine. ``caff train --engine flower|flower-sim`` writes it.
+its own device's data (`trainer.engine.client_shard`) once. The ServerApp reads one JSON file
+named by the run config key ``run-file`` (`write_run_file`): the `TrainConfig`, the plan file,
+the run directory, resume, seconds a round waits for replies, and the folder of pretrained
+checkpoints (the app bundle that Flower ships carries code only). Its paths are read on the
+SuperLink's machine. ``caff train --engine flower|flower-sim`` writes it.
 """
 
 from __future__ import annotations
