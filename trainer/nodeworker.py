@@ -224,12 +224,20 @@ def alive(pid: int) -> bool:
 
 
 def listen(path: Path) -> socket.socket | None:
-    """A socket listening at ``path``; None if a live worker answers there already."""
+    """A socket listening at ``path``; None if a live worker answers there already. Stale sockets
+    (a killed worker's: nothing answers) are removed, this one's and those a minute old beside it."""
     try:
         _connect(path).close()
         return None
     except OSError:
-        path.unlink(missing_ok=True)  # stale: its worker is gone
+        path.unlink(missing_ok=True)
+    for old in path.parent.glob("*.sock"):
+        with contextlib.suppress(OSError):
+            if time.time() - old.stat().st_mtime > 60:
+                try:
+                    _connect(old).close()
+                except OSError:
+                    old.unlink()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen(8)
