@@ -37,7 +37,7 @@ def run(args) -> int:
         shard = parse_bytes(args.shard_bytes)
     except ValueError as exc:
         raise ValueError(f"--shard-bytes: {exc}") from None
-    process = process_memory(load_runtime(args.runtime), mode, report.peak_bytes, shard, kept_bytes(spec, mode, report))
+    process = process_memory(load_runtime(args.runtime), mode, report, shard, kept_bytes(spec, mode, report))
     out["process"] = {"runtime": args.runtime, **process.to_json()}
     if mode.frozen:  # what holding frozen weights compact saves, against the same mode in full precision
         plain = estimate(spec, mode.model_copy(update={"frozen": None}), args.batch, args.seq, args.optimizer)

@@ -30,10 +30,12 @@ def inject_lora(model: nn.Module, targets: dict[str, int]) -> None:
     inject_adapter_in_model(config, model)
 
 
-def apply_mode(model: TinyTransformer, mode: TrainMode) -> TinyTransformer:
+def apply_mode(model: TinyTransformer, mode: TrainMode,
+               compact: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None) -> TinyTransformer:
     """Freeze what ``mode`` does not train, inject its LoRA adapters, make its frozen linears compact
-    (``frozen:bf16|int8``: every linear of a block that does not train fully, LoRA bases included),
-    mark the blocks it recomputes, and set where autograd starts."""
+    (``frozen:bf16|int8``: every linear of a block that does not train fully, LoRA bases included;
+    ``compact``: module name -> (weight, scale) of those the server sent compact,
+    `costmodel.compact.received_compact`), mark the blocks it recomputes, and set where autograd starts."""
     spec = model.spec
     mode = normalize_mode(spec, mode)
     inject_lora(model, {f"blocks.{b}.{t}": r for b, r in mode.lora.items() for t in lora_targets(spec)})
@@ -46,7 +48,9 @@ def apply_mode(model: TinyTransformer, mode: TrainMode) -> TinyTransformer:
     for index, block in enumerate(model.blocks):
         block.recompute = index in mode.recompute
         if mode.frozen and index not in mode.blocks:
-            compact_frozen_linears(block, lora_targets(spec), mode.frozen)
+            prefix = f"blocks.{index}."
+            received = {k.removeprefix(prefix): v for k, v in (compact or {}).items() if k.startswith(prefix)}
+            compact_frozen_linears(block, lora_targets(spec), mode.frozen, received)
     model.head.requires_grad_(True)
     if mode.embeddings:
         model.embed.requires_grad_(True)

@@ -1,22 +1,23 @@
 """Predicted memory of a device's whole training process, term by term (bytes).
 
-    process = runtime footprint + the step's tensor peak x (1 + allocator overhead)
-              + data shard + received arrays kept
+    process = runtime footprint + the step's tensor peak
+              + allocator overhead x (the tensor peak less the weights) + data shard + received arrays kept
 
 - runtime: the runtime profile's fixed footprint (`profiles.RuntimeProfile`), with what loading
   the LoRA library adds when the mode has adapters;
 - tensor peak: `costmodel.estimate`'s peak of live tensor bytes (weights once, gradients,
   optimizer state, batch, activations, temporaries);
-- allocator slack: the runtime profile's measured overhead per byte of tensor peak (memory the
-  allocator keeps resident after tensors are freed);
+- allocator slack: the runtime profile's measured overhead per byte of the tensor peak that is not
+  weights (memory the allocator keeps resident after tensors are freed: activations, gradients and
+  temporaries come and go each step, the weights are allocated once and stay);
 - data shard: the bytes of the device's own training data, resident while it trains;
 - received arrays kept: local training trains a copy of each fully trained tensor and keeps the
   received one as the old value its update is taken against (new - old); frozen tensors and
-  LoRA's base weights are the received tensors themselves, LoRA factors are new; with
-  ``frozen:bf16|int8`` the model holds compact copies of the frozen linear weights, and the
-  received full-precision ones stay held by the process that received them (every engine keeps
-  the arrays it was sent while it trains), so they are kept bytes too: a compact frozen weight
-  lowers the step's tensor peak, not yet the process's (that needs the server to send it compact).
+  LoRA's base weights are the received tensors themselves, LoRA factors are new. With
+  ``frozen:bf16|int8`` the server sends the compact linears compact (`costmodel.compact.compact_state`)
+  and the model holds the received compact arrays themselves: they are weights of the tensor peak,
+  and nothing of them is kept besides, so a compact frozen weight lowers the process as it lowers
+  the tensor peak.
 """
 
 from __future__ import annotations
@@ -50,20 +51,10 @@ class ProcessMemory:
 
 def kept_bytes(spec: ModelSpec, mode: TrainMode, report: CostReport) -> int:
     """Bytes of received tensors kept besides the model: the old values of the fully trained tensors
-    of ``report`` (an estimate of ``mode``), and the full-precision weights compact linears replace;
-    LoRA factors are not received."""
+    of ``report`` (an estimate of ``mode``); LoRA factors are not received, and compact frozen
+    weights arrive compact and are the model's own."""
     mode = normalize_mode(spec, mode)  # tied embeddings train with the head
-    old = sum(cost.trained_param_bytes for cost in report.layers if layer_state(mode, cost.name) in ("full", True))
-    return old + compacted_weight_bytes(spec, mode)
-
-
-def compacted_weight_bytes(spec: ModelSpec, mode: TrainMode) -> int:
-    """Bytes of the received full-precision weights that ``mode``'s compact linears were built from:
-    every attention and MLP weight of each block not fully trained (`costmodel.compact`)."""
-    if not mode.frozen:
-        return 0
-    per_block = (4 * spec.d_model ** 2 + 2 * spec.d_model * spec.d_ff) * spec.dtype_bytes
-    return per_block * (spec.n_blocks - len(mode.blocks))
+    return sum(cost.trained_param_bytes for cost in report.layers if layer_state(mode, cost.name) in ("full", True))
 
 
 def tensor_bytes(*tensors) -> int:
@@ -76,12 +67,18 @@ def predict_process(spec: ModelSpec, mode: TrainMode, batch: int, seq: int | Non
                     runtime: RuntimeProfile, shard_bytes: int = 0) -> ProcessMemory:
     """The predicted peak memory of a process that trains ``mode`` of ``spec`` holding ``shard_bytes``."""
     report = estimate(spec, mode, batch, seq, optimizer)
-    return process_memory(runtime, mode, report.peak_bytes, shard_bytes, kept_bytes(spec, mode, report))
+    return process_memory(runtime, mode, report, shard_bytes, kept_bytes(spec, mode, report))
 
 
-def process_memory(runtime: RuntimeProfile, mode: TrainMode, tensor_peak: int, shard_bytes: int,
+def churned_bytes(report: CostReport) -> int:
+    """The bytes of ``report``'s tensor peak that are not weights: what the allocator's slack scales."""
+    return report.peak_bytes - report.totals["param_bytes"]
+
+
+def process_memory(runtime: RuntimeProfile, mode: TrainMode, report: CostReport, shard_bytes: int,
                    kept: int) -> ProcessMemory:
-    """The terms of a process that trains ``mode`` with this tensor peak, shard and kept bytes."""
-    return ProcessMemory(runtime.bytes_for(bool(mode.lora)), tensor_peak,
-                         math.ceil(runtime.allocator_overhead * tensor_peak), shard_bytes, kept)
+    """The terms of a process that trains ``mode`` with the tensors of ``report`` (an estimate of it),
+    this shard and these kept bytes."""
+    return ProcessMemory(runtime.bytes_for(bool(mode.lora)), report.peak_bytes,
+                         math.ceil(runtime.allocator_overhead * churned_bytes(report)), shard_bytes, kept)
 

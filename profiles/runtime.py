@@ -5,8 +5,9 @@ libraries and their code, the allocator's slack. ``caff calibrate`` measures it 
 client's peak resident set (VmHWM) minus the tensor bytes it held, and writes a profile; a
 device names one (`DeviceSpec.runtime`), or gets `DEFAULT_RUNTIME`. ``lora_bytes`` is what
 loading the LoRA library (peft, and the transformers it imports) adds when a plan uses adapters.
-``allocator_overhead`` scales the step's tensor peak: glibc's malloc keeps freed chunks resident,
-so a step's peak resident set exceeds its live tensors (measured here: 0.2-0.65 of them).
+``allocator_overhead`` scales the step's tensor peak less its weights (what comes and goes each
+step): glibc's malloc keeps freed chunks resident, so a step's peak resident set exceeds its live
+tensors.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class RuntimeProfile(BaseModel):
     lora_bytes: int = Field(ge=0, description="what loading the LoRA library adds, bytes")
     allocator_overhead: float = Field(default=0.0, ge=0, allow_inf_nan=False,
                                       description="resident bytes the allocator keeps per byte of the step's "
-                                                  "tensor peak (freed chunks it has not returned); 0 in "
+                                                  "tensor peak less its weights (freed chunks it has not "
+                                                  "returned); 0 in "
                                                   "profiles calibrated before caff measured it")
     source: RuntimeSource
 

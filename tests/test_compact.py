@@ -11,6 +11,7 @@ from costmodel import ZOO, TrainMode, apply_mode, build_model, estimate, measure
 from costmodel.compact import CompactLinear
 from costmodel.sampling import random_config
 from test_costmodel import _compare
+from test_flower import flower_task_identity, node_context  # noqa: F401 (fixtures)
 from trainer.local import local_train
 
 
@@ -202,3 +203,140 @@ def test_caff_train_runs_a_plan_with_int8_frozen_weights_within_its_predicted_pe
     for client in trained:
         assert client["peak_bytes"] <= planned[client["device"]]["peak_bytes"] <= 1.05 * client["peak_bytes"], client
         assert client["flops"] == client["predicted_flops"] == planned[client["device"]]["flops_per_round"], client
+
+
+@pytest.mark.parametrize("text", ["blocks:3+frozen:int8", "blocks:2+lora:3=4+frozen:int8", "lora:2+frozen:bf16",
+                                  "head+frozen:bf16"])
+def test_a_device_that_receives_compact_weights_trains_what_it_would_from_fp32(text):
+    """The server quantizes (`compact_state`), the device holds what it received: the same update, bit for
+    bit, as a device that receives fp32 and quantizes itself; the model's compact weights are the received
+    arrays themselves, and no full-size fp32 weight of a compact linear is left in it."""
+    from costmodel.compact import compact_linears, compact_state, received_compact
+    from costmodel.wire import PER_ARRAY, wire_bytes
+    from trainer.local import _model_holding
+
+    spec = ZOO["char-gpt-xs"]
+    mode = TrainMode.parse(text, spec.n_blocks)
+    state = build_model(spec, seed=1).state_dict()
+    sent = compact_state(state, spec, mode)
+    linears = compact_linears(spec, mode)
+    assert linears and all(state[k] is sent[k] for k in state if k.rsplit(".", 1)[0] not in linears)
+    assert {sent[f"{name}.weight"].dtype for name in linears} == {torch.int8 if mode.frozen == "int8" else torch.int16}
+    assert all((f"{name}.scale" in sent) == (mode.frozen == "int8") for name in linears)
+    # the download shrinks by the data bytes saved, up to the framing of the added scale arrays
+    saved = sum(state[f"{n}.weight"].nbytes - sent[f"{n}.weight"].nbytes - sent.get(f"{n}.scale", torch.empty(0)).nbytes
+                for n in linears)
+    assert saved > 0 and abs(wire_bytes(state) - wire_bytes(sent) - saved) <= PER_ARRAY * len(linears)
+    batches = [(torch.randint(0, spec.vocab_size, (2, 16)), torch.randint(0, spec.vocab_size, (2, 16)))
+               for _ in range(3)]
+    on_device, from_server = (local_train(arrays, spec, mode, iter(batches), steps=3, lr=0.05, seed=7)
+                              for arrays in (state, sent))
+    assert on_device.update.keys() == from_server.update.keys() and on_device.loss == from_server.loss
+    assert all(torch.equal(on_device.update[k], from_server.update[k]) for k in on_device.update)
+    assert on_device.peak_bytes == from_server.peak_bytes
+
+    held, compact = received_compact(sent, spec, mode)
+    model = apply_mode(_model_holding(held, spec), mode, compact)
+    modules = dict(model.named_modules())
+    for name in linears:
+        module = modules.get(f"{name}.base_layer", modules.get(name))
+        assert isinstance(module, CompactLinear)
+        assert module.weight.untyped_storage().data_ptr() == sent[f"{name}.weight"].untyped_storage().data_ptr()
+    weights = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if n.endswith(".weight")
+               and n.replace(".base_layer", "").removesuffix(".weight") in linears]
+    assert len(weights) == len(linears) and {t.dtype for _, t in weights} == {
+        torch.int8 if mode.frozen == "int8" else torch.bfloat16}
+
+
+def _compact_plan(three_device_plan, tmp_path, fmt: str):
+    """The three-device plan with every device's frozen weights held in ``fmt``."""
+    import json
+
+    plan = json.loads(three_device_plan.read_text())
+    for device in plan["devices"]:
+        if device["status"] == "optimal":
+            device["mode"] = str(TrainMode.parse(device["mode"] + f"+frozen:{fmt}", ZOO["char-gpt-xs"].n_blocks))
+    path = tmp_path / f"{fmt}.json"
+    path.write_text(json.dumps(plan))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["int8", "bf16"])
+def test_a_round_with_compact_weights_sent_compact_gives_the_same_global_model(tmp_path, three_device_plan,
+                                                                               monkeypatch, fmt):
+    """In process: the global model after a round is the one devices that quantize fp32 themselves give,
+    bit for bit; each device downloads fewer bytes, and uploads the same."""
+    from safetensors.torch import load_file
+
+    from planner.planfile import read_plan_file
+    from trainer.engine import TrainConfig, run
+
+    config = TrainConfig(task="shakespeare", rounds=1, clients_per_round=3, pretrained=False, eval_samples=16, seed=3)
+    plan = read_plan_file(_compact_plan(three_device_plan, tmp_path, fmt))
+    compact = run(config, plan, tmp_path / "compact")
+    monkeypatch.setattr("trainer.engine.compact_state", lambda state, spec, mode: state)  # today's path: fp32 sent
+    fp32 = run(config, plan, tmp_path / "fp32")
+    first, second = (load_file(str(tmp_path / out / "global-1.safetensors")) for out in ("compact", "fp32"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    trained = [(a, b) for a, b in zip(compact[0]["clients"], fp32[0]["clients"]) if a["status"] == "trained"]
+    assert any(TrainMode.parse(a["mode"], 4).blocks != set(range(4)) for a, _ in trained)
+    for a, b in trained:
+        assert a["upload_bytes"] == b["upload_bytes"] and a["loss"] == b["loss"]
+        assert a["download_bytes"] < b["download_bytes"] or TrainMode.parse(a["mode"], 4).blocks == set(range(4))
+
+
+def test_the_strategy_sends_compact_weights_and_its_round_is_the_in_process_engines(
+        tmp_path, three_device_plan, flower_task_identity, node_context):
+    """Through the Flower strategy and the ClientApp (Flower's serialization, no transport): each message
+    carries the compact linears in int8 with their scales, and the round (records, download bytes
+    measured by Flower's serialization, global model) is the in-process engine's."""
+    from safetensors.torch import load_file
+
+    from costmodel.compact import compact_linears
+    from planner.planfile import read_plan_file
+    from test_flower import CONFIG, KnownNodes, _strategy, _strip_timing
+    from trainer.engine import run
+    from trainer.flower import client_train
+
+    path, config = _compact_plan(three_device_plan, tmp_path, "int8"), CONFIG.model_copy(update={"rounds": 1})
+    strategy = _strategy(tmp_path / "flower", path, config)
+    messages = strategy.configure_train(1, None, None, grid=KnownNodes(strategy))
+    linears = [compact_linears(ZOO["char-gpt-xs"], TrainMode.parse(dict(m.content["task"])["mode"], 4))
+               for m in messages]
+    assert any(linears)
+    for message, names in zip(messages, linears):
+        arrays = message.content["arrays"]
+        assert all(arrays[f"{n}.weight"].dtype == "int8" and arrays[f"{n}.scale"].dtype == "float32" for n in names)
+    strategy.aggregate_train(1, [client_train(message, node_context) for message in messages])
+    in_process = run(config, read_plan_file(path), tmp_path / "in-process")
+    assert _strip_timing(strategy.server.metrics) == _strip_timing(in_process)
+    expected = load_file(str(tmp_path / "in-process" / "global-1.safetensors"))
+    assert all(torch.equal(strategy.server.state[k], expected[k]) for k in expected)
+
+
+@pytest.mark.slow  # Flower's simulation engine starts Ray; the strategy test above covers the same path without it
+def test_flower_simulation_sends_compact_weights_and_gives_the_in_process_engines_model(tmp_path, three_device_plan,
+                                                                                         monkeypatch, caff):
+    """A plan with int8 frozen weights on Flower's simulation: the strategy sends them compact (Flower's own
+    serialization measures each download, equal to the in-process engine's), and the global model after
+    the rounds is the in-process engine's."""
+    import json
+
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # Ray's workers: the same float sums as this process
+    path = _compact_plan(three_device_plan, tmp_path, "int8")
+    args = ["train", "--task", "shakespeare", "--method", "caff", "--plan", str(path), "--rounds", "1",
+            "--clients-per-round", "3", "--seed", "3", "--no-pretrained", "--eval-samples", "16"]
+    assert caff(*args, "--out", str(tmp_path / "local")).returncode == 0
+    simulated = caff(*args, "--engine", "flower-sim", "--out", str(tmp_path / "sim"))
+    assert simulated.returncode == 0, simulated.stderr
+    first, second = (load_file(str(tmp_path / out / "global-1.safetensors")) for out in ("local", "sim"))
+    assert first.keys() == second.keys() and all(torch.allclose(first[k], second[k], atol=1e-6) for k in first)
+    clients = [[c for c in json.loads((tmp_path / out / "metrics.jsonl").read_text())["clients"]
+                if c["status"] == "trained"] for out in ("local", "sim")]
+    assert [c["download_bytes"] for c in clients[0]] == [c["download_bytes"] for c in clients[1]]
+    state = build_model(ZOO["char-gpt-xs"]).state_dict()
+    from costmodel.wire import wire_bytes
+    compacted = [c for c in clients[1] if TrainMode.parse(c["mode"], 4).blocks != set(range(4))]
+    assert compacted and all(c["download_bytes"] < wire_bytes(state) for c in compacted)

@@ -1,8 +1,10 @@
 """caff on Flower: simulation and a real localhost deployment give the in-process engine's model."""
 
+import contextlib
 import json
 import os
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from trainer.engine import Server, TrainConfig, run, train_client  # noqa: E402
 from trainer.server import lora_deltas  # noqa: E402
 
 TIMING = {"seconds", "client_seconds", "total_seconds", "eval_seconds"}
-PROCESS = {"process_bytes", "process_uss_bytes", "process_memory"}  # measured on Flower nodes, predicted in process
+PROCESS = {"process_bytes", "process_uss_bytes", "process_memory", "clientapp_bytes"}  # measured on Flower nodes
 CONFIG = TrainConfig(task="shakespeare", method="caff", rounds=2, clients_per_round=3, pretrained=False,
                      eval_samples=16, seed=3)
 
@@ -100,13 +102,33 @@ def flower_task_identity():
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
-@pytest.fixture
-def node_context(tmp_path):
-    """A node's context in run 1, its files in ``tmp_path / "node"``."""
+def _stop_workers(folder):
+    """End the training workers (`trainer.nodeworker`) that served node folders under ``folder``."""
+    import signal
+
+    for pid_file in folder.glob("**/worker.pid"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid_file.read_text()), signal.SIGTERM)
+
+
+def _context(cache):
+    """A node's context in run 1, its files under ``cache``."""
     from flwr.app import Context, RecordDict
 
-    return Context(run_id=1, node_id=0, node_config={"cache-dir": str(tmp_path / "node")}, state=RecordDict(),
-                   run_config={})
+    return Context(run_id=1, node_id=0, node_config={"cache-dir": str(cache)}, state=RecordDict(), run_config={})
+
+
+@pytest.fixture(scope="module")
+def node_cache(tmp_path_factory):
+    """One node's files for this module's tests: one training worker serves them, as on a node."""
+    cache = tmp_path_factory.mktemp("node")
+    yield cache
+    _stop_workers(cache)
+
+
+@pytest.fixture
+def node_context(node_cache):
+    return _context(node_cache)
 
 
 def test_a_failed_node_loses_its_update_and_the_round_goes_on(tmp_path, three_device_plan, flower_task_identity,
@@ -161,45 +183,168 @@ def test_replies_carry_what_was_trained_and_the_planned_upload_bounds_the_wire(
     assert in_process[0]["uploaded_bytes"] == sum(dict(r.content["record"])["upload_bytes"] for r in replies) > 0
 
 
-def test_a_node_keeps_its_shard_and_measured_figures_and_measures_its_process(
-        tmp_path, three_device_plan, flower_task_identity, node_context, monkeypatch):
-    """Every message on a deployment node is a fresh process: the first one writes the device's shard
-    (the loader's storage layout) and its measured FLOPs and peak to the node's folder, later ones read
-    them back (neither the loader nor the FLOP counter runs) and reply the same. The record's process
-    memory is this process's peak resident set, as the kernel reports it."""
+def _same_replies(first, second, strip=TIMING | PROCESS):
+    for one, two in zip(first, second, strict=True):
+        assert {k: v for k, v in dict(one.content["record"]).items() if k not in strip} == \
+            {k: v for k, v in dict(two.content["record"]).items() if k not in strip}
+        one_arrays = one.content["arrays"].to_torch_state_dict()
+        two_arrays = two.content["arrays"].to_torch_state_dict()
+        assert one_arrays.keys() == two_arrays.keys()
+        assert all(torch.equal(one_arrays[k], two_arrays[k]) for k in one_arrays)
+
+
+def _worker_pid(folder):
+    return int((folder / "worker.pid").read_text())
+
+
+@pytest.fixture
+def own_node(tmp_path):
+    """A node of the test's own, its files in ``tmp_path / "node"``; its worker ends with the test."""
+    yield _context(tmp_path / "node")
+    _stop_workers(tmp_path / "node")
+
+
+def test_a_nodes_worker_keeps_its_shard_and_figures_and_a_fresh_worker_reads_them_back(
+        tmp_path, three_device_plan, flower_task_identity, own_node):
+    """A deployment node's messages go to its training worker (`trainer.nodeworker`). The first
+    writes the device's shard (the loader's storage layout) and its measured FLOPs and peak to the
+    node's folder; the worker keeps them in memory, so the next message, served by the same worker,
+    neither reads nor writes those files and replies the same. A fresh worker (the old one killed,
+    its socket stale) reads them back. The record's process memory is the worker's peak resident set."""
+    import signal
+
     import trainer.engine
-    import trainer.local
     from trainer.flower import client_train
+    from trainer.nodeworker import alive
     from trainer.probe import peak_rss_bytes
     from trainer.shardfile import load_shard
 
     strategy = _strategy(tmp_path, three_device_plan)
     messages = strategy.configure_train(1, None, None, grid=KnownNodes(strategy))
     before = peak_rss_bytes()
-    first = [client_train(message, node_context) for message in messages]
-    after = peak_rss_bytes()
+    first = [client_train(message, own_node) for message in messages]
+    after = peak_rss_bytes() + 2**20  # the kernel's resident-set counters are per-CPU, read with some slack
+    folder = tmp_path / "node" / "run-1-node-0"
+    worker = _worker_pid(folder)
+    status = Path(f"/proc/{worker}/status").read_text().splitlines()
+    worker_peak = int(next(line.split()[1] for line in status if line.startswith("VmHWM"))) * 1024
     for message, reply in zip(messages, first):
         task, record = dict(message.content["task"]), dict(reply.content["record"])
-        assert record["process_memory"] == "measured" and before <= record["process_bytes"] <= after
-        assert 0 < record["process_uss_bytes"] <= after
+        assert record["process_memory"] == "measured" and 0 < record["process_bytes"] <= worker_peak
+        assert 0 < record["process_uss_bytes"] <= record["process_bytes"]
+        assert before <= record["clientapp_bytes"] <= after  # the ClientApp here is this test's process
         loader = trainer.engine.client_shard(task)
-        saved = load_shard(tmp_path / "node" / "run-1" / f"shakespeare-{task['n_devices']}-3-{task['index']}.shard")
+        saved = load_shard(folder / f"shakespeare-{task['n_devices']}-3-{task['index']}.shard")
         assert all(torch.equal(a, b) for a, b in zip(saved, loader))
         assert saved[0].untyped_storage().data_ptr() == saved[1].untyped_storage().data_ptr()  # windows of one storage
         assert saved[0].untyped_storage().nbytes() == loader[0].untyped_storage().nbytes()
 
-    def refuse(*args, **kwargs):
-        raise AssertionError("a later message parsed its data or counted FLOPs again")
+    files = {path: path.read_bytes() for pattern in ("*.shard", "measured-*.json") for path in folder.glob(pattern)}
+    assert len(files) == 2 * len(messages)
+    for path in files:
+        path.unlink()
+    again = [client_train(message, own_node) for message in messages]
+    assert _worker_pid(folder) == worker and not any(path.exists() for path in files)  # kept in memory
+    _same_replies(first, again)
+    from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
-    monkeypatch.setattr(trainer.engine, "client_shard", refuse)
-    monkeypatch.setattr(trainer.local, "step_flops", refuse)
-    again = [client_train(message, node_context) for message in messages]
-    for one, two in zip(first, again):
-        strip = TIMING | PROCESS
-        assert {k: v for k, v in dict(one.content["record"]).items() if k not in strip} == \
-            {k: v for k, v in dict(two.content["record"]).items() if k not in strip}
-        first_arrays, second_arrays = one.content["arrays"].to_torch_state_dict(), two.content["arrays"].to_torch_state_dict()
-        assert all(torch.equal(first_arrays[k], second_arrays[k]) for k in first_arrays)
+    task = dict(messages[0].content["task"]) | {"memory_budget_bytes": 1}  # refused before its step
+    with pytest.raises(RuntimeError, match="^the node worker failed: [^\n]*budget[^\n]*$"):
+        client_train(Message(RecordDict({"arrays": messages[0].content["arrays"], "task": ConfigRecord(task)}),
+                             message_type=MessageType.TRAIN, dst_node_id=0), own_node)
+    assert _worker_pid(folder) == worker and alive(worker)  # and it serves on
+
+    os.kill(worker, signal.SIGKILL)  # a fresh worker finds a stale socket and the files, its FLOPs marked + 1
+    os.waitpid(worker, 0)  # the shim, this process, started it
+    for path, raw in files.items():
+        saved = json.loads(raw) if path.suffix == ".json" else None
+        path.write_bytes(raw if saved is None else json.dumps(saved | {"value": [saved["value"][0] + 1,
+                                                                                   saved["value"][1]]}).encode())
+    fresh = [client_train(message, own_node) for message in messages]
+    assert _worker_pid(folder) != worker and not alive(worker)
+    _same_replies(first, fresh, TIMING | PROCESS | {"flops"})
+    flops = [[dict(r.content["record"])["flops"] for r in replies] for replies in (first, fresh)]
+    assert flops[1] == [f + 1 for f in flops[0]]
+
+
+def test_a_worker_ends_when_the_process_it_watches_is_gone(tmp_path):
+    """A node's worker watches the process that started its ClientApps (a SuperNode's SuperExec):
+    once that is gone, the worker ends too, its socket removed; it never lingers as an orphan."""
+    import subprocess
+    import sys
+
+    from trainer.nodeworker import alive, connect, socket_path
+
+    watched = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        connect(tmp_path, watched.pid).close()
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "worker.pid").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        worker = _worker_pid(tmp_path)
+        assert alive(worker)
+    finally:
+        watched.kill()
+        watched.wait()
+    assert _workers_gone([worker], seconds=120) and not socket_path(tmp_path).exists()
+
+
+SHIM = """
+import json, sys
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from safetensors.numpy import load_file, save_file
+from trainer.flower import client_train
+
+TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+job = json.load(sys.stdin)
+arrays = ArrayRecord({k: Array.from_numpy_ndarray(v) for k, v in load_file(job["received"]).items()})
+message = Message(RecordDict({"arrays": arrays, "task": ConfigRecord(job["task"])}), message_type=MessageType.TRAIN,
+                  dst_node_id=0)
+reply = client_train(message, Context(run_id=1, node_id=0, node_config={"cache-dir": job["cache"]},
+                                      state=RecordDict(), run_config={}))
+save_file({k: v.numpy() for k, v in reply.content["arrays"].items()}, job["reply"])
+print(json.dumps({"record": dict(reply.content["record"]), "torch": "torch" in sys.modules}))
+"""
+
+
+def test_the_clientapp_imports_no_torch_and_a_nodes_messages_share_one_worker(
+        tmp_path, three_device_plan, flower_task_identity):
+    """Each message in a ClientApp process of its own, as Flower runs them: that process never imports
+    torch, both messages are trained by one worker process, and each reply is the in-process engine's."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    from trainer.nodeworker import alive
+
+    strategy = _strategy(tmp_path, three_device_plan)
+    messages = strategy.configure_train(1, None, None, grid=KnownNodes(strategy))
+    folder, workers = tmp_path / "node" / "run-1-node-0", []
+    try:
+        for i, message in enumerate(messages):
+            task = dict(message.content["task"])
+            received = message.content["arrays"].to_torch_state_dict()
+            save_file(received, tmp_path / f"received-{i}.safetensors")
+            job = {"task": task, "received": str(tmp_path / f"received-{i}.safetensors"),
+                   "cache": str(tmp_path / "node"), "reply": str(tmp_path / f"reply-{i}.safetensors")}
+            shim = subprocess.run([sys.executable, "-c", SHIM], input=json.dumps(job), capture_output=True, text=True,
+                                  timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+            assert shim.returncode == 0, shim.stderr[-2000:]
+            said = json.loads(shim.stdout.splitlines()[-1])
+            assert said["torch"] is False
+            workers.append(_worker_pid(folder))
+            assert alive(workers[-1])  # the ClientApp process ended, its worker did not
+            record, reply = train_client(task, received)
+            strip = TIMING | PROCESS
+            assert {k: v for k, v in said["record"].items() if k not in strip} == \
+                {k: v for k, v in record.items() if k not in strip}
+            replied = load_file(str(tmp_path / f"reply-{i}.safetensors"))
+            assert replied.keys() == reply.keys() and all(torch.equal(replied[k], reply[k]) for k in reply)
+        assert len(messages) == 2 and workers[0] == workers[1]
+    finally:
+        _stop_workers(tmp_path / "node")
 
 
 def test_a_round_without_replies_records_every_device_failed(tmp_path, three_device_plan, flower_task_identity):
@@ -277,6 +422,16 @@ def _pids_gone(processes):
     return all(process.poll() is not None for process in processes)
 
 
+def _workers_gone(pids, seconds=10.0):
+    """Whether the processes ``pids`` (not this process's children) are all gone within ``seconds``."""
+    from trainer.nodeworker import alive
+
+    deadline = time.monotonic() + seconds
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not any(alive(pid) for pid in pids)
+
+
 def test_localhost_deployment_gives_the_in_process_engines_model(tmp_path, three_device_plan, monkeypatch, caff):
     """flower-superlink and three flower-supernodes on free ports, with TLS and SuperNode
     authentication, two rounds with ``flwr run``; a fourth node, whose key nobody registered, is refused."""
@@ -294,6 +449,8 @@ def test_localhost_deployment_gives_the_in_process_engines_model(tmp_path, three
         intruder = (tmp_path / "logs" / "process-4.log").read_text()
     assert deployed.returncode == 0, deployed.stderr
     assert _pids_gone(federation.processes)
+    workers = [int(path.read_text()) for path in (tmp_path / "logs" / "flwr-home" / "caff-nodes").glob("*/worker.pid")]
+    assert len(workers) == 2 and _workers_gone(workers)  # one per training node (d0 sits out), ended with its node
     assert "Failed to activate SuperNode" in intruder, intruder[-2000:]
     _same_model(tmp_path / "local", tmp_path / "flower")
     assert _metrics(tmp_path / "flower") == _metrics(tmp_path / "local")
@@ -328,6 +485,8 @@ def test_a_node_killed_mid_round_does_not_stall_the_run(tmp_path, three_device_p
                  root_certificates=federation.root_certificates)
         killer.join()
     assert _pids_gone(processes)
+    folders = tmp_path / "logs" / "flwr-home" / "caff-nodes"
+    assert _workers_gone([int(path.read_text()) for path in folders.glob("*/worker.pid")])
     rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rounds) == 2, f"the run stopped after {len(rounds)} rounds ({time.time() - started:.0f} s)"
     d2 = [next(c for c in m["clients"] if c["device"] == "d2") for m in rounds]

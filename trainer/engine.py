@@ -24,6 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from costmodel import ModelSpec, TrainMode, build_model, estimate
+from costmodel.compact import compact_state
 from costmodel.measure import check_fits
 from costmodel.process import kept_bytes, process_memory
 from costmodel.wire import wire_bytes
@@ -191,11 +192,25 @@ def task_record(task: dict, **fields) -> dict:
 _MEASURED: dict[tuple, tuple[int, int]] = {}  # (spec, mode, batch, steps) -> (FLOPs, peak bytes), per process
 
 
+def task_model(task: dict) -> tuple[ModelSpec, TrainMode, list[int] | None]:
+    """(the spec of the model the device of ``task`` runs, its mode, the global blocks that model holds
+    in order, or None: all of them, in place)."""
+    spec, held = ModelSpec.model_validate_json(task["spec"]), task.get("held_blocks")
+    if held is not None:  # FedRA: a shallow model of only these blocks, in order
+        spec = shallow_spec(spec, len(held))
+    return spec, TrainMode.parse(task["mode"], spec.n_blocks), held
+
+
 def received_arrays(task: dict, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The global arrays a device is sent for ``task``: all of them (its plan runs the whole forward
-    pass), or for a FedRA device only the blocks its shallow model holds, with embeddings and head."""
-    held = task.get("held_blocks")
-    return state if held is None else renumber_blocks(state, {b: b for b in held})
+    pass), or for a FedRA device only the blocks its shallow model holds, with embeddings and head.
+    A plan with ``frozen:bf16|int8`` gets its compact linears compact (`costmodel.compact.compact_state`):
+    the form its model holds them in, so the device never holds them in full precision."""
+    spec, mode, held = task_model(task)
+    if held is None:
+        return compact_state(state, spec, mode)
+    shallow = compact_state(renumber_blocks(state, {g: i for i, g in enumerate(held)}), spec, mode)
+    return renumber_blocks(shallow, dict(enumerate(held)))
 
 
 def client_shard(task: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,11 +232,8 @@ def train_client(task: dict, received: dict[str, torch.Tensor],
     the same mode at the same shapes has the same FLOPs and live bytes, so later runs reuse those
     figures from ``measured`` ((spec, mode, batch, steps) -> (FLOPs, peak bytes); default: this
     process's; a Flower node keeps its own on disk)."""
-    spec, state = ModelSpec.model_validate_json(task["spec"]), received
-    held = task.get("held_blocks")  # FedRA: run a shallow model of only these blocks, in order
-    if held is not None:
-        spec, state = shallow_spec(spec, len(held)), renumber_blocks(state, {g: i for i, g in enumerate(held)})
-    mode = TrainMode.parse(task["mode"], spec.n_blocks)
+    spec, mode, held = task_model(task)
+    state = received if held is None else renumber_blocks(received, {g: i for i, g in enumerate(held)})
     seed, round_index, name = task["seed"], task["round"], task["device"]
     shard = shard or client_shard(task)
     stream = _batch_stream(*shard, task["batch"], _seed(seed, round_index, name, "batches"))
@@ -234,7 +246,7 @@ def train_client(task: dict, received: dict[str, torch.Tensor],
     reply = result.update if held is None else renumber_blocks(result.update, dict(enumerate(held)))
     predicted = estimate(spec, mode, task["batch"], TASK_SEQ[task["task"]], task["optimizer"])
     totals = predicted.totals
-    process = process_memory(load_runtime(task.get("runtime") or DEFAULT_RUNTIME), mode, predicted.peak_bytes,
+    process = process_memory(load_runtime(task.get("runtime") or DEFAULT_RUNTIME), mode, predicted,
                              sum(t.numel() * t.element_size() for t in shard),  # a bound: windows may overlap
                              kept_bytes(spec, mode, predicted))
     scales = set(result.lora_scales.values())  # alpha = 2 x rank: one scale for every adapter

@@ -11,7 +11,8 @@ engine's, up to the order of floating-point sums.
   its task (its entry of the plan: mode, steps, batch, learning rate; a ``ConfigRecord``) and the
   weights it needs (an ``ArrayRecord``: a plan of the whole model runs its whole forward pass, so
   it needs every array; a FedRA device gets only the blocks its shallow model holds, with the
-  embeddings and head). ``aggregate_train`` averages each tensor over the replies that
+  embeddings and head; a plan with ``frozen:bf16|int8`` gets those weights compact:
+  `trainer.engine.received_arrays`). ``aggregate_train`` averages each tensor over the replies that
   hold it (stock FedAvg refuses replies whose keys differ).
 - Nodes and devices: the strategy asks every node (a ``query`` message) which device it is: its
   node config's ``device`` (a name in the plan) or ``partition-id`` (an index into the plan's
@@ -24,12 +25,13 @@ engine's, up to the order of floating-point sums.
   and its update is lost for that round: the global model is averaged over the devices that did
   reply, as if it had not been sampled.
 
-The ClientApp imports torch and caff only in its train handler, and loads only its own device's
-data (`trainer.engine.client_shard`). The ServerApp reads one JSON file named by the run config
-key ``run-file`` (`write_run_file`):
-the `TrainConfig`, the plan file, the run directory, resume, seconds a round waits for replies,
-and the folder of pretrained checkpoints (the app bundle that Flower ships carries code only).
-Its paths are read on the SuperLink's machine. ``caff train --engine flower|flower-sim`` writes it.
+On a deployment node the ClientApp imports no torch: each message is a fresh process, so it
+hands the task to the node's long-lived training worker (`trainer.nodeworker`), which loads only
+its own device's data (`trainer.engine.client_shard`) once. The ServerApp reads one JSON file
+named by the run config key ``run-file`` (`write_run_file`): the `TrainConfig`, the plan file,
+the run directory, resume, seconds a round waits for replies, and the folder of pretrained
+checkpoints (the app bundle that Flower ships carries code only). Its paths are read on the
+SuperLink's machine. ``caff train --engine flower|flower-sim`` writes it.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ import time
 MODULE_STARTED, MODULE_CPU = time.time(), time.process_time()  # this module's import starts (`timing`)
 
 import contextlib  # noqa: E402
-import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -47,7 +48,6 @@ import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-from collections.abc import MutableMapping  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import TYPE_CHECKING  # noqa: E402
@@ -141,7 +141,8 @@ class CaffStrategy(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> list[Message]:
-        from trainer.engine import received_arrays, task_record
+        from costmodel.compact import compact_linears
+        from trainer.engine import received_arrays, task_model, task_record
 
         self.assign_nodes(grid)
         self.round_started = time.perf_counter()
@@ -150,10 +151,14 @@ class CaffStrategy(FedAvg):
         self.round_tasks = [t for t in tasks if t["device"] in self.node_of_device]
         self.round_records += [task_record(t, status="no node")
                                for t in tasks if t["device"] not in self.node_of_device]
-        whole = ArrayRecord(self.server.state)  # one record, shared by the messages that need every array
+        records: dict[tuple, ArrayRecord] = {}  # one record per distinct set of arrays sent, shared
 
-        def arrays(task: dict) -> ArrayRecord:  # a FedRA device's shallow model needs only its blocks
-            return whole if task.get("held_blocks") is None else ArrayRecord(received_arrays(task, self.server.state))
+        def arrays(task: dict) -> ArrayRecord:  # a FedRA device gets only its blocks; compact weights compact
+            spec, mode, held = task_model(task)
+            key = (held and tuple(held), mode.frozen, compact_linears(spec, mode))
+            if key not in records:
+                records[key] = ArrayRecord(received_arrays(task, self.server.state))
+            return records[key]
         return [Message(RecordDict({"arrays": arrays(task), "task": ConfigRecord(task)}),
                         message_type=MessageType.TRAIN, dst_node_id=self.node_of_device[task["device"]])
                 for task in self.round_tasks]
@@ -233,67 +238,19 @@ server_app = make_server_app()
 
 
 def node_folder(context: Context) -> Path:
-    """This node's folder for the run: ``CACHE/run-RUN``, where CACHE is the node config's
-    ``cache-dir`` or ``$FLWR_HOME/caff-nodes`` (default ``~/.flwr``). Folders of runs untouched
-    for a day are removed when a new run's folder is made."""
+    """This node's folder for the run: ``CACHE/run-RUN-node-NODE``, where CACHE is the node config's
+    ``cache-dir`` or ``$FLWR_HOME/caff-nodes`` (default ``~/.flwr``): nodes that share a machine and
+    a Flower home keep their own (each has its own worker). Folders of runs untouched for a day are
+    removed when a new run's folder is made."""
     cache = Path(str(context.node_config.get("cache-dir")
                      or Path(os.environ.get("FLWR_HOME", "~/.flwr")).expanduser() / "caff-nodes"))
-    folder = cache / f"run-{context.run_id}"
+    folder = cache / f"run-{context.run_id}-node-{context.node_id}"
     if not folder.is_dir():
         folder.mkdir(parents=True, exist_ok=True)
         for old in cache.glob("run-*"):
             if old != folder and time.time() - old.stat().st_mtime > 86400:
                 shutil.rmtree(old, ignore_errors=True)
     return folder
-
-
-def node_shard(task: dict, folder: Path) -> tuple:
-    """The training samples of ``task``'s device: parsed by the per-client loader
-    (`trainer.engine.client_shard`) on the node's first message of the run and written to its
-    folder as a shard file (`trainer.shardfile`: the loader's storages and views), read back on
-    later messages."""
-    from trainer.engine import client_shard
-    from trainer.shardfile import load_shard, save_shard
-
-    path = folder / f"{task['task']}-{task['n_devices']}-{task['seed']}-{task['index']}.shard"
-    if path.exists():
-        return load_shard(path)
-    shard = client_shard(task)
-    save_shard(path, shard)
-    return shard
-
-
-class MeasuredFiles(MutableMapping):
-    """What a node measured in this run, (spec, mode, batch, steps) -> (FLOPs, peak bytes), one
-    JSON file per key in its folder: each ClientApp is a fresh process, so this is what
-    `trainer.engine.train_client`'s per-process figures are for a node."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def _path(self, key: tuple) -> Path:
-        return self.folder / f"measured-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]}.json"
-
-    def __getitem__(self, key: tuple) -> tuple[int, int]:
-        try:
-            saved = json.loads(self._path(key).read_text())
-        except FileNotFoundError:
-            raise KeyError(key) from None
-        if saved["key"] != list(key):
-            raise KeyError(key)
-        return tuple(saved["value"])
-
-    def __setitem__(self, key: tuple, value: tuple[int, int]) -> None:
-        atomic_write(self._path(key), json.dumps({"key": list(key), "value": list(value)}))
-
-    def __delitem__(self, key: tuple) -> None:
-        self._path(key).unlink()
-
-    def __iter__(self):
-        return (tuple(json.loads(path.read_text())["key"]) for path in self.folder.glob("measured-*.json"))
-
-    def __len__(self) -> int:
-        return len(list(self.folder.glob("measured-*.json")))
 
 
 client_app = ClientApp()
@@ -318,40 +275,39 @@ def client_train(message: Message, context: Context) -> Message:
     """Run the task the server sent, on this node's data, with caff's local training; reply with
     what it trained and its record, whose upload and download bytes Flower's serialization measures.
 
-    On a deployment node every message runs in a process of its own (a fresh ``flwr-clientapp``):
-    the node keeps its data shard and its measured figures in its folder (`node_folder`) for
-    later messages, and the record holds this process's memory, measured (``process_memory:
-    "measured"``; ``process_bytes``: peak resident set, VmHWM; ``process_uss_bytes``: private bytes
-    at the reply, where the kernel says). In Flower's simulation (run config ``simulation``) the
-    worker processes serve many virtual nodes through the run: they keep shards and figures in
-    memory, and the record keeps the predicted process memory."""
+    On a deployment node every message runs in a fresh ``flwr-clientapp`` process: this handler
+    imports no torch and hands the task to the node's training worker (`trainer.nodeworker`,
+    started on the first message), which keeps the node's shard and measured figures. The record
+    holds the worker's process memory, measured (``process_memory: "measured"``; ``process_bytes``:
+    its peak resident set; ``process_uss_bytes``: its private bytes at the reply) and this
+    process's peak resident set (``clientapp_bytes``). In Flower's simulation (run config
+    ``simulation``) the Ray worker processes serve many virtual nodes through the run: they train
+    here, keep shards and figures in memory, and the record keeps the predicted process memory."""
     started, cpu_started = time.time(), time.process_time()
-    from trainer.engine import _MEASURED, client_shard, train_client
-
-    imported = time.time()
     task, received = dict(message.content["task"]), message.content["arrays"]
-    own_process = not context.run_config.get("simulation", False)
-    folder = node_folder(context) if own_process else None
-    shard = node_shard(task, folder) if folder else client_shard(task)  # this device's client only
-    loaded = time.time()
-    record, reply = train_client(task, received.to_torch_state_dict(), shard,
-                                 MeasuredFiles(folder) if folder else _MEASURED)
-    trained = time.time()
-    arrays = ArrayRecord({k: v.contiguous() for k, v in reply.items()})
-    record |= {"upload_bytes": serialized_bytes(arrays), "download_bytes": serialized_bytes(received)}
-    if own_process:
-        from trainer.probe import peak_rss_bytes, uss_bytes
+    times = {}
+    if context.run_config.get("simulation", False):
+        from trainer.engine import client_shard, train_client
 
-        private = uss_bytes()
-        record |= {"process_bytes": peak_rss_bytes(), "process_memory": "measured"} | (
-            {"process_uss_bytes": private} if private is not None else {})
+        record, reply = train_client(task, received.to_torch_state_dict(), client_shard(task))
+        arrays = ArrayRecord({k: v.contiguous() for k, v in reply.items()})
+    else:
+        from flwr.app import Array
+
+        from trainer.nodeworker import ask
+        from trainer.probe import peak_rss_bytes
+
+        answer, reply = ask(node_folder(context), task, {k: v.numpy() for k, v in received.items()}, os.getppid())
+        record, times = answer["record"] | {"clientapp_bytes": peak_rss_bytes()}, answer["times"]
+        arrays = ArrayRecord({k: Array.from_numpy_ndarray(v) for k, v in reply.items()})
+    record |= {"upload_bytes": serialized_bytes(arrays), "download_bytes": serialized_bytes(received)}
     if os.environ.get("CAFF_FLOWER_TIMINGS"):
         import psutil
 
         timing(who="client", round=task["round"], device=task["device"], sent=message.metadata.created_at,
-               process=psutil.Process().create_time(), module=MODULE_STARTED, handler=started, imported=imported,
-               data=loaded, trained=trained, training=record["seconds"], replied=time.time(),
-               cpu_module=MODULE_CPU, cpu_handler=cpu_started, cpu_replied=time.process_time())
+               process=psutil.Process().create_time(), module=MODULE_STARTED, handler=started, **times,
+               training=record["seconds"], replied=time.time(), cpu_module=MODULE_CPU, cpu_handler=cpu_started,
+               cpu_replied=time.process_time())
     return Message(RecordDict({"arrays": arrays, "record": ConfigRecord(record)}), reply_to=message)
 
 

@@ -45,7 +45,7 @@ def fits(spec: ModelSpec, mode: TrainMode, device: DevicePlan, plan: PlanFile) -
     memory = report.peak_bytes
     if device.runtime is not None:
         shard = device.process.shard_bytes if device.process else 0
-        memory = process_memory(runtime_profile(device.runtime), mode, report.peak_bytes, shard,
+        memory = process_memory(runtime_profile(device.runtime), mode, report, shard,
                                 kept_bytes(spec, mode, report)).total_bytes
     return (memory <= budgets.usable_memory_bytes
             and budgets.local_steps * (report.totals["fwd_flops"] + report.totals["bwd_flops"]) <= budgets.compute_flops

@@ -5,9 +5,10 @@ Python process, as a device runs it, and what the kernel says that process used.
 back: the step's measured tensor peak (`LiveBytes`), the process's peak resident set (VmHWM from
 /proc/self/status, and ``ru_maxrss``), its unique set size (USS: private pages, from
 /proc/self/smaps_rollup, at the end) and the bytes of the received weights and the data shard it
-held. The received weights are a model built in the child (the global state a device receives);
-the shard is a stand-in buffer of ``shard_bytes`` written through, so its pages are resident.
-Bytes throughout.
+held. The received weights are what a server sends for the plan (`costmodel.compact.compact_state`
+of a freshly built model: compact frozen weights compact), built in the calling process and read
+by the child from a file, as a device reads them off the wire; the shard is a stand-in buffer of
+``shard_bytes`` written through, so its pages are resident. Bytes throughout.
 """
 
 from __future__ import annotations
@@ -56,11 +57,23 @@ def uss_bytes() -> int | None:
 
 def run_probe(job: dict, timeout: float = 600.0) -> dict:
     """Run ``job`` in a fresh process and return what it measured (see `_probe`)."""
+    import tempfile
+
+    import torch
+
+    from costmodel import ModelSpec, TrainMode, build_model
+    from costmodel.compact import compact_state
+
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, "-m", "trainer.probe"], input=json.dumps(job), capture_output=True,
-                          text=True, env=env, timeout=timeout)
+    spec = ModelSpec.model_validate_json(job["spec"])
+    with tempfile.TemporaryDirectory() as folder:
+        arrays = Path(folder) / "received.pt"
+        torch.save(compact_state(build_model(spec).state_dict(), spec, TrainMode.parse(job["mode"], spec.n_blocks)),
+                   arrays)
+        done = subprocess.run([sys.executable, "-m", "trainer.probe"], input=json.dumps(job | {"arrays": str(arrays)}),
+                              capture_output=True, text=True, env=env, timeout=timeout)
     if done.returncode != 0:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"the measuring process failed (exit {done.returncode}): {last}")
@@ -70,19 +83,20 @@ def run_probe(job: dict, timeout: float = 600.0) -> dict:
 def _probe(job: dict) -> dict:
     """Train job's plan for ``steps`` steps of random batches, measured as a client measures its first
     round (FLOPs on a meta copy, the tensor peak on the second step), then read the process's peak.
-    Job keys: spec (JSON), mode, batch, seq, optimizer, steps, shard_bytes."""
+    Job keys: spec (JSON), mode, batch, seq, optimizer, steps, shard_bytes, arrays (the received
+    arrays' file, `torch.save`)."""
     import itertools
 
     import torch
 
-    from costmodel import ModelSpec, TrainMode, build_model, make_batch
+    from costmodel import ModelSpec, TrainMode, make_batch
     from costmodel.process import tensor_bytes
     from trainer.local import local_train
 
     spec = ModelSpec.model_validate_json(job["spec"])
     mode = TrainMode.parse(job["mode"], spec.n_blocks)
     shard = torch.ones(job.get("shard_bytes", 0), dtype=torch.uint8)  # the device's data, resident
-    received = build_model(spec).state_dict()
+    received = torch.load(job["arrays"], weights_only=True)
     batch = make_batch(spec, job["batch"], job.get("seq"))
     steps = job.get("steps", 2)
     result = local_train(received, spec, mode, itertools.repeat(batch), steps, job["optimizer"])
