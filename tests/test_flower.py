@@ -377,6 +377,25 @@ def test_a_reply_for_another_nodes_device_is_refused(tmp_path, three_device_plan
     assert all(torch.equal(before[k], strategy.server.state[k]) for k in before)
 
 
+def test_a_reply_whose_arrays_do_not_unpack_is_a_failed_device(tmp_path, three_device_plan, flower_task_identity,
+                                                               node_context):
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, Message, RecordDict
+
+    from trainer.flower import client_train
+
+    strategy = _strategy(tmp_path, three_device_plan)
+    first, second = strategy.configure_train(1, None, None, grid=KnownNodes(strategy))
+    good, bad = client_train(first, node_context), client_train(second, node_context)
+    garbage = ArrayRecord({"state": Array.from_numpy_ndarray(np.frombuffer(b"not safetensors", dtype=np.uint8))})
+    strategy.aggregate_train(1, [good, Message(RecordDict({"arrays": garbage, "record": bad.content["record"]}),
+                                               reply_to=second)])
+    statuses = {c["device"]: (c["status"], c.get("reason", "")) for c in strategy.server.metrics[-1]["clients"]}
+    assert statuses[dict(first.content["task"])["device"]][0] == "trained"
+    assert statuses[dict(second.content["task"])["device"]] == ("failed", "a reply whose arrays do not unpack "
+                                                                "(SafetensorError)")
+
+
 def test_a_fedra_node_receives_only_the_blocks_it_holds(tmp_path, three_device_plan, flower_task_identity,
                                                         node_context):
     from trainer.flower import client_train, unpacked_state

@@ -9,12 +9,13 @@ engine's, up to the order of floating-point sums.
 
 - `CaffStrategy(FedAvg)`: ``configure_train`` builds one ``Message`` per training device, with
   its task (its entry of the plan: mode, steps, batch, learning rate; a ``ConfigRecord``) and the
-  weights it needs (an ``ArrayRecord`` of ONE array: the state dict packed, `packed_record`; Flower's
-  per-array handling cost 43.5 s a round for caff's 69 arrays, against 11.7 s as one. A plan of the whole model runs its whole forward pass, so
-  it needs every array; a FedRA device gets only the blocks its shallow model holds, with the
-  embeddings and head; a plan with ``frozen:bf16|int8`` gets those weights compact:
-  `trainer.engine.received_arrays`). Replies come packed the same way. ``aggregate_train`` averages
-  each tensor over the replies that hold it (stock FedAvg refuses replies whose keys differ).
+  weights it needs, as an ``ArrayRecord`` of ONE array: the state dict packed (`packed_record`;
+  Flower's per-array handling cost 43.5 s a round for caff's 69 arrays, 11.7 s as one). A plan of
+  the whole model runs its whole forward pass, so it needs every array; a FedRA device gets only
+  the blocks its shallow model holds, with the embeddings and head; a plan with
+  ``frozen:bf16|int8`` gets those weights compact (`trainer.engine.received_arrays`). Replies come
+  packed the same way. ``aggregate_train`` averages each tensor over the replies that hold it
+  (stock FedAvg refuses replies whose keys differ); a reply that does not unpack is a failed device.
 - Nodes and devices: the strategy asks every node (a ``query`` message) which device it is: its
   node config's ``device`` (a name in the plan) or ``partition-id`` (an index into the plan's
   devices; Flower's simulation sets it). Before round 1 it waits for a node per device (up to
@@ -201,8 +202,12 @@ class CaffStrategy(FedAvg):
             if record.get("status") != "trained" or not isinstance(record.get("samples"), int) or record["samples"] < 1:
                 errors[node] = "a reply without a trained record and its sample count"
                 continue
+            try:
+                updates[record["device"]] = unpacked_state(reply.content["arrays"])
+            except Exception as error:  # noqa: BLE001 - a node's malformed reply loses its update, not the run
+                errors[node] = f"a reply whose arrays do not unpack ({type(error).__name__})"
+                continue
             records.append(record)
-            updates[record["device"]] = unpacked_state(reply.content["arrays"])
         for task in self.round_tasks:
             if task["device"] not in updates:
                 reason = errors.get(expected[task["device"]], "no reply before the round's timeout")
