@@ -1,8 +1,9 @@
 """Planner at fleet scale: 10,000 devices with distinct budgets x 4 twelve-block architectures, one device
 alone, and the fleet's plans checked against the per-device ILP on a random sample; without and with
-a LoRA menu, each without and with recomputation.
+a LoRA menu, each without and with recomputation, and with compact frozen weights (int8 or bf16).
 
-    python bench/planner_scale.py [--devices 10000] [--sample 50] [--seed 0] [--menus none,lora,recompute,both]
+    python bench/planner_scale.py [--devices 10000] [--sample 50] [--seed 0]
+                                  [--menus none,lora,recompute,both,frozen,all]
 
 Prints wall and CPU times (seconds; CPU is this process's, which a busy machine inflates less) and how
 many sampled plans equal the ILP's optimum; asserts nothing.
@@ -43,7 +44,9 @@ def random_devices(n: int, seed: int) -> list[DeviceSpec]:
             for i in range(n)]
 
 
-MENUS = {"none": ((), False), "lora": ((4, 8, 16), False), "recompute": ((), True), "both": ((4, 8, 16), True)}
+MENUS = {"none": ((), False, ()), "lora": ((4, 8, 16), False, ()), "recompute": ((), True, ()),  # ranks, recompute,
+         "both": ((4, 8, 16), True, ()), "frozen": ((), True, ("int8", "bf16")),  # compact frozen formats
+         "all": ((4, 8, 16), True, ("int8", "bf16"))}
 
 
 def timed(function, *args):
@@ -64,17 +67,17 @@ def check_against_ilp(result, devices, settings: PlanSettings, sample: int, rng:
     without LoRA against the runtime without its LoRA library; `planner.plan` does the same), the better
     optimum (`fleet.preferred`) winning; compare keys, FLOPs and peak."""
     spec = result.spec(result.winner)
-    menus = {(), settings.lora_ranks}
+    menus = [(ranks, frozen) for ranks in {(), settings.lora_ranks} for frozen in (None, *settings.frozen)]
     tables = {}
     agree, seconds = 0, []
     for i in rng.sample(range(len(devices)), sample):
         device, entry = devices[i], result.devices[i]
         best, elapsed = None, 0.0
-        for menu in menus:
-            key = (device.batch_size, menu)
+        for menu, frozen in menus:
+            key = (device.batch_size, menu, frozen)
             table = tables.get(key) or tables.setdefault(key, CostTable(
                 spec, device.batch_size, settings.seq, settings.optimizer, menu, settings.objective,
-                settings.recompute))
+                settings.recompute, frozen))
             budgets = Budgets.of_device(device, settings.margin, settings.shard_bytes, bool(menu))
             try:
                 selection, seconds_menu = timed(DeviceIlp(table, budgets).solve)
@@ -110,9 +113,10 @@ def main() -> None:
     print(f"{len(devices)} devices with distinct budgets, batch sizes 4/8/16, "
           f"{len(ARCHITECTURES)} architectures of 12 blocks (width {widths}), seq {SEQ}")
     for menu in args.menus.split(","):
-        ranks, recompute = MENUS[menu]
-        settings = PlanSettings(lora_ranks=ranks, recompute=recompute, seq=SEQ, optimizer="adam")
-        print(f"\nLoRA menu {list(ranks) or 'none'}, recompute {'on' if recompute else 'off'} (adam):")
+        ranks, recompute, frozen = MENUS[menu]
+        settings = PlanSettings(lora_ranks=ranks, recompute=recompute, frozen=frozen, seq=SEQ, optimizer="adam")
+        print(f"\nLoRA menu {list(ranks) or 'none'}, recompute {'on' if recompute else 'off'}, "
+              f"frozen weights {', '.join(('fp32', *frozen))} (adam):")
         tables = [CostTable(spec, 8, SEQ, "adam", ranks, recompute=recompute) for spec in ARCHITECTURES]
         sizes = [len(compute_frontier(table)) for table in tables]
         _, one_frontier, one_cpu = cpu_timed(compute_frontier, tables[-1])
@@ -126,7 +130,9 @@ def main() -> None:
             print(f"    {arch.model}: {arch.mean_trained_blocks:.2f} blocks, {arch.mean_lora_blocks:.2f} LoRA blocks, "
                   f"{arch.infeasible_devices} infeasible; {arch.verdict}")
         recomputing = sum("recompute" in (entry.mode or "") for entry in result.devices)
-        print(f"    {recomputing} of {len(devices)} devices recompute some block in {result.winner}'s plans")
+        compact = sum("frozen:" in (entry.mode or "") for entry in result.devices)
+        print(f"    {recomputing} of {len(devices)} devices recompute some block in {result.winner}'s plans, "
+              f"{compact} hold frozen weights compact")
         _, single_one, cpu_one = cpu_timed(plan, ARCHITECTURES[-1:], devices[:1], settings)
         _, single_all, cpu_all = cpu_timed(plan, ARCHITECTURES, devices[:1], settings)
         print(f"  single device: {single_one * 1e3:.1f} ms ({cpu_one * 1e3:.1f} ms CPU) with one architecture, "

@@ -25,6 +25,8 @@ def add_parser(subparsers) -> dict:
     p.add_argument("--lora-ranks", default="", help="LoRA ranks blocks not fully trained may take, e.g. 4,8,16")
     p.add_argument("--recompute", action="store_true",
                    help="trained blocks may also recompute their activations in backward (fewer bytes, more FLOPs)")
+    p.add_argument("--frozen", default="", help="plans may also hold frozen linear weights compact: bf16, int8 or both "
+                   "(int8,bf16); one format per plan, chosen only where it trains more")
     p.add_argument("--margin", type=float, default=0.05, help="share of each device's memory kept free (default 0.05)")
     p.add_argument("--min-coverage", type=float, default=None,
                    help="share of devices that must train every block (fully or LoRA)")
@@ -80,7 +82,9 @@ def _settings(args) -> PlanSettings:
         ranks = tuple(int(r) for r in args.lora_ranks.split(",") if r.strip())
     except ValueError:
         raise ValueError(f"--lora-ranks: expected integers like 4,8,16, got {args.lora_ranks!r}") from None
+    frozen = tuple(f.strip() for f in args.frozen.split(",") if f.strip())
     checks = [("--lora-ranks", all(r >= 1 for r in ranks), "ranks must be >= 1"),
+              ("--frozen", set(frozen) <= {"bf16", "int8"}, "formats are bf16 and int8"),
               ("--margin", 0 <= args.margin < 1, "must be in [0, 1)"),
               ("--min-coverage", args.min_coverage is None or 0 <= args.min_coverage <= 1, "must be in [0, 1]"),
               ("--batch", args.batch is None or args.batch >= 1, "must be >= 1"),
@@ -96,7 +100,8 @@ def _settings(args) -> PlanSettings:
         shard = parse_bytes(args.shard_bytes)
     except ValueError as exc:
         raise ValueError(f"--shard-bytes: {exc}") from None
-    return PlanSettings(objective=objective, lora_ranks=ranks, recompute=args.recompute, margin=args.margin,
+    return PlanSettings(objective=objective, lora_ranks=ranks, recompute=args.recompute, frozen=frozen,
+                        margin=args.margin,
                         min_coverage=args.min_coverage, batch=args.batch, seq=args.seq, optimizer=args.optimizer,
                         solver=args.solver, shard_bytes=shard)
 

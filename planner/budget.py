@@ -23,7 +23,8 @@ class Budgets:
     Memory is the whole training process's (`costmodel.process`): ``fixed_bytes`` (the runtime's
     footprint and the data shard) + the plan's tensor peak x (1 + ``tensor_overhead``, the allocator's
     slack) + the received tensors it keeps, which
-    are the old values of what it trains, bounded by its upload bytes (they add LoRA's factors).
+    are the old values of what it trains, bounded by its upload bytes (they add LoRA's factors), and
+    what `costmodel.process` adds for compact frozen weights (`PlanCosts.kept_bytes`).
     Fields are numbers for one device or column arrays, shape (devices, 1), for many (`stack`):
     then `over` and `fits` compare every device with every plan. ``math.inf`` lifts a budget.
     """
@@ -80,21 +81,27 @@ class Budgets:
 
     def _variable_bytes(self, costs: PlanCosts) -> np.ndarray:
         """The plan-dependent part of `process_bytes`: tensor peak, the allocator's slack on it (rounded
-        up) and the kept received tensors (bounded by the upload), in integers. Devices of one runtime
+        up) and the kept received tensors (``kept_bytes``), in integers. Devices of one runtime
         share one overhead: then per plan, not per device and plan."""
         overhead = np.asarray(self.tensor_overhead)
         if overhead.size and (overhead == overhead.flat[0]).all():
             overhead = overhead.flat[0]
         slack = np.ceil(costs.peak_bytes * overhead).astype(np.int64)
-        return costs.peak_bytes + slack + costs.upload_bytes
+        return costs.peak_bytes + slack + costs.kept_bytes
 
     def over(self, costs: PlanCosts) -> dict[str, np.ndarray]:
         """Per budget, whether each plan exceeds it (compute counts ``local_steps`` steps), compared
         exactly in integers: a plan's cost exceeds a budget iff it exceeds the budget's `_allowance`
         (memory: the process's tensor peak and kept tensors against what the fixed bytes leave)."""
-        return {"memory": self._variable_bytes(costs) > _allowance(self.usable_memory_bytes - self.fixed_bytes),
-                "compute": costs.step_flops > _allowance(self.compute_flops, self.local_steps),
-                "upload": costs.upload_bytes > _allowance(self.upload_bytes)}
+        memory, compute, upload = self.allowances()
+        return {"memory": self._variable_bytes(costs) > memory, "compute": costs.step_flops > compute,
+                "upload": costs.upload_bytes > upload}
+
+    def allowances(self) -> tuple:
+        """Per budget (memory, compute, upload), the largest integer cost that fits it (`_allowance`):
+        memory for the tensor peak with its slack and the kept tensors, FLOPs of one step, bytes."""
+        return (_allowance(self.usable_memory_bytes - self.fixed_bytes),
+                _allowance(self.compute_flops, self.local_steps), _allowance(self.upload_bytes))
 
     def fits(self, costs: PlanCosts) -> np.ndarray:
         """Whether each plan fits every budget."""
@@ -121,8 +128,8 @@ def _allowance(limit, per=1):
         return one(limit, per)
     limit, per = (np.broadcast_to(np.asarray(v), shape) for v in (limit, per))
     small = (np.abs(limit) < 2.0**53) & (per < 2**53)  # limit is finite there
-    q = np.full(shape, MAX_COST, dtype=np.int64)
+    q = np.full(shape, MAX_COST, dtype=np.int64)  # also where the limit is lifted (infinite)
     q[small] = np.minimum(np.floor(limit[small]).astype(np.int64) // per[small].astype(np.int64), MAX_COST)
-    for index in zip(*np.nonzero(~small)):
+    for index in zip(*np.nonzero(~small & np.isfinite(limit))):
         q[index] = one(limit[index], per[index])
     return q

@@ -30,22 +30,26 @@ from planner.budget import BUDGETS, Budgets, runtime_profile
 from planner.frontier import compute_frontier
 from planner.ilp import DeviceIlp
 from planner.planfile import ArchitectureSummary, DeviceBudgets, DevicePlan, Needs, PlanFile, ProcessTerms
-from planner.table import CostTable, Objective, PlanCosts
+from planner.table import FROZEN, CostTable, Objective, PlanCosts
 
 SOLVERS = ("frontier", "ilp")
 
 
 @dataclass(frozen=True)
 class PlanSettings:
-    """How to plan: objective, LoRA rank menu, recomputation, memory margin, coverage, step shape and solver.
+    """How to plan: objective, LoRA rank menu, recomputation, compact frozen weights, memory margin,
+    coverage, step shape and solver.
 
     ``batch`` overrides every device's batch size; ``seq`` None is each model's maximum. ``recompute``:
-    trained blocks may also recompute their activations in backward (off by default, as the LoRA
-    menu is empty by default: plans made before stay as they were)."""
+    trained blocks may also recompute their activations in backward; ``frozen``: a plan may also hold
+    its frozen linear weights compact, in each of these formats ('bf16', 'int8'; one format per plan;
+    a model already in bf16 skips 'bf16'). Both are off by default, as the LoRA menu is empty by
+    default: plans made before stay as they were."""
 
     objective: Objective = Objective()
     lora_ranks: tuple[int, ...] = ()
     recompute: bool = False
+    frozen: tuple[str, ...] = ()
     margin: float = 0.05
     min_coverage: float | None = None
     batch: int | None = None
@@ -55,6 +59,8 @@ class PlanSettings:
     shard_bytes: int = 0  # bytes of training data each device holds while it trains
 
     def __post_init__(self):
+        if unknown := sorted(set(self.frozen) - set(FROZEN)):
+            raise ValueError(f"frozen: unknown {unknown[0]!r} ({', '.join(FROZEN)})")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver: unknown {self.solver!r} ({', '.join(SOLVERS)})")
         if not 0 <= self.margin < 1:
@@ -94,10 +100,11 @@ def plan(specs: list[ModelSpec], devices: list, settings: PlanSettings = PlanSet
         menus.insert(0, ())
     budgets = {menu: [Budgets.of_device(d, settings.margin, settings.shard_bytes, bool(menu)) for d in devices]
                for menu in menus}
-    solved = [_solve_architecture(spec, devices, budgets, settings) for spec in specs]
+    stacked = {menu: Budgets.stack(budgets[menu]) for menu in menus}
+    solved = [_solve_architecture(spec, devices, budgets, stacked, settings) for spec in specs]
     summaries, winner = _summaries(solved, settings)
     return PlanFile(objective=str(settings.objective), lora_ranks=list(settings.lora_ranks),
-                    recompute=settings.recompute, margin=settings.margin,
+                    recompute=settings.recompute, frozen=list(settings.frozen), margin=settings.margin,
                     min_coverage=settings.min_coverage, seq=settings.seq, optimizer=settings.optimizer,
                     solver=settings.solver, models=specs, architectures=summaries,
                     winner=winner.spec.name if winner else None,
@@ -105,34 +112,37 @@ def plan(specs: list[ModelSpec], devices: list, settings: PlanSettings = PlanSet
 
 
 def _solve_architecture(spec: ModelSpec, devices: list, budgets: dict[tuple, list[Budgets]],
-                        settings: PlanSettings) -> _Solved:
-    """Every device's best plan of ``spec``; ``budgets``: each device's, per LoRA menu (see `plan`): plans
-    without LoRA against the plain runtime and plans with it against the larger one; each device takes
-    the better of its best plans."""
+                        stacked: dict[tuple, Budgets], settings: PlanSettings) -> _Solved:
+    """Every device's best plan of ``spec``; ``budgets``: each device's, per LoRA menu (see `plan`), and
+    ``stacked`` the same as column arrays: plans without LoRA against the plain runtime and plans with
+    it against the larger one. One table per
+    LoRA menu and way of holding frozen weights; each device takes the best of its best plans
+    (`preferred`)."""
     n = len(devices)
     batches = np.array([settings.batch or d.batch_size for d in devices])
     menus = list(budgets)
     rows = np.full((n, len(layer_names(spec))), -1)
-    costs = PlanCosts(*(np.zeros(n, dtype=dtype) for dtype in (np.int64,) * 4 + (float,)))
+    costs = PlanCosts(*(np.zeros(n, dtype=dtype) for dtype in (np.int64,) * 4 + (float, np.int64, np.int64)))
     binding = np.zeros((n, len(BUDGETS)), dtype=bool)
     seconds = np.zeros(n)
     full = np.zeros((n, spec.n_blocks), dtype=bool)
     lora = np.zeros((n, spec.n_blocks), dtype=bool)
     tables: list[CostTable] = [None] * n
     solve = _solve_by_frontier if settings.solver == "frontier" else _solve_by_ilp
+    choices = [(menu, frozen) for menu in menus for frozen in (None, *settings.frozen) if frozen != spec.dtype]
     for batch in np.unique(batches):
         members = np.flatnonzero(batches == batch)
-        for menu in menus:
+        for menu, frozen in choices:
             started = time.perf_counter()
             table = CostTable(spec, int(batch), settings.seq, settings.optimizer, menu, settings.objective,
-                              settings.recompute)
-            menu_budgets = [budgets[menu][i] for i in members]
-            menu_rows, menu_binding, menu_seconds = solve(table, menu_budgets, started)
-            menu_costs = _costs(table, menu_rows)
+                              settings.recompute, frozen)
+            menu_budgets = stacked[menu].rows(members)
+            menu_rows, menu_costs, menu_binding, menu_seconds = solve(
+                table, [budgets[menu][i] for i in members], menu_budgets, started)
             feasible = menu_rows[:, 0] >= 0
-            if menu is menus[0]:  # binding where no menu fits: the budgets the head-only plan breaks
+            if (menu, frozen) == choices[0]:  # binding where no table fits: the budgets its head-only plan breaks
                 take = np.ones(len(members), dtype=bool)
-                over = Budgets.stack(menu_budgets).over(table.evaluate(table.head_only))
+                over = menu_budgets.over(table.evaluate(table.head_only))
                 menu_binding[~feasible] = np.column_stack([over[budget][:, 0] for budget in BUDGETS])[~feasible]
             else:
                 take = feasible & ((rows[members, 0] < 0) | preferred(menu_costs, costs.take(members)))
@@ -147,18 +157,22 @@ def _solve_architecture(spec: ModelSpec, devices: list, budgets: dict[tuple, lis
     return _Solved(spec, tables, rows, costs, binding, seconds, full, lora)
 
 
-def _solve_by_frontier(table: CostTable, budgets: list[Budgets], started: float):
-    """Option rows, binding budgets and seconds per device, from one frontier for all of them."""
-    frontier = compute_frontier(table)
-    stacked = Budgets.stack(budgets)
+def _solve_by_frontier(table: CostTable, budgets: list[Budgets], stacked: Budgets, started: float):
+    """Option rows, their costs (the head-only plan's where none fits), binding budgets and seconds per
+    device, from one frontier for all of them (``stacked``: their budgets as column arrays)."""
+    frontier = compute_frontier(table, stacked)
     best = frontier.best(stacked)
-    binding = np.column_stack([_better(frontier.costs, frontier.best(stacked.without(b)), best) for b in BUDGETS])
-    rows = np.where(best[:, None] >= 0, frontier.selections[best], -1)
-    return rows, binding & (best >= 0)[:, None], (time.perf_counter() - started) / len(budgets)
+    plans = PlanCosts(*(np.concatenate([getattr(frontier.costs, f.name), getattr(head, f.name)])  # -1: head only
+                        for head in [table.evaluate(table.head_only)] for f in fields(PlanCosts)))
+    binding = np.column_stack([_better(plans, frontier.best(stacked.without(b)), best) for b in BUDGETS])
+    rows = np.full((len(best), len(table.layers)), -1)
+    rows[best >= 0] = frontier.selections[best[best >= 0]]
+    return rows, plans.take(best), binding & (best >= 0)[:, None], (time.perf_counter() - started) / len(budgets)
 
 
-def _solve_by_ilp(table: CostTable, budgets: list[Budgets], started: float):
-    """Option rows, binding budgets and seconds per device, one ILP (and one per lifted budget) each."""
+def _solve_by_ilp(table: CostTable, budgets: list[Budgets], stacked: Budgets, started: float):
+    """Option rows, their costs, binding budgets and seconds per device, one ILP (and one per lifted
+    budget) each."""
     rows = np.full((len(budgets), len(table.layers)), -1)
     binding = np.zeros((len(budgets), len(BUDGETS)), dtype=bool)
     seconds = np.zeros(len(budgets))
@@ -171,15 +185,15 @@ def _solve_by_ilp(table: CostTable, budgets: list[Budgets], started: float):
                 binding[i, k] = _better(table.evaluate(np.array([lifted, selection])), np.array([0]), np.array([1]))[0]
         seconds[i] = time.perf_counter() - started
         started = time.perf_counter()
-    return rows, binding, seconds
+    return rows, _costs(table, rows), binding, seconds
 
 
 def preferred(a: PlanCosts, b: PlanCosts) -> np.ndarray:
     """Whether each plan of ``a`` comes before the plan of ``b`` in the planner's order: larger key
-    (primary, then trained bytes), then fewer FLOPs, then less peak."""
+    (primary, then trained bytes), then fewer FLOPs, then more precise frozen weights, then less peak."""
     better, tied = np.zeros(len(a.primary), dtype=bool), np.ones(len(a.primary), dtype=bool)
     for x, y in ((a.primary, b.primary), (a.trained_bytes, b.trained_bytes), (b.step_flops, a.step_flops),
-                 (b.peak_bytes, a.peak_bytes)):
+                 (a.precision, b.precision), (b.peak_bytes, a.peak_bytes)):
         better |= tied & (x > y)
         tied &= x == y
     return better
@@ -232,7 +246,7 @@ def _verdict(summary: dict, winner: dict | None, won: bool, settings: PlanSettin
 
 
 def _entries(solved: _Solved, devices: list, settings: PlanSettings) -> list[DevicePlan]:
-    planned: dict[tuple, dict] = {}  # (batch, option row, runtime) -> the entry fields of that plan
+    planned: dict[tuple, dict] = {}  # (table, option row, runtime) -> the entry fields of that plan
     peaks, step_flops, uploads = (getattr(solved.costs, f).tolist() for f in ("peak_bytes", "step_flops",
                                                                               "upload_bytes"))
     entries = []
@@ -245,7 +259,7 @@ def _entries(solved: _Solved, devices: list, settings: PlanSettings) -> list[Dev
                                 local_steps=steps, batch_size=table.batch)
         common = dict(device=device.name, model=solved.spec.name, budgets=budgets, solver_seconds=seconds,
                       binding=[budget for budget, is_bound in zip(BUDGETS, bound) if is_bound])
-        key = (table.batch, tuple(row if row[0] >= 0 else table.head_only), device.runtime)
+        key = (table, tuple(row if row[0] >= 0 else table.head_only), device.runtime)
         if key not in planned:
             mode = table.mode(key[1])
             least = Budgets.of_device(device, settings.margin, settings.shard_bytes)  # head only: no LoRA

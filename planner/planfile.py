@@ -124,6 +124,8 @@ class PlanFile(_Strict):
     objective: str
     lora_ranks: list[int]
     recompute: bool = Field(default=False, description="trained blocks could recompute (plans before it: no)")
+    frozen: list[Literal["bf16", "int8"]] = Field(default=[], description="compact frozen weights on offer "
+                                                  "(plans before it: none)")
     margin: float = Field(ge=0, lt=1)
     min_coverage: float | None = Field(default=None, ge=0, le=1)
     seq: int | None = Field(default=None, ge=1, description="tokens per sample; null: each model's maximum")

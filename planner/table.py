@@ -2,13 +2,18 @@
 
 A plan gives each layer one state (``layer_state``: 'full', 'frozen' or a LoRA rank for blocks,
 or, with the recompute menu, `Recomputed` ('full' or a rank) for a trained block that re-runs its
-forward in backward; the embeddings' fixed flag; True for the head; False for the loss). A layer's
+forward in backward; the embeddings' fixed flag; True for the head; False for the loss). A table
+holds its frozen linear weights one way (``frozen``: None, 'bf16' or 'int8', one choice per plan,
+as in `TrainMode`); the fleet planner makes one table per choice of its menu. A layer's
 cost depends on its state and on whether its input requires grad, which holds iff an ancestor in
 `layer_graph` trains (`layer_ancestors`).
 An *option* is one such (layer, state, flag) triple; a plan selects exactly one option per layer,
 so every quantity of `costmodel.estimate` is a sum over layers of a number per selected option:
 
 - FLOPs per step ``fwd_flops + bwd_flops``, upload bytes, trained parameter bytes, the objective;
+- the received bytes the process keeps (``kept_bytes``): the upload bytes (a bound on the old values
+  of what it trains), plus what `costmodel.process.kept_bytes` adds for compact frozen weights,
+  taken per block from it (see `CostTable.kept_bytes`);
 - each memory phase of estimate's docstring, with ``W + O`` and buffers split per layer as ``base``,
   ``A_j - external_j`` as ``below`` and ``G_j`` as ``grad``; phases (X the batch bytes)::
 
@@ -39,13 +44,16 @@ from functools import cached_property
 
 import numpy as np
 
-from costmodel.estimate import (OPTIMIZERS, with_optimizer, batch_syms, layer_ancestors, layer_cost, layer_state,
-                                normalize_mode)
+from costmodel.estimate import (OPTIMIZERS, with_optimizer, batch_syms, estimate, layer_ancestors, layer_cost,
+                                layer_state, normalize_mode)
 from costmodel.mode import TrainMode
+from costmodel.process import kept_bytes
 from costmodel.spec import ModelSpec
 from costmodel.tape import LayerCost
 
 OBJECTIVES = ("blocks", "params")
+FROZEN = ("bf16", "int8")  # how a plan may hold its frozen linear weights besides the model's dtype
+BITS = {"bf16": 16, "int8": 8, "fp32": 32}
 MAX_COST = 2**62  # bytes or FLOPs of one step the planner handles: its int64 sums stay exact below this
 
 
@@ -73,7 +81,8 @@ def trained_state(state):
 @dataclass(frozen=True)
 class Objective:
     """What a plan maximizes, lexicographically: ``primary``, then trained parameter bytes, then
-    -FLOPs per step (recomputation only where it buys value), then -peak.
+    -FLOPs per step (recomputation only where it buys value), then the precision of the frozen
+    weights (compact ones only where they buy value), then -peak.
 
     ``kind`` 'blocks': primary = number of fully trained blocks; 'params': primary = trained parameter
     bytes; 'weights': primary = sum of ``weights[b]`` over fully trained blocks b.
@@ -137,13 +146,16 @@ class Option:
 
 @dataclass
 class PlanCosts:
-    """Quantities of one or many plans (arrays when many): bytes, FLOPs per step, objective."""
+    """Quantities of one or many plans (arrays when many): bytes, FLOPs per step, objective, and the
+    bits per frozen linear weight (32 for fp32, 16, 8)."""
 
     peak_bytes: np.ndarray
     step_flops: np.ndarray
     upload_bytes: np.ndarray
     trained_bytes: np.ndarray
     primary: np.ndarray
+    kept_bytes: np.ndarray
+    precision: np.ndarray
 
     def take(self, index) -> "PlanCosts":
         """The quantities of the plans at ``index``."""
@@ -154,11 +166,13 @@ class CostTable:
     """The options of ``spec`` at one batch/seq/optimizer, and every planned quantity as a linear form.
 
     ``lora_ranks`` is the menu of LoRA ranks a block not fully trained may take; with ``recompute``, a
-    trained block (full or LoRA) may also be `Recomputed`.
+    trained block (full or LoRA) may also be `Recomputed`; ``frozen`` holds every plan's frozen
+    linear weights compact ('bf16' or 'int8'; None: in the model's dtype).
     """
 
     def __init__(self, spec: ModelSpec, batch: int, seq: int | None, optimizer: str,
-                 lora_ranks: tuple[int, ...] = (), objective: Objective = Objective(), recompute: bool = False):
+                 lora_ranks: tuple[int, ...] = (), objective: Objective = Objective(), recompute: bool = False,
+                 frozen: str | None = None):
         if batch < 1:
             raise ValueError(f"batch: must be >= 1, got {batch}")
         if optimizer not in OPTIMIZERS:
@@ -169,7 +183,11 @@ class CostTable:
             self.tokens = spec.tokens_per_sample(seq)
         except ValueError as exc:
             raise ValueError(f"seq: {exc} ({spec.name})") from None
-        self.spec, self.batch, self.seq, self.optimizer = spec, batch, seq, optimizer
+        if frozen not in (None, *FROZEN):
+            raise ValueError(f"frozen: unknown {frozen!r} ({', '.join(FROZEN)})")
+        normalize_mode(spec, TrainMode(frozen=frozen))  # refuses the model's own dtype
+        self.spec, self.batch, self.seq, self.optimizer, self.frozen = spec, batch, seq, optimizer, frozen
+        self.precision = BITS[frozen or spec.dtype]
         self.lora_ranks = tuple(sorted(set(lora_ranks)))
         self.objective, self.recompute = objective, recompute
         self.ancestors: dict[str, frozenset[str]] = dict(layer_ancestors(spec))
@@ -186,7 +204,7 @@ class CostTable:
             for flag in self._input_grad_flags(name):
                 for state in self.states[name]:
                     cost = layer_cost(spec, name, trained_state(state), flag, batch, self.tokens,
-                                      isinstance(state, Recomputed))
+                                      isinstance(state, Recomputed), frozen)
                     self.layer_options[name].append(len(self.options))
                     self.options.append(Option(name, state, flag, with_optimizer(cost, optimizer)))
         self.index = {(o.layer, o.state, o.input_grad): i for i, o in enumerate(self.options)}
@@ -233,6 +251,34 @@ class CostTable:
     def trained_bytes(self) -> np.ndarray:
         """Trained parameter bytes per option (the objective's first tie-break)."""
         return self._vector(lambda o: o.cost.trained_param_bytes)
+
+    @cached_property
+    def kept_bytes(self) -> np.ndarray:
+        """Received bytes the process keeps per option: the upload bytes (which bound the old values of
+        the trained tensors, as `planner.Budgets` counts them) plus the bytes `costmodel.process.kept_bytes`
+        adds for this table's compact frozen weights, per block state: its difference with and without
+        ``frozen`` for the plan training only that block, less that difference for the head-only plan,
+        which the head's options carry. Exact where that difference sums over blocks (tests check it
+        against `kept_bytes` on every plan of small models)."""
+        kept = self.upload_bytes.copy()
+        if not self.frozen:
+            return kept
+        frozen = {f"block.{b}": "frozen" for b in range(self.spec.n_blocks)}
+        # the old values of trained tensors are alike with and without compaction: one report serves
+        report = estimate(self.spec, self.mode_of(frozen).model_copy(update={"frozen": None}), self.batch, self.seq,
+                          self.optimizer)
+
+        def compaction(states: dict) -> int:
+            compact = self.mode_of(frozen | states)
+            return kept_bytes(self.spec, compact, report) - kept_bytes(self.spec, compact.model_copy(
+                update={"frozen": None}), report)
+
+        head = compaction({})
+        per_state = {(o.layer, o.state): compaction({o.layer: o.state}) - head
+                     for o in self.options if o.layer.startswith("block.")}
+        for i, option in enumerate(self.options):
+            kept[i] += per_state.get((option.layer, option.state), head if option.layer == "head" else 0)
+        return kept
 
     @cached_property
     def primary(self) -> np.ndarray:
@@ -286,8 +332,8 @@ class CostTable:
                 raise ValueError(f"LoRA rank {rank} of block {block} is not in the menu {list(self.lora_ranks)}")
         if mode.recompute and not self.recompute:
             raise ValueError(f"{mode}: recomputation is not in the menu (plan with recompute on)")
-        if mode.frozen:
-            raise ValueError(f"{mode}: the planner does not plan compact frozen weights")
+        if mode.frozen != self.frozen:
+            raise ValueError(f"{mode}: this table holds frozen weights {self.frozen or 'in ' + self.spec.dtype}")
         recomputed = {f"block.{b}" for b in mode.recompute}
         states = {name: Recomputed(layer_state(mode, name)) if name in recomputed else layer_state(mode, name)
                   for name in self.layers}
@@ -297,7 +343,7 @@ class CostTable:
     @cached_property
     def head_only(self) -> np.ndarray:
         """The smallest plan: only the head trains (and tied embeddings)."""
-        return np.array(self.selection(TrainMode()))
+        return np.array(self.selection(TrainMode(frozen=self.frozen)))
 
     def block_training(self, selections: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per plan (rows of option indices; a row of -1 is no plan) and block: whether the block
@@ -318,11 +364,13 @@ class CostTable:
         return normalize_mode(self.spec, TrainMode(
             blocks=frozenset(b for b, state in enumerate(trained) if state == "full"),
             lora={b: state for b, state in enumerate(trained) if trains(state) and state != "full"},
-            recompute=frozenset(b for b, state in enumerate(blocks) if isinstance(state, Recomputed))))
+            recompute=frozenset(b for b, state in enumerate(blocks) if isinstance(state, Recomputed)),
+            frozen=self.frozen))
 
     def evaluate(self, selections: np.ndarray) -> PlanCosts:
         """Quantities of plans given as option indices, shape (plans, layers)."""
         selections = np.atleast_2d(selections)
         peak = self.batch_bytes + self.phase_coefficients[:, selections].sum(axis=2).max(axis=0)
         return PlanCosts(peak, self.step_flops[selections].sum(axis=1), self.upload_bytes[selections].sum(axis=1),
-                         self.trained_bytes[selections].sum(axis=1), self.primary[selections].sum(axis=1))
+                         self.trained_bytes[selections].sum(axis=1), self.primary[selections].sum(axis=1),
+                         self.kept_bytes[selections].sum(axis=1), np.full(len(selections), self.precision))

@@ -20,30 +20,35 @@ from costmodel.sampling import random_config
 
 from caff.cli import main
 from costmodel import ZOO, ModelSpec, TrainMode, estimate
+from costmodel.process import kept_bytes
 from planner import (BUDGETS, Budgets, CostTable, DeviceIlp, Objective, PlanCosts, PlanSettings, compute_frontier, plan,
                      read_plan_file, write_plan_file)
+from planner.fleet import preferred
 from profiles import DeviceSpec
 from tests.conftest import TENSORS_ONLY
 
 pytestmark = pytest.mark.filterwarnings("ignore:PULP_CBC_CMD is deprecated:DeprecationWarning")
 estimate_module = importlib.import_module("costmodel.estimate")
 BATCH, SEQ = 4, 16
-SMALL = {  # name: (spec, LoRA rank menu, optimizer, recompute menu); every zoo model of at most 8 blocks
+SMALL = {  # name: (spec, LoRA rank menu, optimizer, recompute menu, compact frozen formats); every zoo model
+    # of at most 8 blocks
     "gpt10": (ModelSpec(name="gpt10", kind="gpt", n_blocks=10, d_model=32, n_heads=2, d_ff=64, max_seq_len=16,
-                        vocab_size=20), (), "sgd", False),
+                        vocab_size=20), (), "sgd", False, ()),
     "gpt5-lora": (ModelSpec(name="gpt5", kind="gpt", n_blocks=5, d_model=48, n_heads=2, d_ff=96, max_seq_len=16,
-                            vocab_size=20), (2, 4), "adam", False),
+                            vocab_size=20), (2, 4), "adam", False, ("int8",)),
     "tied-lora": (ModelSpec(name="tied", kind="gpt", n_blocks=4, d_model=32, n_heads=2, d_ff=128, max_seq_len=16,
-                            vocab_size=40, tied_embeddings=True), (2,), "momentum", True),
+                            vocab_size=40, tied_embeddings=True), (2,), "momentum", True, ("bf16", "int8")),
     "encoder-lora": (ModelSpec(name="enc", kind="encoder", n_blocks=4, d_model=32, n_heads=4, d_ff=64, max_seq_len=16,
-                               vocab_size=30, norm="post", attention="sdpa"), (2, 4), "adam", True),
+                               vocab_size=30, norm="post", attention="sdpa"), (2, 4), "adam", True, ()),
     "vit-lora": (ModelSpec(name="vit", kind="vit", n_blocks=3, d_model=32, n_heads=2, d_ff=64, image_size=8,
-                           patch_size=4, n_classes=5), (4,), "sgd", True),
-    "char-gpt-xs": (ZOO["char-gpt-xs"], (4,), "adam", True),
-    "char-gpt-s": (ZOO["char-gpt-s"], (), "sgd", True),
-    "char-gpt-m": (ZOO["char-gpt-m"], (), "momentum", True),
-    "vit-tiny": (ZOO["vit-tiny"], (), "adam", True),
-    "minilm-l6": (ZOO["minilm-l6"], (), "sgd", True),
+                           patch_size=4, n_classes=5), (4,), "sgd", True, ("int8", "bf16")),
+    "bf16-lora": (ModelSpec(name="half", kind="gpt", n_blocks=3, d_model=32, n_heads=2, d_ff=64, max_seq_len=16,
+                            vocab_size=20, dtype="bf16"), (2,), "adam", True, ("int8",)),
+    "char-gpt-xs": (ZOO["char-gpt-xs"], (4,), "adam", True, ("int8", "bf16")),
+    "char-gpt-s": (ZOO["char-gpt-s"], (), "sgd", True, ("int8",)),
+    "char-gpt-m": (ZOO["char-gpt-m"], (), "momentum", True, ()),
+    "vit-tiny": (ZOO["vit-tiny"], (), "adam", True, ("bf16",)),
+    "minilm-l6": (ZOO["minilm-l6"], (), "sgd", True, ("int8", "bf16")),
 }
 
 
@@ -65,22 +70,38 @@ def all_modes(spec: ModelSpec, ranks, recompute: bool = False) -> list[TrainMode
                                                                    repeat=spec.n_blocks)]
 
 
-def small_table(name: str, objective: Objective = Objective()) -> CostTable:
-    spec, ranks, optimizer, recompute = SMALL[name]
-    return CostTable(spec, BATCH, SEQ, optimizer, ranks, objective, recompute)
+def small_table(name: str, objective: Objective = Objective(), frozen: str | None = None) -> CostTable:
+    spec, ranks, optimizer, recompute, _ = SMALL[name]
+    return CostTable(spec, BATCH, SEQ, optimizer, ranks, objective, recompute, frozen)
+
+
+def small_tables(name: str, objective: Objective = Objective()) -> list[CostTable]:
+    """One table per way of holding frozen weights in the model's menu (full precision first)."""
+    return [small_table(name, objective, frozen) for frozen in (None, *SMALL[name][4])]
+
+
+def kept_of(spec: ModelSpec, mode: TrainMode, report, optimizer: str, batch: int = BATCH, seq: int = SEQ) -> int:
+    """The received bytes the planner counts for a plan, from `costmodel.process`: the upload bound on
+    the old values of what trains, and what `kept_bytes` adds for compact frozen weights."""
+    plain = mode.model_copy(update={"frozen": None})
+    compaction = kept_bytes(spec, mode, report) - kept_bytes(spec, plain, estimate(spec, plain, batch, seq, optimizer))
+    return report.totals["upload_bytes"] + compaction
 
 
 @functools.cache
 def brute_force(name: str):
-    """Every plan of a small model and its costs, each from `estimate`."""
-    spec, ranks, optimizer, recompute = SMALL[name]
-    modes = all_modes(spec, ranks, recompute)
+    """Every plan of a small model (every assignment of block states, each way of holding frozen weights)
+    and its costs, each from `estimate` and `costmodel.process`; precision: bits per frozen weight."""
+    spec, ranks, optimizer, recompute, frozen = SMALL[name]
+    modes = [mode.model_copy(update={"frozen": f}) for f in (None, *frozen) for mode in all_modes(spec, ranks, recompute)]
     reports = [estimate(spec, mode, BATCH, SEQ, optimizer) for mode in modes]
     column = lambda values: np.array(list(values), dtype=np.int64)  # noqa: E731
     return modes, {"peak": column(r.peak_bytes for r in reports),
                    "flops": column(r.totals["fwd_flops"] + r.totals["bwd_flops"] for r in reports),
                    "upload": column(r.totals["upload_bytes"] for r in reports),
-                   "trained": column(r.totals["grad_bytes"] for r in reports)}
+                   "kept": column(kept_of(spec, m, r, optimizer) for m, r in zip(modes, reports)),
+                   "trained": column(r.totals["grad_bytes"] for r in reports),
+                   "precision": column({"int8": 8, "bf16": 16, None: 8 * spec.dtype_bytes}[m.frozen] for m in modes)}
 
 
 def primary(objective: Objective, modes, trained) -> np.ndarray:
@@ -101,26 +122,28 @@ def random_budgets(rng: random.Random, costs: dict) -> Budgets:
         return rng.uniform(0.9 * values.min(), 1.02 * values.max())
 
     exact_memory = rng.random() < 1 / 3
-    process = costs["peak"] + costs["upload"]  # tensor peak and kept received tensors (bounded by the upload)
+    process = costs["peak"] + costs["kept"]  # tensor peak and kept received tensors
     memory = int(rng.choice(process)) if exact_memory else round(draw(process) / (1 - margin))
     return Budgets(memory, steps * draw(costs["flops"]), round(draw(costs["upload"])), steps,
                    0.0 if exact_memory else margin)
 
 
-def fits(budgets: Budgets, peak, flops, upload):
+def fits(budgets: Budgets, peak, flops, upload, kept):
     """The budget test written out, independent of `Budgets.fits`: the process holds the fixed bytes
-    (runtime, shard), the tensor peak and the received tensors it trains (bounded by the upload)."""
-    return ((budgets.fixed_bytes + peak * (1 + budgets.tensor_overhead) + upload
+    (runtime, shard), the tensor peak and the received tensors it keeps (`kept_of`)."""
+    return ((budgets.fixed_bytes + peak * (1 + budgets.tensor_overhead) + kept
              <= budgets.memory_bytes * (1 - budgets.margin))
             & (upload <= budgets.upload_bytes)
             & (budgets.local_steps * flops <= budgets.compute_flops))
 
 
 def brute_best(objective: Objective, name: str, budgets: Budgets):
-    """The optimum's key (primary, trained bytes, -FLOPs, -peak) over every plan that fits, or None."""
+    """The optimum's key (primary, trained bytes, -FLOPs, bits per frozen weight, -peak) over every plan
+    that fits, or None."""
     modes, costs = brute_force(name)
-    keys = (primary(objective, modes, costs["trained"]), costs["trained"], -costs["flops"], -costs["peak"])
-    ok = np.flatnonzero(fits(budgets, costs["peak"], costs["flops"], costs["upload"]))
+    keys = (primary(objective, modes, costs["trained"]), costs["trained"], -costs["flops"], costs["precision"],
+            -costs["peak"])
+    ok = np.flatnonzero(fits(budgets, costs["peak"], costs["flops"], costs["upload"], costs["kept"]))
     if not len(ok):
         return None
     best = ok[np.lexsort([k[ok] for k in keys[::-1]])[-1]]
@@ -128,7 +151,7 @@ def brute_best(objective: Objective, name: str, budgets: Budgets):
 
 
 def pareto_set(vectors: np.ndarray, chunk: int = 256) -> set[tuple]:
-    """The rows (-primary, -trained bytes, peak, FLOPs, upload) no other row dominates: a key at least as
+    """The rows (-primary, -trained bytes, costs...) no other row dominates: a key at least as
     good (lexicographically) and no larger costs; compared all with all, ``chunk`` rows at a time."""
     vectors = np.unique(vectors, axis=0)
     kept = set()
@@ -141,10 +164,25 @@ def pareto_set(vectors: np.ndarray, chunk: int = 256) -> set[tuple]:
     return kept
 
 
-def key_of(objective: Objective, mode: TrainMode, report):
+def key_of(objective: Objective, spec: ModelSpec, mode: TrainMode, report):
     modes = [mode]
     return (primary(objective, modes, np.array([report.totals["grad_bytes"]]))[0], report.totals["grad_bytes"],
-            -(report.totals["fwd_flops"] + report.totals["bwd_flops"]), -report.peak_bytes)
+            -(report.totals["fwd_flops"] + report.totals["bwd_flops"]),
+            {"int8": 8, "bf16": 16, None: 8 * spec.dtype_bytes}[mode.frozen], -report.peak_bytes)
+
+
+def best_over_tables(tables: list[CostTable], budgets: Budgets, solve):
+    """The planner's optimum over one table per way of holding frozen weights: each table's optimum by
+    ``solve(table, budgets)`` (option indices or None), the best by `planner.fleet.preferred`; its
+    table and selection, or None."""
+    best = None
+    for table in tables:
+        selection = solve(table, budgets)
+        if selection is not None:
+            costs = table.evaluate(np.array(selection))
+            if best is None or preferred(costs, best[2])[0]:
+                best = (table, selection, costs)
+    return best and best[:2]
 
 
 def objectives(rng: random.Random, n_blocks: int) -> list[Objective]:
@@ -157,26 +195,28 @@ def objectives(rng: random.Random, n_blocks: int) -> list[Objective]:
 @pytest.mark.parametrize("seed", range(24))
 def test_linear_forms_equal_estimate_on_random_plans(seed):
     rng = random.Random(seed)
-    recompute = seed % 2 == 1
-    spec, mode, batch, seq, optimizer = random_config(rng, recompute)
+    recompute, frozen = seed % 2 == 1, seed % 3 > 0
+    spec, mode, batch, seq, optimizer = random_config(rng, recompute, frozen)
     mode = mode.model_copy(update={"embeddings": False})  # the planner never trains untied embeddings
     ranks = tuple(sorted({*mode.lora.values(), rng.choice([1, 8])}))
-    table = CostTable(spec, batch, seq, optimizer, ranks, recompute=recompute)
+    table = CostTable(spec, batch, seq, optimizer, ranks, recompute=recompute, frozen=mode.frozen)
     for _ in range(8):
         report = estimate(spec, mode, batch, seq, optimizer)
         costs = table.evaluate(np.array(table.selection(mode)))
         assert int(costs.peak_bytes[0]) == report.peak_bytes
         assert int(costs.step_flops[0]) == report.totals["fwd_flops"] + report.totals["bwd_flops"]
         assert int(costs.upload_bytes[0]) == report.totals["upload_bytes"]
+        assert int(costs.kept_bytes[0]) == kept_of(spec, mode, report, optimizer, batch, seq)
         assert int(costs.trained_bytes[0]) == report.totals["grad_bytes"]
         assert table.mode(table.selection(mode)) == estimate_module.normalize_mode(spec, mode)  # round trip
         mode = mode_of_states([rng.choice(block_states(ranks, recompute)) for _ in range(spec.n_blocks)])
+        mode = mode.model_copy(update={"frozen": table.frozen})
 
 
 @pytest.mark.parametrize("name", ["gpt5-lora", "tied-lora", "char-gpt-s"])
 def test_ilp_with_a_fixed_plan_reproduces_estimate(name):
     """The ILP's own variables: fix x to a plan; g, y and the peak must follow exactly."""
-    spec, ranks, optimizer, recompute = SMALL[name]
+    spec, ranks, optimizer, recompute, _ = SMALL[name]
     table = small_table(name)
     rng = random.Random(name)
     for mode in rng.sample(all_modes(spec, ranks, recompute), 3):
@@ -222,7 +262,7 @@ def test_linear_forms_and_plans_on_a_branching_graph(monkeypatch):
             process = peaks + uploads
             budgets = Budgets(rng.uniform(process.min(), process.max()), rng.uniform(flops.min(), flops.max()),
                               rng.uniform(uploads.min(), uploads.max()), 1, 0.0)
-            ok = fits(budgets, peaks, flops, uploads)
+            ok = fits(budgets, peaks, flops, uploads, uploads)
             best = max((len(m.blocks), int(t), -int(c), -int(p))
                        for m, t, c, p, f in zip(modes, trained, flops, peaks, ok) if f) if ok.any() else None
             index = frontier.best(Budgets.stack([budgets]))[0]
@@ -242,47 +282,76 @@ def test_linear_forms_and_plans_on_a_branching_graph(monkeypatch):
 
 @pytest.mark.parametrize("name", SMALL)
 def test_ilp_optimum_equals_brute_force(name):
-    spec, _, optimizer, _ = SMALL[name]
+    spec, _, optimizer, _, _ = SMALL[name]
     rng = random.Random(name)
     choices = objectives(rng, spec.n_blocks)
     for trial in range(6):
         objective = choices[trial % 3]
-        table = small_table(name, objective)
         budgets = random_budgets(rng, brute_force(name)[1])
         expected = brute_best(objective, name, budgets)
-        selection = DeviceIlp(table, budgets).solve()
+        found = best_over_tables(small_tables(name, objective), budgets, lambda t, b: DeviceIlp(t, b).solve())
         if expected is None:
-            assert selection is None
+            assert found is None
             continue
-        mode = table.mode(selection)
+        mode = found[0].mode(found[1])
         report = estimate(spec, mode, BATCH, SEQ, optimizer)
         flops = report.totals["fwd_flops"] + report.totals["bwd_flops"]
-        assert fits(budgets, report.peak_bytes, flops, report.totals["upload_bytes"])
-        assert key_of(objective, mode, report) == expected
+        assert fits(budgets, report.peak_bytes, flops, report.totals["upload_bytes"],
+                    kept_of(spec, mode, report, optimizer))
+        assert key_of(objective, spec, mode, report) == expected
 
 
 @pytest.mark.parametrize("name", SMALL)
 def test_frontier_is_the_brute_force_pareto_set_and_finds_every_optimum(name):
-    spec, _, optimizer, _ = SMALL[name]
+    """Per way of holding frozen weights, the frontier is the Pareto set of those plans; the best of
+    the frontiers' first fitting plans is the brute-force optimum over all of them."""
+    spec, _, optimizer, _, _ = SMALL[name]
     rng = random.Random(name)
     modes, costs = brute_force(name)
     for objective in objectives(rng, spec.n_blocks):
-        table = small_table(name, objective)
-        frontier = compute_frontier(table)
+        tables = small_tables(name, objective)
+        frontiers = {table: compute_frontier(table) for table in tables}
         value = primary(objective, modes, costs["trained"])
-        pareto = pareto_set(np.column_stack([-value, -costs["trained"], costs["peak"], costs["flops"],
-                                             costs["upload"]]))
-        got = np.column_stack([-frontier.costs.primary, -frontier.costs.trained_bytes, frontier.costs.peak_bytes,
-                               frontier.costs.step_flops, frontier.costs.upload_bytes])
-        assert {tuple(v) for v in got} == pareto and len(got) == len(pareto)
-        for selection, peak in zip(frontier.selections, frontier.costs.peak_bytes):
-            assert estimate(spec, table.mode(selection), BATCH, SEQ, optimizer).peak_bytes == peak
-        budgets = [random_budgets(rng, costs) for _ in range(100)]
-        found = [frontier.best(Budgets.stack([b]))[0] for b in budgets]
-        for b, index in zip(budgets, found):
-            got_key = None if index < 0 else (frontier.costs.primary[index], frontier.costs.trained_bytes[index],
-                                              -frontier.costs.step_flops[index], -frontier.costs.peak_bytes[index])
-            assert got_key == brute_best(objective, name, b)
+        for table, frontier in frontiers.items():
+            these = np.array([mode.frozen == table.frozen for mode in modes])
+            pareto = pareto_set(np.column_stack([-value, -costs["trained"], costs["peak"], costs["flops"],
+                                                 costs["upload"], costs["kept"]])[these])
+            got = np.column_stack([-frontier.costs.primary, -frontier.costs.trained_bytes, frontier.costs.peak_bytes,
+                                   frontier.costs.step_flops, frontier.costs.upload_bytes, frontier.costs.kept_bytes])
+            assert {tuple(v) for v in got} == pareto and len(got) == len(pareto)
+            for selection, peak in zip(frontier.selections, frontier.costs.peak_bytes):
+                assert estimate(spec, table.mode(selection), BATCH, SEQ, optimizer).peak_bytes == peak
+
+        def first_fitting(table, budgets):
+            index = frontiers[table].best(Budgets.stack([budgets]))[0]
+            return None if index < 0 else frontiers[table].selections[index]
+
+        for budgets in (random_budgets(rng, costs) for _ in range(100)):
+            found = best_over_tables(tables, budgets, first_fitting)
+            got_key = None if found is None else key_of(objective, spec, found[0].mode(found[1]), estimate(
+                spec, found[0].mode(found[1]), BATCH, SEQ, optimizer))
+            assert got_key == brute_best(objective, name, budgets)
+
+
+@pytest.mark.parametrize("name", ["tied-lora", "char-gpt-xs", "minilm-l6"])
+def test_frontier_for_some_devices_keeps_their_optima_with_any_budget_lifted(name):
+    """A frontier pruned to the plans some device can reach (with at most one budget lifted) gives every
+    device the same optimum as the full frontier, under its budgets and with each lifted."""
+    rng = random.Random(name)
+    costs = brute_force(name)[1]
+    for table in small_tables(name):
+        full = compute_frontier(table)
+        key = lambda frontier, index: [None if i < 0 else (frontier.costs.primary[i], frontier.costs.trained_bytes[i],  # noqa: E731
+                                                          frontier.costs.step_flops[i], frontier.costs.peak_bytes[i])
+                                       for i in index]
+        for devices in (1, 1, 5, 30):
+            budgets = Budgets.stack([random_budgets(rng, costs) for _ in range(devices)])
+            pruned = compute_frontier(table, budgets)
+            assert len(pruned) <= len(full)
+            for lifted in (budgets, *(budgets.without(b) for b in BUDGETS)):
+                assert key(pruned, pruned.best(lifted)) == key(full, full.best(lifted))
+        tight = Budgets.stack([Budgets(int(costs["peak"].min()), float(costs["flops"].min()), 1, 1, 0.0)])
+        assert len(compute_frontier(table, tight)) < len(full)
 
 
 def test_equal_value_goes_to_fewer_flops_so_recomputation_only_where_memory_needs_it():
@@ -308,16 +377,46 @@ def test_equal_value_goes_to_fewer_flops_so_recomputation_only_where_memory_need
     assert subsets[expected]
 
 
+def test_int8_frozen_weights_train_more_blocks_in_the_same_memory():
+    """minilm-l6, whose frozen weights dominate its memory: at some tensor peak, int8 frozen weights let
+    a device train more blocks than fp32 ones (brute force through `estimate`). The planner, with
+    memory for the whole process (tensor peak + kept received bytes, `costmodel.process`), offered
+    int8 trains as many blocks as that figure allows over fp32 and int8 plans, without it as over
+    fp32 plans alone, whichever `costmodel.process` makes the smaller."""
+    spec, _, optimizer, _, _ = SMALL["minilm-l6"]
+    modes, costs = brute_force("minilm-l6")
+    blocks = np.array([len(mode.blocks) for mode in modes])
+    fp32, int8 = (np.array([mode.frozen == f for mode in modes]) for f in (None, "int8"))
+
+    def most_blocks(plans, memory, budget) -> int:
+        return int(blocks[plans & (memory <= budget)].max(initial=-1))
+
+    gains = [m for m in np.unique(costs["peak"][int8]) if most_blocks(int8, costs["peak"], m)
+             > most_blocks(fp32, costs["peak"], m)]
+    assert gains  # on the tensor peak
+    process = costs["peak"] + costs["kept"]
+    for memory in (gains[0], gains[-1], *np.unique(process[int8])[::40]):
+        device = DeviceSpec(name="d", memory_bytes=int(memory), compute_flops=1e18, upload_bytes=2**40,
+                            local_steps=1, batch_size=BATCH, runtime=TENSORS_ONLY)
+        for menu, plans in (((), fp32), (("int8",), fp32 | int8)):
+            entry = plan([spec], [device], PlanSettings(seq=SEQ, optimizer=optimizer, margin=0.0, frozen=menu)).devices[0]
+            assert (len(entry.trained_blocks) if entry.mode else -1) == most_blocks(plans, process, memory)
+
+
 def test_table_refuses_modes_outside_its_menu():
     table = small_table("gpt5-lora")  # ranks 2 and 4, no recompute
     for mode, message in ((TrainMode(lora={0: 8}), "not in the menu"), (TrainMode(blocks={1}, recompute={1}), "recompute"),
-                          (TrainMode(blocks={1}, frozen="int8"), "compact frozen")):
+                          (TrainMode(blocks={1}, frozen="int8"), "holds frozen weights in fp32")):
         with pytest.raises(ValueError, match=message):
             table.selection(mode)
+    with pytest.raises(ValueError, match="holds frozen weights int8"):
+        small_table("gpt5-lora", frozen="int8").selection(TrainMode(blocks={1}))
+    with pytest.raises(ValueError, match="already holds its weights in bf16"):
+        small_table("bf16-lora", frozen="bf16")
 
 
 def test_infeasible_device_gets_the_head_only_needs():
-    spec, _, optimizer, _ = SMALL["gpt10"]
+    spec, _, optimizer, _, _ = SMALL["gpt10"]
     head = estimate(spec, TrainMode(), BATCH, SEQ, optimizer)
     flops = head.totals["fwd_flops"] + head.totals["bwd_flops"]
     device = DeviceSpec(name="tiny", memory_bytes=head.peak_bytes // 2, compute_flops=1e15,
@@ -422,7 +521,7 @@ def test_batch_override_and_bad_settings():
 
 
 def test_budgets_without_lifts_one_budget():
-    costs = PlanCosts(*(np.array([10]),) * 5)
+    costs = PlanCosts(*(np.array([10]),) * 7)
     budgets = Budgets(5, 5, 5)
     assert not budgets.fits(costs)[0]
     assert [bool(budgets.without(b).over(costs)[b][0]) for b in BUDGETS] == [False] * 3
@@ -445,9 +544,9 @@ def test_plan_file_round_trip_is_atomic(tmp_path, small_plan):
     assert os.listdir(tmp_path) == ["plan.json"]
     data = json.loads(path.read_text())
     assert data["version"] == 1 and data["recompute"] is True
-    del data["recompute"]  # a plan file written before the recompute menu
+    del data["recompute"], data["frozen"]  # a plan file written before the recompute and frozen menus
     path.write_text(json.dumps(data))
-    assert read_plan_file(path).recompute is False
+    assert read_plan_file(path).recompute is False and read_plan_file(path).frozen == []
 
 
 @pytest.mark.parametrize("edit, message", [
@@ -482,9 +581,10 @@ def test_plan_file_mode_must_match_its_blocks(tmp_path, small_plan):
 # -- caff plan ----------------------------------------------------------------------------------
 
 def test_cli_plans_a_device_as_json(capsys):
-    assert main(["plan", "char-gpt-xs", "--device", "rpi4-2gb", "--lora-ranks", "4,8", "--recompute", "--json"]) == 0
+    assert main(["plan", "char-gpt-xs", "--device", "rpi4-2gb", "--lora-ranks", "4,8", "--recompute", "--frozen",
+                 "int8,bf16", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["recompute"] is True
+    assert out["recompute"] is True and out["frozen"] == ["int8", "bf16"]
     entry = out["devices"][0]
     assert (entry["device"], entry["model"], entry["status"]) == ("rpi4-2gb", "char-gpt-xs", "optimal")
 
@@ -501,6 +601,7 @@ def test_cli_plans_a_fleet_and_writes_the_plan(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--device", "rpi4-2gb", "--margin", "1.5"], "--margin: must be in [0, 1)"),
     (["--device", "rpi4-2gb", "--lora-ranks", "4,x"], "--lora-ranks"),
+    (["--device", "rpi4-2gb", "--frozen", "int4"], "--frozen: formats are bf16 and int8"),
     (["--device", "rpi4-2gb", "--objective", "1,2"], "--objective: 2 weights"),
     (["--device", "rpi4-2gb", "--fleet-size", "3"], "--fleet-size"),
     (["--fleet", "heterogeneous-mix"], "--fleet-size"),
