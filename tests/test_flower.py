@@ -135,14 +135,15 @@ def test_a_failed_node_loses_its_update_and_the_round_goes_on(tmp_path, three_de
                                                               node_context):
     from flwr.app import Error, Message
 
-    from trainer.flower import client_train
+    from trainer.flower import client_train, unpacked_state
 
     strategy = _strategy(tmp_path, three_device_plan)
     before = dict(strategy.server.state)
     messages = strategy.configure_train(1, None, None, grid=KnownNodes(strategy))
     assert len(messages) == 2, "d0 cannot train under caff; d1 and d2 do"
-    for message in messages:  # each node gets its own plan and every global array
-        assert message.content["arrays"].keys() == before.keys()
+    for message in messages:  # each node gets its own plan and every global array, packed into one
+        assert list(message.content["arrays"].keys()) == ["state"]
+        assert unpacked_state(message.content["arrays"]).keys() == before.keys()
     survivor, lost = messages
     replies = [client_train(survivor, node_context), Message(Error(code=5, reason="node went away"), reply_to=lost)]
     strategy.aggregate_train(1, replies)
@@ -165,7 +166,7 @@ def test_replies_carry_what_was_trained_and_the_planned_upload_bounds_the_wire(
         tmp_path, three_device_plan, flower_task_identity, node_context, method):
     """A round through the strategy and the ClientApp (Flower's serialization, no transport): every
     reply's serialized arrays fit the planned upload, and the round equals the in-process engine's."""
-    from trainer.flower import client_train
+    from trainer.flower import client_train, unpacked_state
 
     config = CONFIG.model_copy(update={"method": method, "rounds": 1})
     strategy = _strategy(tmp_path / "flower", three_device_plan, config)
@@ -176,7 +177,7 @@ def test_replies_carry_what_was_trained_and_the_planned_upload_bounds_the_wire(
         assert record["upload_bytes"] <= record["predicted_upload_bytes"], record
         assert record["upload_bytes"] > sum(len(a.data) for a in arrays.values()) and record["download_bytes"] > 0
         if "lora" in record["mode"]:  # factors as trained, not dense B A products
-            assert any(".lora_A." in key for key in arrays.keys()) and record["lora_scale"] == 2.0
+            assert any(".lora_A." in key for key in unpacked_state(arrays)) and record["lora_scale"] == 2.0
     strategy.aggregate_train(1, replies)
     in_process = run(config, read_plan_file(three_device_plan), tmp_path / "in-process")
     assert _strip_timing(strategy.server.metrics) == _strip_timing(in_process)
@@ -184,11 +185,13 @@ def test_replies_carry_what_was_trained_and_the_planned_upload_bounds_the_wire(
 
 
 def _same_replies(first, second, strip=TIMING | PROCESS):
+    from trainer.flower import unpacked_state
+
     for one, two in zip(first, second, strict=True):
         assert {k: v for k, v in dict(one.content["record"]).items() if k not in strip} == \
             {k: v for k, v in dict(two.content["record"]).items() if k not in strip}
-        one_arrays = one.content["arrays"].to_torch_state_dict()
-        two_arrays = two.content["arrays"].to_torch_state_dict()
+        one_arrays = unpacked_state(one.content["arrays"])
+        two_arrays = unpacked_state(two.content["arrays"])
         assert one_arrays.keys() == two_arrays.keys()
         assert all(torch.equal(one_arrays[k], two_arrays[k]) for k in one_arrays)
 
@@ -291,19 +294,19 @@ def test_a_worker_ends_when_the_process_it_watches_is_gone(tmp_path):
 
 SHIM = """
 import json, sys
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
-from safetensors.numpy import load_file, save_file
 from trainer.flower import client_train
 
 TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
 job = json.load(sys.stdin)
-arrays = ArrayRecord({k: Array.from_numpy_ndarray(v) for k, v in load_file(job["received"]).items()})
+arrays = ArrayRecord({"state": Array.from_numpy_ndarray(np.fromfile(job["received"], dtype=np.uint8))})
 message = Message(RecordDict({"arrays": arrays, "task": ConfigRecord(job["task"])}), message_type=MessageType.TRAIN,
                   dst_node_id=0)
 reply = client_train(message, Context(run_id=1, node_id=0, node_config={"cache-dir": job["cache"]},
                                       state=RecordDict(), run_config={}))
-save_file({k: v.numpy() for k, v in reply.content["arrays"].items()}, job["reply"])
+reply.content["arrays"]["state"].numpy().tofile(job["reply"])
 print(json.dumps({"record": dict(reply.content["record"]), "torch": "torch" in sys.modules}))
 """
 
@@ -315,8 +318,8 @@ def test_the_clientapp_imports_no_torch_and_a_nodes_messages_share_one_worker(
     import subprocess
     import sys
 
-    from safetensors.torch import save_file
-
+    from costmodel.wire import unpack_state
+    from trainer.flower import unpacked_state
     from trainer.nodeworker import alive
 
     strategy = _strategy(tmp_path, three_device_plan)
@@ -325,10 +328,10 @@ def test_the_clientapp_imports_no_torch_and_a_nodes_messages_share_one_worker(
     try:
         for i, message in enumerate(messages):
             task = dict(message.content["task"])
-            received = message.content["arrays"].to_torch_state_dict()
-            save_file(received, tmp_path / f"received-{i}.safetensors")
-            job = {"task": task, "received": str(tmp_path / f"received-{i}.safetensors"),
-                   "cache": str(tmp_path / "node"), "reply": str(tmp_path / f"reply-{i}.safetensors")}
+            received = unpacked_state(message.content["arrays"])
+            message.content["arrays"]["state"].numpy().tofile(tmp_path / f"received-{i}")
+            job = {"task": task, "received": str(tmp_path / f"received-{i}"),
+                   "cache": str(tmp_path / "node"), "reply": str(tmp_path / f"reply-{i}")}
             shim = subprocess.run([sys.executable, "-c", SHIM], input=json.dumps(job), capture_output=True, text=True,
                                   timeout=300, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
             assert shim.returncode == 0, shim.stderr[-2000:]
@@ -340,7 +343,7 @@ def test_the_clientapp_imports_no_torch_and_a_nodes_messages_share_one_worker(
             strip = TIMING | PROCESS
             assert {k: v for k, v in said["record"].items() if k not in strip} == \
                 {k: v for k, v in record.items() if k not in strip}
-            replied = load_file(str(tmp_path / f"reply-{i}.safetensors"))
+            replied = unpack_state((tmp_path / f"reply-{i}").read_bytes())
             assert replied.keys() == reply.keys() and all(torch.equal(replied[k], reply[k]) for k in reply)
         assert len(messages) == 2 and workers[0] == workers[1]
     finally:
@@ -374,18 +377,37 @@ def test_a_reply_for_another_nodes_device_is_refused(tmp_path, three_device_plan
     assert all(torch.equal(before[k], strategy.server.state[k]) for k in before)
 
 
+def test_a_reply_whose_arrays_do_not_unpack_is_a_failed_device(tmp_path, three_device_plan, flower_task_identity,
+                                                               node_context):
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, Message, RecordDict
+
+    from trainer.flower import client_train
+
+    strategy = _strategy(tmp_path, three_device_plan)
+    first, second = strategy.configure_train(1, None, None, grid=KnownNodes(strategy))
+    good, bad = client_train(first, node_context), client_train(second, node_context)
+    garbage = ArrayRecord({"state": Array.from_numpy_ndarray(np.frombuffer(b"not safetensors", dtype=np.uint8))})
+    strategy.aggregate_train(1, [good, Message(RecordDict({"arrays": garbage, "record": bad.content["record"]}),
+                                               reply_to=second)])
+    statuses = {c["device"]: (c["status"], c.get("reason", "")) for c in strategy.server.metrics[-1]["clients"]}
+    assert statuses[dict(first.content["task"])["device"]][0] == "trained"
+    assert statuses[dict(second.content["task"])["device"]] == ("failed", "a reply whose arrays do not unpack "
+                                                                "(SafetensorError)")
+
+
 def test_a_fedra_node_receives_only_the_blocks_it_holds(tmp_path, three_device_plan, flower_task_identity,
                                                         node_context):
-    from trainer.flower import client_train
+    from trainer.flower import client_train, unpacked_state
 
     strategy = _strategy(tmp_path, three_device_plan, CONFIG.model_copy(update={"method": "fedra"}))
     messages = strategy.configure_train(1, None, None, grid=KnownNodes(strategy))
     assert messages
     for message in messages:
         held = set(dict(message.content["task"])["held_blocks"])
-        blocks = {int(k.split(".")[1]) for k in message.content["arrays"].keys() if k.startswith("blocks.")}
-        assert blocks == held
-        assert {"embed.tok.weight", "head.out.weight"} <= set(message.content["arrays"].keys())
+        names = unpacked_state(message.content["arrays"]).keys()
+        assert {int(k.split(".")[1]) for k in names if k.startswith("blocks.")} == held
+        assert {"embed.tok.weight", "head.out.weight"} <= set(names)
         reply = dict(client_train(message, node_context).content["record"])
         assert reply["status"] == "trained" and reply["peak_bytes"] <= reply["memory_budget_bytes"]
 

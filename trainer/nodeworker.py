@@ -16,7 +16,8 @@ hands the task and the received arrays to this node's worker (`ask`) and wraps t
 - It keeps each device's data shard and its measured FLOPs and peak in memory; on disk, in the
   node's folder, the shard file (`node_shard`) and `MeasuredFiles` are what a fresh worker reads.
 - A request is a frame: 16 bytes (the lengths of a JSON header and of a payload), the header,
-  the payload: arrays as raw bytes (`pack`), numpy on the shim's side, torch on the worker's. An
+  the payload: the state dict packed as it crossed Flower (`costmodel.wire.pack_state`), passed
+  through by the shim unopened, unpacked and packed again by the worker. An
   error in the worker comes back as one line (``error`` in the header); a worker that dies or
   hangs is a closed socket or a timeout (``REPLY_SECONDS``) for the shim, never a hang.
 
@@ -41,14 +42,11 @@ import time
 from collections.abc import MutableMapping
 from pathlib import Path
 
-import numpy as np
-
 from profiles.atomic import atomic_write
 
 IDLE_SECONDS = 600.0  # a worker with no request for this long exits
 START_SECONDS = 60.0  # a new worker must take connections within this
 REPLY_SECONDS = 1800.0  # a request's reply must come within this (torch's import on a first one included)
-ALIGN = 64  # bytes: each packed array starts at a multiple of this
 
 log = logging.getLogger("caff.nodeworker")
 
@@ -61,25 +59,6 @@ def socket_path(folder: Path) -> Path:
     if private.stat().st_uid != os.getuid() or private.stat().st_mode & 0o077:
         raise RuntimeError(f"{private} is not private to this user")
     return private / (hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:24] + ".sock")
-
-
-def pack(arrays: dict[str, np.ndarray]) -> tuple[list[dict], bytes]:
-    """(a JSON-able list of each array's name, dtype, shape and offset, their bytes)."""
-    meta, parts, offset = [], [], 0
-    for name, array in arrays.items():
-        raw = np.ascontiguousarray(array).tobytes()
-        pad = -offset % ALIGN
-        parts += [b"\0" * pad, raw]
-        offset += pad
-        meta.append({"name": name, "dtype": array.dtype.str, "shape": list(array.shape), "offset": offset})
-        offset += len(raw)
-    return meta, b"".join(parts)
-
-
-def unpack(meta: list[dict], payload: bytearray) -> dict[str, np.ndarray]:
-    """The arrays `pack` packed, as views over ``payload`` (writable when it is a bytearray)."""
-    return {m["name"]: np.frombuffer(payload, dtype=m["dtype"], count=int(np.prod(m["shape"], dtype=np.int64)),
-                                     offset=m["offset"]).reshape(m["shape"]) for m in meta}
 
 
 def send(connection: socket.socket, header: dict, payload: bytes = b"") -> None:
@@ -142,20 +121,20 @@ def connect(folder: Path, watch: int) -> socket.socket:
             time.sleep(0.05)
 
 
-def ask(folder: Path, task: dict, arrays: dict[str, np.ndarray], watch: int) -> tuple[dict, dict[str, np.ndarray]]:
-    """Have ``folder``'s worker train ``task`` from ``arrays``: (its reply header: ``record`` and
-    ``times``, the arrays it trained). RuntimeError with one line if it fails or does not answer."""
-    meta, payload = pack(arrays)
+def ask(folder: Path, task: dict, packed: bytes, watch: int) -> tuple[dict, bytearray]:
+    """Have ``folder``'s worker train ``task`` from the ``packed`` state dict: (its reply header:
+    ``record`` and ``times``, what it trained, packed). RuntimeError with one line if it fails or
+    does not answer."""
     with connect(folder, watch) as connection:
         connection.settimeout(REPLY_SECONDS)
         try:
-            send(connection, {"task": task, "arrays": meta}, payload)
+            send(connection, {"task": task}, packed)
             header, reply = receive(connection)
         except OSError as error:  # a timeout, or a closed connection
             raise RuntimeError(f"the node worker gave no reply ({error}; see {folder / 'worker.log'})") from None
     if "error" in header:
         raise RuntimeError(f"the node worker failed: {header['error']}")
-    return header, unpack(header["arrays"], reply)
+    return header, reply
 
 
 def node_shard(task: dict, folder: Path) -> tuple:
@@ -254,8 +233,7 @@ def serve(folder: Path, watch: int) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # ended: remove the socket on the way out
     atomic_write(folder / "worker.pid", str(os.getpid()))
     log.info("serving %s at %s while process %d lives", folder, path, watch)
-    import torch
-
+    from costmodel.wire import pack_state, unpack_state
     from trainer.engine import train_client
     from trainer.probe import peak_rss_bytes, uss_bytes
 
@@ -277,7 +255,7 @@ def serve(folder: Path, watch: int) -> None:
                     continue
                 try:
                     task = header["task"]
-                    received = {k: torch.from_numpy(v) for k, v in unpack(header["arrays"], payload).items()}
+                    received = unpack_state(payload)
                     key = (task["task"], task["n_devices"], task["seed"], task["index"])
                     if key not in shards:
                         shards[key] = node_shard(task, folder)
@@ -287,10 +265,10 @@ def serve(folder: Path, watch: int) -> None:
                     private = uss_bytes()
                     record |= {"process_bytes": peak_rss_bytes(), "process_memory": "measured"} | (
                         {"process_uss_bytes": private} if private is not None else {})
-                    meta, packed = pack({k: v.detach().contiguous().numpy() for k, v in reply.items()})
+                    packed = pack_state(reply)
                     times = {"received": received_at, "data": loaded, "trained": trained,
                              "worker_cpu": time.process_time() - cpu}
-                    send(connection, {"record": record, "arrays": meta, "times": times}, packed)
+                    send(connection, {"record": record, "times": times}, packed)
                 except Exception as error:  # noqa: BLE001 - one line back to the shim, the traceback in the log
                     log.exception("a request failed")
                     line = f"{type(error).__name__}: {error}".splitlines()[0]
