@@ -11,7 +11,7 @@ from costmodel import ZOO, TrainMode, apply_mode, build_model, estimate, measure
 from costmodel.compact import CompactLinear
 from costmodel.sampling import random_config
 from test_costmodel import _compare
-from test_flower import flower_task_identity, node_context  # noqa: F401 (fixtures)
+from test_flower import flower_task_identity, node_cache, node_context  # noqa: F401 (fixtures)
 from trainer.local import local_train
 
 
@@ -296,7 +296,7 @@ def test_the_strategy_sends_compact_weights_and_its_round_is_the_in_process_engi
     from planner.planfile import read_plan_file
     from test_flower import CONFIG, KnownNodes, _strategy, _strip_timing
     from trainer.engine import run
-    from trainer.flower import client_train
+    from trainer.flower import client_train, unpacked_state
 
     path, config = _compact_plan(three_device_plan, tmp_path, "int8"), CONFIG.model_copy(update={"rounds": 1})
     strategy = _strategy(tmp_path / "flower", path, config)
@@ -305,8 +305,9 @@ def test_the_strategy_sends_compact_weights_and_its_round_is_the_in_process_engi
                for m in messages]
     assert any(linears)
     for message, names in zip(messages, linears):
-        arrays = message.content["arrays"]
-        assert all(arrays[f"{n}.weight"].dtype == "int8" and arrays[f"{n}.scale"].dtype == "float32" for n in names)
+        arrays = unpacked_state(message.content["arrays"])
+        assert all(arrays[f"{n}.weight"].dtype == torch.int8 and arrays[f"{n}.scale"].dtype == torch.float32
+                   for n in names)
     strategy.aggregate_train(1, [client_train(message, node_context) for message in messages])
     in_process = run(config, read_plan_file(path), tmp_path / "in-process")
     assert _strip_timing(strategy.server.metrics) == _strip_timing(in_process)
