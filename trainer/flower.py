@@ -102,11 +102,17 @@ def server_of_run_file(path: str) -> tuple[Server, float]:
 
 def packed_record(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
     """A state dict as caff sends it through Flower: one uint8 array (`costmodel.wire.pack_state`)."""
-    from flwr.app import Array
-
     from costmodel.wire import pack_state
 
-    return ArrayRecord({PACKED: Array.from_numpy_ndarray(pack_state(tensors))})
+    return record_of_packed(pack_state(tensors))
+
+
+def record_of_packed(packed) -> ArrayRecord:
+    """The ``ArrayRecord`` that carries packed bytes (`profiles.packing.pack`) as its one array."""
+    import numpy as np
+    from flwr.app import Array
+
+    return ArrayRecord({PACKED: Array.from_numpy_ndarray(np.frombuffer(packed, dtype=np.uint8))})
 
 
 def unpacked_state(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -317,15 +323,12 @@ def client_train(message: Message, context: Context) -> Message:
         record, reply = train_client(task, unpacked_state(received), client_shard(task))
         arrays = packed_record(reply)
     else:
-        import numpy as np
-        from flwr.app import Array
-
         from trainer.nodeworker import ask
         from trainer.probe import peak_rss_bytes
 
         answer, reply = ask(node_folder(context), task, received[PACKED].numpy(), os.getppid())
         record, times = answer["record"] | {"clientapp_bytes": peak_rss_bytes()}, answer["times"]
-        arrays = ArrayRecord({PACKED: Array.from_numpy_ndarray(np.frombuffer(reply, dtype=np.uint8))})
+        arrays = record_of_packed(reply)
     record |= {"upload_bytes": serialized_bytes(arrays), "download_bytes": serialized_bytes(received)}
     if os.environ.get("CAFF_FLOWER_TIMINGS"):
         import psutil

@@ -10,7 +10,6 @@ since the epoch)."""
 import json
 import time
 
-import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
@@ -57,8 +56,10 @@ def main(grid: Grid, context: Context) -> None:
     from safetensors.numpy import load_file
 
     arrays = load_file(str(context.run_config["arrays"]))
-    if context.run_config["packed"]:
-        arrays = {"packed": np.concatenate([a.ravel() for a in arrays.values()])}
+    if context.run_config["packed"]:  # as caff packs its messages
+        from profiles.packing import PACKED, pack
+
+        arrays = {PACKED: pack(arrays)}
     strategy.start(grid=PromptGrid(grid), initial_arrays=ArrayRecord({k: Array.from_numpy_ndarray(v)
                                                                       for k, v in arrays.items()}),
                    num_rounds=int(context.run_config["rounds"]))
