@@ -95,12 +95,23 @@ def batch_syms(spec: ModelSpec, batch: int, seq: int) -> tuple[Sym, Sym]:
 def layer_cost(spec: ModelSpec, name: str, state, input_requires_grad: bool, batch: int, seq: int,
                recompute: bool = False, compact: str | None = None) -> LayerCost:
     """Cost of one layer in a given state, given whether its input requires grad, whether it is
-    recomputed in backward, and how a block holds its frozen linear weights (`costmodel.compact`). Cached."""
+    recomputed in backward, and how a block holds its frozen linear weights (`costmodel.compact`). Cached;
+    the blocks, alike but for their names, share one costing per state."""
+    if name.startswith("block."):
+        return replace(_layer_cost(spec, "block", state, input_requires_grad, batch, seq, recompute, compact),
+                       name=name)
+    return _layer_cost(spec, name, state, input_requires_grad, batch, seq, recompute, compact)
+
+
+@functools.lru_cache(maxsize=4096)
+def _layer_cost(spec: ModelSpec, name: str, state, input_requires_grad: bool, batch: int, seq: int,
+                recompute: bool, compact: str | None) -> LayerCost:
+    """`layer_cost` of ``name``: 'embed', 'head', 'loss' or 'block' (any block)."""
     tokens = spec.tokens_per_sample(seq)
     inputs, targets = batch_syms(spec, batch, tokens)
     hidden = Sym((batch, tokens, spec.d_model), spec.dtype_bytes, input_requires_grad)
     grad_enabled = input_requires_grad or _trains(state)
-    tape = Tape(name, spec.dtype_bytes, grad_enabled, compact if name.startswith("block.") else None)
+    tape = Tape(name, spec.dtype_bytes, grad_enabled, compact if name == "block" else None)
     external = {inputs.storage, targets.storage}
     if name == "embed":
         layer_in, out = [inputs], Embedding.cost(spec, tape, inputs, bool(state))

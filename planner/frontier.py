@@ -137,7 +137,11 @@ def compute_frontier(table: CostTable, budgets: Budgets | None = None) -> Fronti
         if len(new) <= FEW or last_choice <= at:  # prune many new labels while choices remain; the final pruning follows
             quantities = new
             continue
-        keep = _non_dominated(primary, trained, new[:, :width], input_grad[:, at + 1:])
+        # a forward phase at or under the backward phases so far stays so (each later layer adds its base
+        # to the one, its base and gradients to the other): where FWD <= BWD, FWD cannot matter
+        costs = new[:, :width].copy()
+        costs[costs[:, FWD] <= costs[:, BWD], FWD] = -1
+        keep = _non_dominated(primary, trained, costs, input_grad[:, at + 1:])
         quantities, primary, trained = new[keep], primary[keep], trained[keep]
         selections, input_grad = selections[keep], input_grad[keep]
     final = PlanCosts(
