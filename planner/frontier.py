@@ -27,21 +27,29 @@ joins the optimizer phase of its own layer). Adding a layer changes each quantit
 nondecreasing function of the old ones, and lexicographic order is kept under addition, so a label
 dominated (key >=, every quantity <=) by another with the same *signature* (which later layers
 already have an input that requires grad) can never complete to a better plan than its dominator
-does: dropping it is exact.
+does: dropping it is exact. A label's fwd at or under its bwd stays under it whatever follows (a
+later layer adds its base to fwd, its base and G to bwd), so there fwd cannot matter and the pruning
+compares it as -1. The pruning first sweeps each class of labels alike but in below, bwd and FLOPS
+(`_swept`: sorted by below, a running least bwd per rank of FLOPS), which drops most dominated ones
+in linear passes, then compares what is left pairwise (`_non_dominated_alike`).
 Without LoRA menus the plan space is 2^blocks; with a menu of r ranks (2 + r)^blocks, and with
 recomputation (2 + 2r)^blocks, of which the pruning keeps some hundreds of labels (12 blocks and 3
 ranks: at most ~1,300 before a layer's pruning, a frontier of ~200-300 plans; with recomputation
-too, up to ~100,000 before a layer's pruning and a frontier of ~5,000-8,500 plans, each key's
+too, up to ~80,000 before a layer's pruning and a frontier of ~5,000-8,500 plans, each key's
 plans trading FLOPs for memory). Tests check the frontier against enumeration through `estimate` and
 against the per-device ILP.
 
-Given the budgets of the devices it serves, the frontier keeps only the plans that fit some device
-with at most one of its budgets lifted (all the fleet planner asks of it: each device's optimum,
-and whether lifting one budget reaches a better plan). Every quantity of a label is a lower bound
-on that of any plan it completes to (later layers add nonnegative bytes and FLOPs: at least each
+Given the budgets of the devices it serves, the frontier keeps only the plans that can be the optimum
+of some device with at most one of its budgets lifted (all the fleet planner asks of it: each device's
+optimum, and whether lifting one budget reaches a better plan). Every quantity of a label is a lower
+bound on that of any plan it completes to (later layers add nonnegative bytes and FLOPs: at least each
 later layer's cheapest option), so a label whose bounds exceed the largest allowance of the fleet
-in two budgets or more completes to no such plan, and is dropped (`_beyond_reach`). A dominated label
-exceeds what its dominator exceeds, so the two prunings agree.
+in two budgets or more completes to no such plan, and is dropped (`_Reach`). A dominated label
+exceeds what its dominator exceeds, so the two prunings agree. For a few devices, `_Reach` tests each
+device (and each with one budget lifted) on its own, and with recomputation in the menu also bounds
+keys: a first pass without recomputation (a frontier of some hundreds of plans) gives each a key it
+surely reaches, and a label whose key plus the most the later layers can add stays below that key
+for every device with room for it completes to no device's optimum.
 """
 
 from __future__ import annotations
@@ -51,12 +59,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner.budget import Budgets
-from planner.table import CostTable, PlanCosts
+from planner.budget import BUDGETS, Budgets
+from planner.table import MAX_COST, CostTable, PlanCosts, Recomputed
 
 # columns of a label's quantities
 BELOW, GRAD, FWD, BWD, FLOPS, UPLOAD, KEPT = range(7)
 FEW = 64  # labels kept without pruning at a layer (the final pruning removes what is dominated)
+FEW_DEVICES = 4  # devices for which `_Reach` tests each one on its own
 
 
 @dataclass
@@ -89,9 +98,20 @@ class Frontier:
 
 def compute_frontier(table: CostTable, budgets: Budgets | None = None) -> Frontier:
     """The exact frontier of ``table`` by dynamic programming with dominance pruning; with ``budgets``
-    (column arrays, many devices), only its plans that fit some device with at most one budget lifted."""
+    (column arrays, many devices), only its plans that can be some device's optimum with at most one
+    budget lifted. For a few devices with recomputation in the menu, a first pass without it (a small
+    frontier) gives each a key it reaches (`_Reach.floors`), which the second pass cannot go below."""
+    if budgets is None:
+        return _frontier(table)
+    reach = _Reach(table, budgets)
+    if table.recompute and reach.rooms is not None:
+        reach.floors(_frontier(table, reach, [not isinstance(o.state, Recomputed) for o in table.options]), budgets)
+    return _frontier(table, reach)
+
+
+def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool] | None = None) -> Frontier:
+    """`compute_frontier` over the options ``allowed`` (all by default), each label checked by ``reach``."""
     q = table.memory_terms
-    reach = _Reach(table, budgets) if budgets is not None else None
     width = KEPT + 1 if table.frozen else KEPT  # without compact weights the kept bytes are the upload bytes
     last_choice = max((at for at, name in enumerate(table.layers) if len(table.states[name]) > 1), default=-1)
     layers = table.layers
@@ -105,10 +125,10 @@ def compute_frontier(table: CostTable, budgets: Budgets | None = None) -> Fronti
     quantities = np.zeros((1, 7), dtype=np.int64)
     primary = np.zeros(1)
     trained = np.zeros(1, dtype=np.int64)
-    selections = np.zeros((1, 0), dtype=np.int64)
-    input_grad = np.zeros((1, len(layers)), dtype=bool)  # per label, per layer
+    input_grad = np.zeros((1, len(layers)), dtype=bool)  # per label, whether each layer's input requires grad
+    steps = []  # per layer, each label's option and the label of the layers before it that it extends
     for at, name in enumerate(layers):
-        options = np.array(table.layer_options[name])
+        options = np.array([i for i in table.layer_options[name] if allowed is None or allowed[i]])
         flags = np.array([table.options[i].input_grad for i in options])
         # every label extends with every option whose flag matches the label's input_grad at this layer
         label, choice = np.nonzero(flags[None, :] == input_grad[:, at][:, None])
@@ -128,63 +148,105 @@ def compute_frontier(table: CostTable, budgets: Budgets | None = None) -> Fronti
         new[:, KEPT] = old[:, KEPT] + table.kept_bytes[option]
         primary = primary[label] + table.primary[option]
         trained = trained[label] + table.trained_bytes[option]
-        selections = np.column_stack([selections[label], option])
         input_grad = input_grad[label] | (option_trains[option][:, None] & descendants[at][None, :])
-        if reach is not None:
-            near = ~reach.beyond(at, new)
-            new, primary, trained, selections, input_grad = (a[near] for a in (new, primary, trained, selections,
-                                                                               input_grad))
-        if len(new) <= FEW or last_choice <= at:  # prune many new labels while choices remain; the final pruning follows
-            quantities = new
-            continue
-        # a forward phase at or under the backward phases so far stays so (each later layer adds its base
-        # to the one, its base and gradients to the other): where FWD <= BWD, FWD cannot matter
-        costs = new[:, :width].copy()
-        costs[costs[:, FWD] <= costs[:, BWD], FWD] = -1
-        keep = _non_dominated(primary, trained, costs, input_grad[:, at + 1:])
-        quantities, primary, trained = new[keep], primary[keep], trained[keep]
-        selections, input_grad = selections[keep], input_grad[keep]
+        keep = np.arange(len(new))
+        if reach is not None and not (near := reach.keeps(at, new, primary, trained)).all():
+            keep = keep[near]
+        if len(keep) > FEW and at < last_choice:  # prune many new labels while choices remain; the final pruning follows
+            # a forward phase at or under the backward phases so far stays so (each later layer adds its base
+            # to the one, its base and gradients to the other): where FWD <= BWD, FWD cannot matter
+            costs = new[keep, :width]
+            costs[costs[:, FWD] <= costs[:, BWD], FWD] = -1
+            keep = keep[_non_dominated(primary[keep], trained[keep], costs, input_grad[keep, at + 1:],
+                                       (BELOW, BWD, FLOPS))]
+        if len(keep) < len(new):
+            new, primary, trained, input_grad, label, option = (
+                a[keep] for a in (new, primary, trained, input_grad, label, option))
+        quantities = new
+        steps.append((option, label))
     final = PlanCosts(
         peak_bytes=table.batch_bytes + np.maximum(quantities[:, FWD], quantities[:, BWD]),
         step_flops=quantities[:, FLOPS], upload_bytes=quantities[:, UPLOAD], trained_bytes=trained, primary=primary,
         kept_bytes=quantities[:, KEPT], precision=np.full(len(primary), table.precision))
     keep = _non_dominated(primary, trained, np.column_stack(
         [final.peak_bytes, final.step_flops, final.upload_bytes, final.kept_bytes][:width - 3]),
-        np.zeros((len(primary), 0), dtype=bool))
+        np.zeros((len(primary), 0), dtype=bool), (1, 0, None))  # sweep by FLOPS, peak
     order = keep[np.lexsort((final.peak_bytes[keep], final.step_flops[keep], -trained[keep], -primary[keep]))]
-    return Frontier(table, selections[order], final.take(order))
+    selections = np.empty((len(order), len(layers)), dtype=np.int64)
+    labels = order
+    for at in range(len(layers) - 1, -1, -1):  # back from the last layer along each plan's labels
+        option, label = steps[at]
+        selections[:, at], labels = option[labels], label[labels]
+    return Frontier(table, selections, final.take(order))
 
 
 class _Reach:
-    """The largest allowance of many devices in each budget, and per layer the least bytes and FLOPs
-    the layers after it add to a label's quantities (`compute_frontier`)."""
+    """Which labels of `_frontier` can complete to some device's optimum with at most one of its budgets
+    lifted. Every quantity of a label is a lower bound on that of the plans it completes to (later
+    layers add at least their cheapest option): a label goes where these bounds exceed the fleet's
+    largest allowance (`Budgets.allowances`) in two budgets or more.
+
+    With at most FEW_DEVICES devices, each counts as four, under its budgets and with each one lifted,
+    each tested on its own (``rooms``: allowances; those another covers left out) and with a *floor*:
+    a key that some plan within its allowances reaches (`floors`; none at first). A label's key plus the
+    largest key each later layer adds bounds the keys of its plans, so it goes unless some device has
+    room for its bounds and a floor at most that bound."""
 
     def __init__(self, table: CostTable, budgets: Budgets):
-        self.memory, self.compute, self.upload = (int(np.max(a)) for a in budgets.allowances())
+        allowances = np.column_stack([np.broadcast_to(a, (budgets.devices, 1))[:, 0] for a in budgets.allowances()])
+        self.largest = allowances.max(axis=0)
+        self.rooms = None
+        if budgets.devices <= FEW_DEVICES:
+            self.all_rooms = np.concatenate([allowances] + [np.where(np.arange(3) == k, MAX_COST, allowances)
+                                                            for k in range(3)]).astype(np.int64)
+            self.all_floors = np.full((len(self.all_rooms), 2), -1.0)  # (primary, trained bytes): below every key
+            self._reduce()
         self.overhead = float(np.min(budgets.tensor_overhead))
         q = table.memory_terms
-        least = lambda values: np.array([min(int(values[i]) for i in table.layer_options[name])  # noqa: E731
-                                         for name in table.layers] + [0], dtype=np.int64)
-        after = lambda values: np.cumsum(least(values)[::-1])[::-1][1:]  # noqa: E731  sum over layers > at
+        least = lambda values, pick=min: np.array([pick(values[i] for i in table.layer_options[name])  # noqa: E731
+                                                   for name in table.layers] + [0])
+        after = lambda values, pick=min: np.cumsum(least(values, pick)[::-1])[::-1][1:]  # noqa: E731  layers > at
         self.batch_bytes = table.batch_bytes
         self.base, self.base_grad = after(q["base"]), after(q["base"] + q["grad"])
         self.flops, self.uploads, self.kept = after(table.step_flops), after(table.upload_bytes), after(table.kept_bytes)
+        self.primary, self.trained = after(table.primary, max), after(table.trained_bytes, max)
+        # sums of whole-number primaries are exact; others get a margin for rounding
+        self.slack = 0.0 if np.all(table.primary == np.round(table.primary)) else 1e-9 * max(1.0, self.primary[0])
 
-    def beyond(self, at: int, labels: np.ndarray) -> np.ndarray:
-        """Whether each label (quantities after layer ``at``) completes only to plans that exceed the
-        fleet's largest allowance in two budgets or more."""
+    def floors(self, frontier: Frontier, budgets: Budgets) -> None:
+        """Each device's floors: the keys of its optima (and with each budget lifted) in ``frontier``, a
+        frontier of some of the table's plans."""
+        best = np.concatenate([frontier.best(b) for b in (budgets, *(budgets.without(k) for k in BUDGETS))])
+        self.all_floors[best >= 0] = np.column_stack([frontier.costs.primary, frontier.costs.trained_bytes])[best[best >= 0]]
+        self._reduce()
+
+    def _reduce(self) -> None:
+        """Leave out each device another covers: room at least as large, floor at most its own."""
+        keep = _non_dominated(-self.all_floors[:, 0], -self.all_floors[:, 1], -self.all_rooms,
+                              np.zeros((len(self.all_rooms), 0), dtype=bool), (0, 1, 2))
+        self.rooms, self.floor = self.all_rooms[keep], self.all_floors[keep]
+
+    def keeps(self, at: int, labels: np.ndarray, primary: np.ndarray, trained: np.ndarray) -> np.ndarray:
+        """Whether each label (quantities after layer ``at``, its key) can complete to some device's optimum."""
         peak = self.batch_bytes + np.maximum(labels[:, FWD] + self.base[at], labels[:, BWD] + self.base_grad[at])
-        memory = peak + np.ceil(peak * self.overhead).astype(np.int64) + labels[:, KEPT] + self.kept[at]
-        over = ((memory > self.memory).astype(np.int8) + (labels[:, FLOPS] + self.flops[at] > self.compute)
-                + (labels[:, UPLOAD] + self.uploads[at] > self.upload))
-        return over >= 2
+        need = np.column_stack([peak + np.ceil(peak * self.overhead).astype(np.int64) + labels[:, KEPT] + self.kept[at],
+                                labels[:, FLOPS] + self.flops[at], labels[:, UPLOAD] + self.uploads[at]])
+        if self.rooms is None:
+            return (need > self.largest).sum(axis=1) < 2
+        top, most = primary + self.primary[at], trained + self.trained[at]
+        kept = np.zeros(len(labels), dtype=bool)
+        for room, (low, least) in zip(self.rooms, self.floor):
+            reaches = (low < top - self.slack) | ((low <= top + self.slack) & ((self.slack > 0) | (least <= most)))
+            kept |= (need <= room).all(axis=1) & reaches
+        return kept
 
 
 def _non_dominated(primary: np.ndarray, trained: np.ndarray, costs: np.ndarray, signature: np.ndarray,
-                   size: int = 256, block: int = 4096) -> np.ndarray:
+                   sweep: tuple[int, int, int | None], size: int = 256, block: int = 4096) -> np.ndarray:
     """Indices of labels no other label of the same signature dominates (key >= and costs <=);
-    of identical labels the first is kept. Each signature's labels go on their own, with each cost
-    column replaced by its dense rank (the same comparisons, in 2 or 4 bytes rather than 8)."""
+    of identical labels the first is kept. Each cost column is replaced by its dense rank (the same
+    comparisons, in 2 or 4 bytes rather than 8); `_swept` drops most dominated labels in a few linear
+    passes (``sweep``: its columns), and each signature's remaining labels go on their own."""
     if not len(primary):
         return np.zeros(0, dtype=np.int64)
     ranked = np.column_stack([np.unique(column, return_inverse=True)[1].ravel() for column in costs.T])
@@ -192,11 +254,51 @@ def _non_dominated(primary: np.ndarray, trained: np.ndarray, costs: np.ndarray, 
     packed = np.packbits(signature, axis=1)
     sig = np.unique(packed.view(f"V{packed.shape[1]}").ravel(), return_inverse=True)[1].ravel() if packed.size \
         else np.zeros(len(primary), dtype=np.int64)
+    alive = np.flatnonzero(~_swept(primary, trained, sig, ranked, sweep))
     kept = []
-    for value in np.unique(sig):
-        members = np.flatnonzero(sig == value)
+    for value in np.unique(sig[alive]):
+        members = alive[sig[alive] == value]
         kept.append(members[_non_dominated_alike(primary[members], trained[members], ranked[members], size, block)])
-    return np.concatenate(kept)
+    return np.sort(np.concatenate(kept))
+
+
+def _swept(primary: np.ndarray, trained: np.ndarray, sig: np.ndarray, ranked: np.ndarray,
+           sweep: tuple[int, int, int | None], levels: int = 32) -> np.ndarray:
+    """Whether each label is dominated by another of its class: the labels alike in signature, key and
+    every cost column but the three of ``sweep`` (s, v, l; l None: none). In a class sorted by (s, v, l),
+    with ties in the labels' order, a label is dominated iff an earlier one is no larger in v and l: one
+    pass per rank t of l within the class keeps the running least v of the labels of rank <= t, and
+    tests the labels of rank t against it (those of rank ``levels`` or more test against the ranks
+    below it, which finds some of their dominators). What it finds is dominated; what it leaves,
+    `_non_dominated_alike` settles."""
+    n = len(primary)
+    s, v, l = (ranked[:, c].astype(np.int64) if c is not None else np.zeros(n, dtype=np.int64) for c in sweep)
+    others = [ranked[:, c] for c in range(ranked.shape[1]) if c not in sweep]
+    order = np.lexsort((l, v, s, *others, trained, primary, sig))
+    change = np.zeros(n, dtype=bool)
+    change[0] = True
+    for key in (sig, primary, trained, *others):
+        key = key[order]
+        change[1:] |= key[1:] != key[:-1]
+    group = np.cumsum(change) - 1  # class of each sorted label, ascending
+    l, v = l[order], v[order]
+    by_l = np.lexsort((l, group))
+    new = np.ones(n, dtype=bool)
+    new[1:] = (l[by_l][1:] != l[by_l][:-1]) | (group[by_l][1:] != group[by_l][:-1])
+    dense = np.cumsum(new) - 1
+    rank = np.empty(n, dtype=np.int64)
+    rank[by_l] = dense - dense[np.searchsorted(group[by_l], group[by_l])]  # rank of l within its class
+    level = np.minimum(rank, levels - 1)
+    # a label's running least over earlier labels of its class: each class offset above the later ones
+    never = int(v.max()) + 1
+    offset = (group[-1] - group) * (never + 1)
+    dominated = np.zeros(n, dtype=bool)
+    for t in range(int(level.max()) + 1):
+        least = np.minimum.accumulate(np.where(rank <= t, v, never) + offset)
+        dominated[1:] |= (level[1:] == t) & (least[:-1] - offset[1:] <= v[1:])
+    found = np.zeros(n, dtype=bool)
+    found[order] = dominated
+    return found
 
 
 def _non_dominated_alike(primary: np.ndarray, trained: np.ndarray, costs: np.ndarray, size: int,

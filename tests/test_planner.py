@@ -354,6 +354,31 @@ def test_frontier_for_some_devices_keeps_their_optima_with_any_budget_lifted(nam
         assert len(compute_frontier(table, tight)) < len(full)
 
 
+@pytest.mark.parametrize("name", [name for name in SMALL if SMALL[name][3]])
+def test_frontier_for_one_device_bounds_keys_and_stays_optimal(name):
+    """For one device with recomputation in the menu, the frontier for it bounds keys with a first pass
+    without recomputation (`planner.frontier._Reach`): under its budgets and with each lifted alone, the
+    best of the tables' first fitting plans is the brute-force optimum."""
+    spec, _, optimizer, _, _ = SMALL[name]
+    rng = random.Random(name + "one")
+    costs = brute_force(name)[1]
+    tables = small_tables(name)
+    for _ in range(8):
+        budgets = random_budgets(rng, costs)
+        stacked = Budgets.stack([budgets])
+        frontiers = {table: compute_frontier(table, stacked) for table in tables}
+        for lifted, (one, many) in zip(("none", *BUDGETS), [(budgets, stacked)] + [
+                (budgets.without(b), stacked.without(b)) for b in BUDGETS]):
+            def first_fitting(table, _):
+                index = frontiers[table].best(many)[0]
+                return None if index < 0 else frontiers[table].selections[index]
+
+            found = best_over_tables(tables, one, first_fitting)
+            mode = None if found is None else found[0].mode(found[1])
+            got = None if found is None else key_of(Objective(), spec, mode, estimate(spec, mode, BATCH, SEQ, optimizer))
+            assert got == brute_best(Objective(), name, one), lifted
+
+
 def test_equal_value_goes_to_fewer_flops_so_recomputation_only_where_memory_needs_it():
     """Training every block, with or without recomputation, has equal value; where both fit, the plan
     without (fewer FLOPs, more memory) wins. At the memory of recomputing every block, the plan trains
