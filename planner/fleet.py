@@ -18,6 +18,7 @@ devices off their optima is a fleet-wide assignment problem this planner does no
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, fields
 
@@ -134,8 +135,8 @@ def _solve_architecture(spec: ModelSpec, devices: list, budgets: dict[tuple, lis
         members = np.flatnonzero(batches == batch)
         for menu, frozen in choices:
             started = time.perf_counter()
-            table = CostTable(spec, int(batch), settings.seq, settings.optimizer, menu, settings.objective,
-                              settings.recompute, frozen)
+            table = cost_table(spec, int(batch), settings.seq, settings.optimizer, menu, settings.objective,
+                               settings.recompute, frozen)
             menu_budgets = stacked[menu].rows(members)
             menu_rows, menu_costs, menu_binding, menu_seconds = solve(
                 table, [budgets[menu][i] for i in members], menu_budgets, started)
@@ -155,6 +156,13 @@ def _solve_architecture(spec: ModelSpec, devices: list, budgets: dict[tuple, lis
             for i in chosen:
                 tables[i] = table
     return _Solved(spec, tables, rows, costs, binding, seconds, full, lora)
+
+
+@functools.lru_cache(maxsize=256)
+def cost_table(spec: ModelSpec, batch: int, seq: int | None, optimizer: str, lora_ranks: tuple[int, ...],
+               objective: Objective, recompute: bool, frozen: str | None) -> CostTable:
+    """`CostTable`, built once per model, step shape and menu in a process: later plans reuse it."""
+    return CostTable(spec, batch, seq, optimizer, lora_ranks, objective, recompute, frozen)
 
 
 def _solve_by_frontier(table: CostTable, budgets: list[Budgets], stacked: Budgets, started: float):
