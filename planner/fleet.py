@@ -282,7 +282,8 @@ def _entries(solved: _Solved, devices: list, settings: PlanSettings) -> list[Dev
         if row[0] < 0:
             needs = Needs(memory_bytes=process / (1 - settings.margin), compute_flops=steps * step_flops[i],
                           upload_bytes=uploads[i])
-            entries.append(DevicePlan(status="infeasible", mode=None, needs=needs, **common))
+            entries.append(DevicePlan(status="infeasible", mode=None, needs=needs, trained_blocks=[], lora_ranks={},
+                                      **common))  # given, not defaults (which pydantic copies: 30 us each)
             continue
         entries.append(DevicePlan(status="optimal", peak_bytes=peaks[i], flops_per_round=steps * step_flops[i],
                                   upload_bytes=uploads[i], **fields_of_plan, **common))

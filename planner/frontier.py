@@ -112,7 +112,7 @@ def compute_frontier(table: CostTable, budgets: Budgets | None = None) -> Fronti
 def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool] | None = None) -> Frontier:
     """`compute_frontier` over the options ``allowed`` (all by default), each label checked by ``reach``."""
     q = table.memory_terms
-    width = KEPT + 1 if table.frozen else KEPT  # without compact weights the kept bytes are the upload bytes
+    width = KEPT + int((table.kept_bytes != table.upload_bytes).any())  # a kept-bytes column where they differ
     last_choice = max((at for at, name in enumerate(table.layers) if len(table.states[name]) > 1), default=-1)
     layers = table.layers
     position = {name: i for i, name in enumerate(layers)}
