@@ -21,8 +21,8 @@ class Budgets:
     """Per round: memory in bytes (of which ``margin`` stays free), FLOPs, upload bytes; steps per round.
 
     Memory is the whole training process's (`costmodel.process`): ``fixed_bytes`` (the runtime's
-    footprint and the data shard) + the plan's tensor peak x (1 + ``tensor_overhead``, the allocator's
-    slack) + the received tensors it keeps, which
+    footprint and the data shard) + the plan's tensor peak + ``tensor_overhead`` (the allocator's slack)
+    x the tensor peak less the weights (`costmodel.process.churned_bytes`) + the received tensors it keeps, which
     are the old values of what it trains, bounded by its upload bytes (they add LoRA's factors), and
     what `costmodel.process` adds for compact frozen weights (`PlanCosts.kept_bytes`).
     Fields are numbers for one device or column arrays, shape (devices, 1), for many (`stack`):
@@ -75,18 +75,19 @@ class Budgets:
         return self.memory_bytes * (1 - self.margin)
 
     def process_bytes(self, costs: PlanCosts) -> np.ndarray:
-        """The planned bound on each plan's process memory: fixed + tensor peak with the allocator's slack
-        + kept received tensors."""
+        """The planned bound on each plan's process memory: fixed + tensor peak + the allocator's slack on
+        its churned part + kept received tensors; `costmodel.process`'s figure, with the kept tensors
+        bounded by the upload bytes."""
         return self.fixed_bytes + self._variable_bytes(costs)
 
     def _variable_bytes(self, costs: PlanCosts) -> np.ndarray:
-        """The plan-dependent part of `process_bytes`: tensor peak, the allocator's slack on it (rounded
-        up) and the kept received tensors (``kept_bytes``), in integers. Devices of one runtime
-        share one overhead: then per plan, not per device and plan."""
+        """The plan-dependent part of `process_bytes`: tensor peak, the allocator's slack on it less the
+        weights (rounded up, as `costmodel.process`) and the kept received tensors (``kept_bytes``), in
+        integers. Devices of one runtime share one overhead: then per plan, not per device and plan."""
         overhead = np.asarray(self.tensor_overhead)
         if overhead.size and (overhead == overhead.flat[0]).all():
             overhead = overhead.flat[0]
-        slack = np.ceil(costs.peak_bytes * overhead).astype(np.int64)
+        slack = np.ceil((costs.peak_bytes - costs.weight_bytes) * overhead).astype(np.int64)
         return costs.peak_bytes + slack + costs.kept_bytes
 
     def over(self, costs: PlanCosts) -> dict[str, np.ndarray]:

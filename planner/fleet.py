@@ -123,7 +123,7 @@ def _solve_architecture(spec: ModelSpec, devices: list, budgets: dict[tuple, lis
     batches = np.array([settings.batch or d.batch_size for d in devices])
     menus = list(budgets)
     rows = np.full((n, len(layer_names(spec))), -1)
-    costs = PlanCosts(*(np.zeros(n, dtype=dtype) for dtype in (np.int64,) * 4 + (float, np.int64, np.int64)))
+    costs = PlanCosts(*(np.zeros(n, dtype=dtype) for dtype in (np.int64,) * 4 + (float,) + (np.int64,) * 3))
     binding = np.zeros((n, len(BUDGETS)), dtype=bool)
     seconds = np.zeros(n)
     full = np.zeros((n, spec.n_blocks), dtype=bool)

@@ -3,8 +3,9 @@
 A device's optimum is the plan of largest key (primary, trained bytes; lexicographic, see
 `Objective`), then fewest FLOPs, then least peak, among plans within its memory, compute and upload
 budgets (a table's plans share one precision of frozen weights). A plan q *dominates* p when
-key(q) >= key(p) and q needs no more peak memory, FLOPs, upload or kept bytes than p: wherever p
-fits, q fits and is at least as good. So the non-dominated plans, sorted
+key(q) >= key(p) and q needs no more peak memory, FLOPs, upload or kept bytes than p, and no more
+churned bytes (peak less weights, on which the allocator's slack is charged): wherever p fits, q fits
+and is at least as good. So the non-dominated plans, sorted
 by (key descending, FLOPs ascending, peak ascending), hold every device's optimum: the first one
 that fits.
 
@@ -19,13 +20,13 @@ the terms later layers add to it left out::
     fwd   = max over its layers l of  sum_j base_j + below_{<l} + F_l
     bwd   = max over its layers l of  sum_j base_j + grad_{<=l} + S_l, and over those l in backward
             of  sum_j base_j + below_{<l} + B_l + grad_{>l}
-    flops, upload, kept (received bytes kept, `CostTable.kept_bytes`), and the key
+    flops, upload, kept (received bytes kept, `CostTable.kept_bytes`), weights, and the key
 
 Each later layer adds its base to every phase and its G to the backward and optimizer phases, so
 once every layer is placed, ``peak = X + max(fwd, bwd)`` (the optimizer's largest temporary S
 joins the optimizer phase of its own layer). Adding a layer changes each quantity by a
 nondecreasing function of the old ones, and lexicographic order is kept under addition, so a label
-dominated (key >=, every quantity <=) by another with the same *signature* (which later layers
+dominated (key >=, weights >=, every other quantity <=) by another with the same *signature* (which later layers
 already have an input that requires grad) can never complete to a better plan than its dominator
 does: dropping it is exact. A label's fwd at or under its bwd stays under it whatever follows (a
 later layer adds its base to fwd, its base and G to bwd), so there fwd cannot matter and the pruning
@@ -63,7 +64,7 @@ from planner.budget import BUDGETS, Budgets
 from planner.table import MAX_COST, CostTable, PlanCosts, Recomputed
 
 # columns of a label's quantities
-BELOW, GRAD, FWD, BWD, FLOPS, UPLOAD, KEPT = range(7)
+BELOW, GRAD, FWD, BWD, FLOPS, UPLOAD, KEPT, WEIGHT = range(8)
 FEW = 64  # labels kept without pruning at a layer (the final pruning removes what is dominated)
 FEW_DEVICES = 4  # devices for which `_Reach` tests each one on its own
 
@@ -88,6 +89,7 @@ class Frontier:
             return found
         least = PlanCosts(*(getattr(self.costs, f.name)[[0]].clip(max=getattr(self.costs, f.name).min())
                             for f in dataclasses.fields(PlanCosts)))
+        least.weight_bytes = self.costs.weight_bytes[[0]].clip(min=self.costs.weight_bytes.max())  # less slack
         could = np.flatnonzero(np.broadcast_to(budgets.fits(least), (budgets.devices, 1))[:, 0])
         for start in range(0, len(could), chunk):
             devices = could[start:start + chunk]
@@ -122,7 +124,7 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
             descendants[position[ancestor], position[name]] = True
     option_trains = np.array([o.trains for o in table.options])
 
-    quantities = np.zeros((1, 7), dtype=np.int64)
+    quantities = np.zeros((1, 8), dtype=np.int64)
     primary = np.zeros(1)
     trained = np.zeros(1, dtype=np.int64)
     input_grad = np.zeros((1, len(layers)), dtype=bool)  # per label, whether each layer's input requires grad
@@ -146,16 +148,17 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
         new[:, FLOPS] = old[:, FLOPS] + table.step_flops[option]
         new[:, UPLOAD] = old[:, UPLOAD] + table.upload_bytes[option]
         new[:, KEPT] = old[:, KEPT] + table.kept_bytes[option]
+        new[:, WEIGHT] = old[:, WEIGHT] + table.weight_bytes[option]
         primary = primary[label] + table.primary[option]
         trained = trained[label] + table.trained_bytes[option]
         input_grad = input_grad[label] | (option_trains[option][:, None] & descendants[at][None, :])
         keep = np.arange(len(new))
         if reach is not None and not (near := reach.keeps(at, new, primary, trained)).all():
             keep = keep[near]
-        if len(keep) > FEW and at < last_choice:  # prune many new labels while choices remain; the final pruning follows
+        if len(keep) > FEW and at < last_choice:  # prune many labels while choices remain; the final pruning follows
             # a forward phase at or under the backward phases so far stays so (each later layer adds its base
             # to the one, its base and gradients to the other): where FWD <= BWD, FWD cannot matter
-            costs = new[keep, :width]
+            costs = np.column_stack([new[keep, :width], -new[keep, WEIGHT]])  # more weights, less slack
             costs[costs[:, FWD] <= costs[:, BWD], FWD] = -1
             keep = keep[_non_dominated(primary[keep], trained[keep], costs, input_grad[keep, at + 1:],
                                        (BELOW, BWD, FLOPS))]
@@ -167,9 +170,11 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
     final = PlanCosts(
         peak_bytes=table.batch_bytes + np.maximum(quantities[:, FWD], quantities[:, BWD]),
         step_flops=quantities[:, FLOPS], upload_bytes=quantities[:, UPLOAD], trained_bytes=trained, primary=primary,
-        kept_bytes=quantities[:, KEPT], precision=np.full(len(primary), table.precision))
+        kept_bytes=quantities[:, KEPT], weight_bytes=quantities[:, WEIGHT],
+        precision=np.full(len(primary), table.precision))
     keep = _non_dominated(primary, trained, np.column_stack(
-        [final.peak_bytes, final.step_flops, final.upload_bytes, final.kept_bytes][:width - 3]),
+        [final.peak_bytes, final.step_flops, final.upload_bytes, final.kept_bytes][:width - 3]
+        + [final.peak_bytes - final.weight_bytes]),  # what the allocator's slack scales
         np.zeros((len(primary), 0), dtype=bool), (1, 0, None))  # sweep by FLOPS, peak
     order = keep[np.lexsort((final.peak_bytes[keep], final.step_flops[keep], -trained[keep], -primary[keep]))]
     selections = np.empty((len(order), len(layers)), dtype=np.int64)
@@ -208,7 +213,9 @@ class _Reach:
         after = lambda values, pick=min: np.cumsum(least(values, pick)[::-1])[::-1][1:]  # noqa: E731  layers > at
         self.batch_bytes = table.batch_bytes
         self.base, self.base_grad = after(q["base"]), after(q["base"] + q["grad"])
-        self.flops, self.uploads, self.kept = after(table.step_flops), after(table.upload_bytes), after(table.kept_bytes)
+        self.churn, self.churn_grad = (after(q["base"] + grad - table.weight_bytes) for grad in (0, q["grad"]))
+        self.flops, self.uploads = after(table.step_flops), after(table.upload_bytes)
+        self.kept = after(table.kept_bytes)
         self.primary, self.trained = after(table.primary, max), after(table.trained_bytes, max)
         # sums of whole-number primaries are exact; others get a margin for rounding
         self.slack = 0.0 if np.all(table.primary == np.round(table.primary)) else 1e-9 * max(1.0, self.primary[0])
@@ -217,7 +224,8 @@ class _Reach:
         """Each device's floors: the keys of its optima (and with each budget lifted) in ``frontier``, a
         frontier of some of the table's plans."""
         best = np.concatenate([frontier.best(b) for b in (budgets, *(budgets.without(k) for k in BUDGETS))])
-        self.all_floors[best >= 0] = np.column_stack([frontier.costs.primary, frontier.costs.trained_bytes])[best[best >= 0]]
+        keys = np.column_stack([frontier.costs.primary, frontier.costs.trained_bytes])
+        self.all_floors[best >= 0] = keys[best[best >= 0]]
         self._reduce()
 
     def _reduce(self) -> None:
@@ -229,8 +237,10 @@ class _Reach:
     def keeps(self, at: int, labels: np.ndarray, primary: np.ndarray, trained: np.ndarray) -> np.ndarray:
         """Whether each label (quantities after layer ``at``, its key) can complete to some device's optimum."""
         peak = self.batch_bytes + np.maximum(labels[:, FWD] + self.base[at], labels[:, BWD] + self.base_grad[at])
-        need = np.column_stack([peak + np.ceil(peak * self.overhead).astype(np.int64) + labels[:, KEPT] + self.kept[at],
-                                labels[:, FLOPS] + self.flops[at], labels[:, UPLOAD] + self.uploads[at]])
+        churn = self.batch_bytes - labels[:, WEIGHT] + np.maximum(labels[:, FWD] + self.churn[at],
+                                                                  labels[:, BWD] + self.churn_grad[at])
+        memory = peak + np.ceil(churn * self.overhead).astype(np.int64) + labels[:, KEPT] + self.kept[at]
+        need = np.column_stack([memory, labels[:, FLOPS] + self.flops[at], labels[:, UPLOAD] + self.uploads[at]])
         if self.rooms is None:
             return (need > self.largest).sum(axis=1) < 2
         top, most = primary + self.primary[at], trained + self.trained[at]

@@ -23,7 +23,8 @@ Constraints::
     g[l] <= sum_{j in anc(l), s in T_j} x[j,s]          ... and only then
     sum_f y[l,s,f] = x[l,s];  y[l,s,1] <= g[l];  y[l,s,0] <= 1 - g[l]
     peak >= X + sum_{l,s,f} c_p(l,s,f) y[l,s,f]        for every phase p (see `planner.table`)
-    F + (1 + a) peak + sum kept(l,s,f) y[l,s,f] <= (1 - m) M     (F fixed bytes, a the allocator's slack)
+    F + peak + a (peak - sum W(l,s,f) y[l,s,f]) + sum kept(l,s,f) y[l,s,f] <= (1 - m) M
+                                   (F fixed bytes, a the allocator's slack, W(l,s,f) weight bytes)
     K * sum flops(l,s,f) y[l,s,f] <= C
     sum upload(l,s,f) y[l,s,f] <= U
 
@@ -97,8 +98,9 @@ class DeviceIlp:
             problem += self.peak >= (table.batch_bytes + self._sum(row)) / MiB
         if math.isfinite(budgets.memory_bytes):
             kept = self._sum(table.kept_bytes, MiB)  # received tensors kept, as `Budgets.process_bytes`
-            slack = 1 + budgets.tensor_overhead  # the allocator's, per byte of tensor peak
-            problem += slack * self.peak + kept <= (budgets.usable_memory_bytes - budgets.fixed_bytes) / MiB
+            slack = budgets.tensor_overhead  # the allocator's, per byte of tensor peak less the weights
+            problem += ((1 + slack) * self.peak - slack * self._sum(table.weight_bytes, MiB) + kept
+                        <= (budgets.usable_memory_bytes - budgets.fixed_bytes) / MiB)
         if math.isfinite(budgets.compute_flops):
             problem += budgets.local_steps * self._sum(table.step_flops, GFLOP) <= budgets.compute_flops / GFLOP
         if math.isfinite(budgets.upload_bytes):

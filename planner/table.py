@@ -14,6 +14,7 @@ so every quantity of `costmodel.estimate` is a sum over layers of a number per s
 - the received bytes the process keeps (``kept_bytes``): the upload bytes (a bound on the old values
   of what it trains), plus what `costmodel.process.kept_bytes` adds for compact frozen weights,
   taken per block from it (see `CostTable.kept_bytes`);
+- the weights' bytes (``weight_bytes``), which the allocator's slack leaves out (`costmodel.process`);
 - each memory phase of estimate's docstring, with ``W + O`` and buffers split per layer as ``base``,
   ``A_j - external_j`` as ``below`` and ``G_j`` as ``grad``; phases (X the batch bytes)::
 
@@ -155,6 +156,7 @@ class PlanCosts:
     trained_bytes: np.ndarray
     primary: np.ndarray
     kept_bytes: np.ndarray
+    weight_bytes: np.ndarray  # of the tensor peak: weights, allocated once (no allocator slack on them)
     precision: np.ndarray
 
     def take(self, index) -> "PlanCosts":
@@ -281,6 +283,11 @@ class CostTable:
         return kept
 
     @cached_property
+    def weight_bytes(self) -> np.ndarray:
+        """Parameter bytes per option (`costmodel.process.churned_bytes` leaves them out of the slack)."""
+        return self._vector(lambda o: o.cost.param_bytes)
+
+    @cached_property
     def primary(self) -> np.ndarray:
         """The objective's primary value per option (float)."""
         return np.array([self.objective.primary(self.spec, o.layer, o.state, o.cost) for o in self.options],
@@ -373,4 +380,5 @@ class CostTable:
         peak = self.batch_bytes + self.phase_coefficients[:, selections].sum(axis=2).max(axis=0)
         return PlanCosts(peak, self.step_flops[selections].sum(axis=1), self.upload_bytes[selections].sum(axis=1),
                          self.trained_bytes[selections].sum(axis=1), self.primary[selections].sum(axis=1),
-                         self.kept_bytes[selections].sum(axis=1), np.full(len(selections), self.precision))
+                         self.kept_bytes[selections].sum(axis=1), self.weight_bytes[selections].sum(axis=1),
+                         np.full(len(selections), self.precision))

@@ -20,7 +20,7 @@ from costmodel.sampling import random_config
 
 from caff.cli import main
 from costmodel import ZOO, ModelSpec, TrainMode, estimate
-from costmodel.process import kept_bytes
+from costmodel.process import churned_bytes, kept_bytes
 from planner import (BUDGETS, Budgets, CostTable, DeviceIlp, Objective, PlanCosts, PlanSettings, compute_frontier, plan,
                      read_plan_file, write_plan_file)
 from planner.fleet import preferred
@@ -101,6 +101,7 @@ def brute_force(name: str):
                    "upload": column(r.totals["upload_bytes"] for r in reports),
                    "kept": column(kept_of(spec, m, r, optimizer) for m, r in zip(modes, reports)),
                    "trained": column(r.totals["grad_bytes"] for r in reports),
+                   "churned": column(churned_bytes(r) for r in reports),
                    "precision": column({"int8": 8, "bf16": 16, None: 8 * spec.dtype_bytes}[m.frozen] for m in modes)}
 
 
@@ -128,10 +129,11 @@ def random_budgets(rng: random.Random, costs: dict) -> Budgets:
                    0.0 if exact_memory else margin)
 
 
-def fits(budgets: Budgets, peak, flops, upload, kept):
+def fits(budgets: Budgets, peak, flops, upload, kept, churned=0):
     """The budget test written out, independent of `Budgets.fits`: the process holds the fixed bytes
-    (runtime, shard), the tensor peak and the received tensors it keeps (`kept_of`)."""
-    return ((budgets.fixed_bytes + peak * (1 + budgets.tensor_overhead) + kept
+    (runtime, shard), the tensor peak, the allocator's slack on its ``churned`` bytes (the peak less the
+    weights, `costmodel.process.churned_bytes`) and the received tensors it keeps (`kept_of`)."""
+    return ((budgets.fixed_bytes + peak + np.ceil(budgets.tensor_overhead * churned) + kept
              <= budgets.memory_bytes * (1 - budgets.margin))
             & (upload <= budgets.upload_bytes)
             & (budgets.local_steps * flops <= budgets.compute_flops))
@@ -143,7 +145,7 @@ def brute_best(objective: Objective, name: str, budgets: Budgets):
     modes, costs = brute_force(name)
     keys = (primary(objective, modes, costs["trained"]), costs["trained"], -costs["flops"], costs["precision"],
             -costs["peak"])
-    ok = np.flatnonzero(fits(budgets, costs["peak"], costs["flops"], costs["upload"], costs["kept"]))
+    ok = np.flatnonzero(fits(budgets, costs["peak"], costs["flops"], costs["upload"], costs["kept"], costs["churned"]))
     if not len(ok):
         return None
     best = ok[np.lexsort([k[ok] for k in keys[::-1]])[-1]]
@@ -315,9 +317,10 @@ def test_frontier_is_the_brute_force_pareto_set_and_finds_every_optimum(name):
         for table, frontier in frontiers.items():
             these = np.array([mode.frozen == table.frozen for mode in modes])
             pareto = pareto_set(np.column_stack([-value, -costs["trained"], costs["peak"], costs["flops"],
-                                                 costs["upload"], costs["kept"]])[these])
+                                                 costs["upload"], costs["kept"], costs["churned"]])[these])
             got = np.column_stack([-frontier.costs.primary, -frontier.costs.trained_bytes, frontier.costs.peak_bytes,
-                                   frontier.costs.step_flops, frontier.costs.upload_bytes, frontier.costs.kept_bytes])
+                                   frontier.costs.step_flops, frontier.costs.upload_bytes, frontier.costs.kept_bytes,
+                                   frontier.costs.peak_bytes - frontier.costs.weight_bytes])
             assert {tuple(v) for v in got} == pareto and len(got) == len(pareto)
             for selection, peak in zip(frontier.selections, frontier.costs.peak_bytes):
                 assert estimate(spec, table.mode(selection), BATCH, SEQ, optimizer).peak_bytes == peak
@@ -375,8 +378,52 @@ def test_frontier_for_one_device_bounds_keys_and_stays_optimal(name):
 
             found = best_over_tables(tables, one, first_fitting)
             mode = None if found is None else found[0].mode(found[1])
-            got = None if found is None else key_of(Objective(), spec, mode, estimate(spec, mode, BATCH, SEQ, optimizer))
+            report = None if found is None else estimate(spec, mode, BATCH, SEQ, optimizer)
+            got = None if found is None else key_of(Objective(), spec, mode, report)
             assert got == brute_best(Objective(), name, one), lifted
+
+
+@pytest.mark.parametrize("name", ["tied-lora", "char-gpt-xs", "minilm-l6"])
+def test_process_memory_is_costmodel_process_and_plans_stay_optimal_with_allocator_slack(name):
+    """With the allocator's slack on (as measured runtimes have it), the planner's process memory of a
+    plan is `costmodel.process`'s: runtime and shard, tensor peak, slack on the peak less the weights
+    (`churned_bytes`), with the kept received tensors bounded by the upload (`kept_of`, at least
+    `costmodel.process.kept_bytes`); and the ILP and the frontier (for all devices, and for these)
+    give the brute-force optimum under it, budgets lifted too."""
+    spec, _, optimizer, _, _ = SMALL[name]
+    rng = random.Random(name + "slack")
+    modes, costs = brute_force(name)
+    tables = small_tables(name)
+    for table in tables:
+        for _ in range(10):
+            mode = rng.choice([mode for mode in modes if mode.frozen == table.frozen])
+            selection = table.selection(mode)
+            report = estimate(spec, mode, BATCH, SEQ, optimizer)
+            overhead, fixed = rng.choice([0.05, 0.4, 3.0]), rng.randint(0, 2**24)
+            planned = Budgets(2**40, 1e18, 2**40, 1, 0.0, fixed, overhead).process_bytes(table.evaluate(selection))[0]
+            kept = kept_of(spec, mode, report, optimizer)
+            assert kept >= kept_bytes(spec, mode, report)
+            assert planned - kept == fixed + report.peak_bytes + math.ceil(overhead * churned_bytes(report))
+    process = costs["peak"] + np.ceil(3.0 * costs["churned"]) + costs["kept"]
+    for trial in range(8):
+        memory = int(rng.choice(process)) if trial % 2 else rng.uniform(0.9 * process.min(), 1.02 * process.max())
+        budgets = Budgets(memory, rng.uniform(0.9, 1.02) * costs["flops"].max() * rng.random(),
+                          round(rng.uniform(0.9 * costs["upload"].min(), 1.02 * costs["upload"].max())), 1, 0.0, 0, 3.0)
+        stacked = Budgets.stack([budgets])
+        others = [random_budgets(rng, costs) for _ in range(5)]  # more than FEW_DEVICES: the fleet's pruning
+        fleet = {table: compute_frontier(table, Budgets.stack([budgets, *others])) for table in tables}
+        alone = {table: compute_frontier(table, stacked) for table in tables}
+        for one, many in [(budgets, stacked)] + [(budgets.without(b), stacked.without(b)) for b in BUDGETS]:
+            expected = brute_best(Objective(), name, one)
+            solvers = [lambda t, b: DeviceIlp(t, b).solve()] if one is budgets else []
+            for frontiers in (fleet, alone):
+                solvers.append(lambda t, b, f=frontiers: None if (i := f[t].best(many)[0]) < 0 else f[t].selections[i])
+            for solve in solvers:
+                found = best_over_tables(tables, one, solve)
+                mode = None if found is None else found[0].mode(found[1])
+                got = None if found is None else key_of(Objective(), spec, mode, estimate(spec, mode, BATCH, SEQ,
+                                                                                           optimizer))
+                assert got == expected
 
 
 def test_equal_value_goes_to_fewer_flops_so_recomputation_only_where_memory_needs_it():
@@ -546,7 +593,7 @@ def test_batch_override_and_bad_settings():
 
 
 def test_budgets_without_lifts_one_budget():
-    costs = PlanCosts(*(np.array([10]),) * 7)
+    costs = PlanCosts(*(np.array([10]),) * 8)
     budgets = Budgets(5, 5, 5)
     assert not budgets.fits(costs)[0]
     assert [bool(budgets.without(b).over(costs)[b][0]) for b in BUDGETS] == [False] * 3
