@@ -64,7 +64,7 @@ from planner.budget import BUDGETS, Budgets
 from planner.table import MAX_COST, CostTable, PlanCosts, Recomputed
 
 # columns of a label's quantities
-BELOW, GRAD, FWD, BWD, FLOPS, UPLOAD, KEPT, WEIGHT = range(8)
+BELOW, GRAD, FWD, BWD, FLOPS, UPLOAD, KEPT, WEIGHT = range(8)  # WEIGHT: minus the weights (less slack)
 FEW = 64  # labels kept without pruning at a layer (the final pruning removes what is dominated)
 FEW_DEVICES = 4  # devices for which `_Reach` tests each one on its own
 
@@ -148,7 +148,7 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
         new[:, FLOPS] = old[:, FLOPS] + table.step_flops[option]
         new[:, UPLOAD] = old[:, UPLOAD] + table.upload_bytes[option]
         new[:, KEPT] = old[:, KEPT] + table.kept_bytes[option]
-        new[:, WEIGHT] = old[:, WEIGHT] + table.weight_bytes[option]
+        new[:, WEIGHT] = old[:, WEIGHT] - table.weight_bytes[option]
         primary = primary[label] + table.primary[option]
         trained = trained[label] + table.trained_bytes[option]
         input_grad = input_grad[label] | (option_trains[option][:, None] & descendants[at][None, :])
@@ -158,7 +158,7 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
         if len(keep) > FEW and at < last_choice:  # prune many labels while choices remain; the final pruning follows
             # a forward phase at or under the backward phases so far stays so (each later layer adds its base
             # to the one, its base and gradients to the other): where FWD <= BWD, FWD cannot matter
-            costs = np.column_stack([new[keep, :width], -new[keep, WEIGHT]])  # more weights, less slack
+            costs = new[np.ix_(keep, [*range(width), WEIGHT])]
             costs[costs[:, FWD] <= costs[:, BWD], FWD] = -1
             keep = keep[_non_dominated(primary[keep], trained[keep], costs, input_grad[keep, at + 1:],
                                        (BELOW, BWD, FLOPS))]
@@ -170,7 +170,7 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
     final = PlanCosts(
         peak_bytes=table.batch_bytes + np.maximum(quantities[:, FWD], quantities[:, BWD]),
         step_flops=quantities[:, FLOPS], upload_bytes=quantities[:, UPLOAD], trained_bytes=trained, primary=primary,
-        kept_bytes=quantities[:, KEPT], weight_bytes=quantities[:, WEIGHT],
+        kept_bytes=quantities[:, KEPT], weight_bytes=-quantities[:, WEIGHT],
         precision=np.full(len(primary), table.precision))
     keep = _non_dominated(primary, trained, np.column_stack(
         [final.peak_bytes, final.step_flops, final.upload_bytes, final.kept_bytes][:width - 3]
@@ -237,7 +237,7 @@ class _Reach:
     def keeps(self, at: int, labels: np.ndarray, primary: np.ndarray, trained: np.ndarray) -> np.ndarray:
         """Whether each label (quantities after layer ``at``, its key) can complete to some device's optimum."""
         peak = self.batch_bytes + np.maximum(labels[:, FWD] + self.base[at], labels[:, BWD] + self.base_grad[at])
-        churn = self.batch_bytes - labels[:, WEIGHT] + np.maximum(labels[:, FWD] + self.churn[at],
+        churn = self.batch_bytes + labels[:, WEIGHT] + np.maximum(labels[:, FWD] + self.churn[at],
                                                                   labels[:, BWD] + self.churn_grad[at])
         memory = peak + np.ceil(churn * self.overhead).astype(np.int64) + labels[:, KEPT] + self.kept[at]
         need = np.column_stack([memory, labels[:, FLOPS] + self.flops[at], labels[:, UPLOAD] + self.uploads[at]])
