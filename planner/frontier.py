@@ -172,10 +172,13 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
         step_flops=quantities[:, FLOPS], upload_bytes=quantities[:, UPLOAD], trained_bytes=trained, primary=primary,
         kept_bytes=quantities[:, KEPT], weight_bytes=-quantities[:, WEIGHT],
         precision=np.full(len(primary), table.precision))
-    keep = _non_dominated(primary, trained, np.column_stack(
-        [final.peak_bytes, final.step_flops, final.upload_bytes, final.kept_bytes][:width - 3]
-        + [final.peak_bytes - final.weight_bytes]),  # what the allocator's slack scales
-        np.zeros((len(primary), 0), dtype=bool), (1, 0, None))  # sweep by FLOPS, peak
+    # plans dominated with as many weights or more go first (plans alike in key, upload and weights: one
+    # class of the sweep), then those dominated in churned bytes, what the allocator's slack scales
+    costs = [final.peak_bytes, final.step_flops, final.upload_bytes, final.kept_bytes][:width - 3]
+    keep = np.arange(len(primary))
+    for last in (-final.weight_bytes, final.peak_bytes - final.weight_bytes):
+        keep = keep[_non_dominated(primary[keep], trained[keep], np.column_stack([c[keep] for c in (*costs, last)]),
+                                   np.zeros((len(keep), 0), dtype=bool), (1, 0, None))]  # sweep by FLOPS, peak
     order = keep[np.lexsort((final.peak_bytes[keep], final.step_flops[keep], -trained[keep], -primary[keep]))]
     selections = np.empty((len(order), len(layers)), dtype=np.int64)
     labels = order
