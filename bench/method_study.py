@@ -7,7 +7,8 @@ For a task and one pretrained model (default Shakespeare on char-gpt-xs, pretrai
    every federated client (the upper bound). Headroom = upper bound - pretrained.
 2. **Tuning**: each method's SGD learning rate, per regime, from ``--lr-grid``, on the
    validation set (held-out samples of the federated clients disjoint from the test set), seed 0,
-   ``--tune-rounds`` rounds; the lowest final validation loss wins. Never the test set.
+   ``--tune-rounds`` rounds; the lowest final validation loss wins, and while it is the lowest or highest
+   rate tried, the next rate beyond it on the 1-3-10 ladder is tried too (twice at most). Never the test set.
 3. **Runs**: every method with its learning rate, ``--seeds``, the same rounds, clients per round,
    local steps and batch; mean and 95 % interval (Student t) over seeds.
 
@@ -43,6 +44,8 @@ METHODS = ("caff", "lora", "full", "head", "fedra")
 #: blocks, the accuracy cost of int8 frozen weights). name -> (engine method, PlanSettings fields, frozen format)
 VARIANTS = {"caff+recompute": ("caff", {"recompute": True}, None), "caff+int8": ("caff", {}, "int8")}
 REGIMES = ("mem-1/8", "mem-1/4", "mem-1/2", "upload-1/32", "upload-1/8", "compute-1/4", "edge-mix")
+#: how many times tuning may step past the grid's edge while the best rate sits on it
+GRID_EXTENSIONS = 2
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
@@ -176,6 +179,42 @@ def _job(args, regime: str, method: str, lr: float, phase: str, seed: int) -> di
             "out": str(Path(args.out) / "runs" / regime.replace("/", "-") / name)}
 
 
+def _tuned_lr(tuning: list[dict], regime: str, method: str) -> tuple[float | None, list[float]]:
+    """The learning rate of the lowest final validation loss (None if no rate trained) and every rate tried."""
+    mine = [t for t in tuning if t["regime"] == regime and t["method"] == method]
+    scored = [(t["rounds"][-1]["test_loss"], t["config"]["lr"]) for t in mine
+              if "error" not in t and t["rounds"][-1]["test_loss"] is not None
+              and math.isfinite(t["rounds"][-1]["test_loss"])
+              and any(x["trained"] for x in t["rounds"])]  # a diverged learning rate never wins
+    return (min(scored)[1] if scored else None), sorted(t["config"]["lr"] for t in mine)
+
+
+def _grid_step(lr: float, down: bool) -> float:
+    """The next rate on the 1-3-10 ladder below or above ``lr`` (0.03 -> 0.01, 1 -> 3)."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    ladder = [float(f"{m * 10.0 ** e:g}") for e in (exponent - 1, exponent, exponent + 1) for m in (1, 3)]
+    return max(v for v in ladder if v < lr * 0.99) if down else min(v for v in ladder if v > lr * 1.01)
+
+
+def tune(args, regimes: list[str], methods: list[str], grid: list[float]) -> tuple[dict, list[dict]]:
+    """Each (regime, method)'s learning rate, and the tuning runs' summaries: the grid first, then, while the best rate is the lowest or
+    highest tried, the next rate beyond it on the 1-3-10 ladder (at most ``GRID_EXTENSIONS`` times), so that
+    no method is held at the edge of the grid."""
+    tuning = _execute([_job(args, g, m, lr, "tune", 0) for g in regimes for m in methods for lr in grid],
+                      args.jobs, "tuning", args.report_only)
+    for _ in range(GRID_EXTENSIONS):
+        beyond = []
+        for regime in regimes:
+            for method in methods:
+                best, tried = _tuned_lr(tuning, regime, method)
+                if best is not None and len(tried) > 1 and best in (tried[0], tried[-1]):
+                    beyond.append(_job(args, regime, method, _grid_step(best, best == tried[0]), "tune", 0))
+        if not beyond:
+            break
+        tuning += _execute(beyond, args.jobs, "tuning beyond the grid's edge", args.report_only)
+    return {(g, m): _tuned_lr(tuning, g, m)[0] or grid[0] for g in regimes for m in methods}, tuning
+
+
 def _mean_ci(values: list[float]) -> tuple[float, float]:
     if len(values) < 2:
         return values[0], float("nan")
@@ -199,7 +238,8 @@ def summarize(args, refs: dict, tuned: dict, runs: list[dict]) -> tuple[str, dic
              f"{top['loss']:.3f}, accuracy {top['accuracy']:.2%}; headroom {100 * headroom:.2f} points "
              f"({pre['loss'] - top['loss']:.3f} nats). {args.rounds} rounds x {args.clients} clients x {args.steps} "
              f"local steps of batch {args.batch} (sgd), {args.devices} devices; seeds {args.seeds}; mean ± 95 % "
-             f"interval over seeds; lr per regime and method chosen on the validation set from {args.lr_grid}.", ""]
+             f"interval over seeds; lr per regime and method chosen on the validation set from {args.lr_grid}"
+             f" (stepping past the grid's edge on the 1-3-10 ladder while the best rate sat on it).", ""]
     finals: dict[str, dict[str, list[float]]] = {}
     for regime in args.regimes.split(","):
         lines += [f"**{regime}**", "", "| method | lr | trains | clients trained/round | accuracy | loss | "
@@ -421,16 +461,7 @@ def main() -> None:
     print(f"pretrained {refs['pretrained']}, upper bound {refs['upper_bound']}", flush=True)
     regimes, methods = args.regimes.split(","), args.methods.split(",")
     grid, seeds = [float(v) for v in args.lr_grid.split(",")], [int(s) for s in args.seeds.split(",")]
-    tuning = _execute([_job(args, g, m, lr, "tune", 0) for g in regimes for m in methods for lr in grid],
-                      args.jobs, "tuning", args.report_only)
-    tuned = {}
-    for regime in regimes:
-        for method in methods:
-            scored = [(t["rounds"][-1]["test_loss"], t["config"]["lr"]) for t in tuning
-                      if t["regime"] == regime and t["method"] == method and "error" not in t
-                      and t["rounds"][-1]["test_loss"] is not None and math.isfinite(t["rounds"][-1]["test_loss"])
-                      and any(x["trained"] for x in t["rounds"])]  # a diverged learning rate never wins
-            tuned[(regime, method)] = min(scored)[1] if scored else grid[0]
+    tuned, tuning = tune(args, regimes, methods, grid)
     runs = _execute([_job(args, g, m, tuned[(g, m)], "run", s) for g in regimes for m in methods for s in seeds],
                     args.jobs, "runs", args.report_only)
     table, finals = summarize(args, refs, tuned, runs)
