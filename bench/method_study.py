@@ -222,6 +222,8 @@ def _mean_ci(values: list[float]) -> tuple[float, float]:
 
 
 def _fmt(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
+    if not all(math.isfinite(v) for v in values):  # a diverged seed's loss (inf, nan) has no mean
+        return f"diverged in {sum(not math.isfinite(v) for v in values)} of {len(values)} seeds"
     mean, half = _mean_ci([v * scale for v in values])
     return f"{mean:.{digits}f}" + ("" if math.isnan(half) else f" ± {half:.{digits}f}")
 

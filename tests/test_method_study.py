@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench.method_study import _job, _run_one, claims, devices, tensors_only_runtime
+from bench.method_study import _fmt, _job, _run_one, claims, devices, tensors_only_runtime
 from costmodel import ZOO
 from planner.fleet import PlanSettings, plan
 from trainer.engine import TASK_SEQ, TrainConfig, run
@@ -47,3 +47,8 @@ def test_claims_say_caff_cannot_run_where_only_a_baseline_can_and_untestable_whe
     assert (memory, "mem-1/8", "cannot be tested: no method can run") in rows
     assert (expectation, "mem-1/4", "not reproduced") in rows
     assert (memory, "mem-1/2", "not run") in rows  # nothing recorded there
+
+
+def test_a_diverged_seed_is_reported_as_such_instead_of_breaking_the_table():
+    assert _fmt([0.7, float("nan"), float("inf")]) == "diverged in 2 of 3 seeds"
+    assert _fmt([0.5, 0.7]) == "0.600 ± 1.271"  # 12.706 * 0.1414 / 1.414
