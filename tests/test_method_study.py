@@ -52,3 +52,32 @@ def test_claims_say_caff_cannot_run_where_only_a_baseline_can_and_untestable_whe
 def test_a_diverged_seed_is_reported_as_such_instead_of_breaking_the_table():
     assert _fmt([0.7, float("nan"), float("inf")]) == "diverged in 2 of 3 seeds"
     assert _fmt([0.5, 0.7]) == "0.600 ± 1.271"  # 12.706 * 0.1414 / 1.414
+
+
+def test_the_int8_menu_lets_caff_run_where_its_fp32_plan_cannot(tmp_path, need_data):
+    """vit-tiny at a quarter of full fine-tuning's tensor peak: with frozen weights in int8 on the planner's
+    menu the head's step fits, and every sampled device trains it."""
+    need_data(get_task("fashion-mnist").client_names)
+    summary = _run_one(_job(_args(tmp_path), "mem-1/4", "caff+recompute+int8", 0.1, "run", 0))
+    assert "error" not in summary and summary["rounds"][0]["trained"] == 2
+    assert summary["rounds"][0]["modes"] == ["head+frozen:int8"]
+
+
+def test_tuning_steps_past_the_grids_edge_while_the_best_rate_sits_on_it(monkeypatch, tmp_path):
+    """Validation loss (log10 lr - log10 best)^2: a best rate inside the grid is found without extra runs; one
+    below it is approached on the 1-3-10 ladder, at most twice."""
+    import math
+
+    import bench.method_study as study
+
+    def fake_execute(best):
+        def execute(jobs, workers, label, report_only=False):
+            return [{**job, "rounds": [{"test_loss": (math.log10(job["config"]["lr"]) - math.log10(best)) ** 2,
+                                        "trained": 1}]} for job in jobs]
+        return execute
+
+    args = argparse.Namespace(**vars(_args(tmp_path)), jobs=1, report_only=False)
+    for best, expected, runs in ((0.1, 0.1, 3), (0.002, 0.003, 5), (5.0, 3.0, 5)):
+        monkeypatch.setattr(study, "_execute", fake_execute(best))
+        tuned, tuning = study.tune(args, ["mem-1/2"], ["caff"], [0.03, 0.1, 0.3])
+        assert math.isclose(tuned[("mem-1/2", "caff")], expected) and len(tuning) == runs
