@@ -162,7 +162,8 @@ def test_int8_frozen_weights_lower_the_measured_process_by_the_predicted_amount(
     measured process peak falls by about the predicted 30 MiB (the device holds each frozen weight once,
     compact: no fp32 copy; it rose by 15 MiB when devices received fp32), and each process prediction is
     within 10% of its measured peak. Fresh processes of one plan differ by a few MiB here (measured
-    falls of 25 to 33 MiB), so the fall is held within 25%; `bench/compact_process.py` takes medians."""
+    falls of 22 to 33 MiB from one process each), so each plan's peak is the lower of two fresh processes
+    and the fall is held within 25%; `bench/compact_process.py` takes medians."""
     from trainer.probe import run_probe
 
     spec, runtime = ZOO["minilm-l6"], load_runtime(DEFAULT_RUNTIME)
@@ -170,11 +171,14 @@ def test_int8_frozen_weights_lower_the_measured_process_by_the_predicted_amount(
     for text in ("head", "head+frozen:int8"):
         mode = TrainMode.parse(text, spec.n_blocks)
         predicted = predict_process(spec, mode, 8, 64, "sgd", runtime)
-        seen = run_probe({"spec": spec.model_dump_json(), "mode": text, "batch": 8, "seq": 64, "optimizer": "sgd",
-                          "steps": 2})
-        assert seen["tensor_peak_bytes"] == predicted.tensor_peak_bytes
-        assert abs(predicted.total_bytes / seen["process_peak_bytes"] - 1) <= 0.10, (text, predicted, seen)
-        rows.append((predicted.total_bytes, seen["process_peak_bytes"]))
+        peaks = []
+        for _ in range(2):
+            seen = run_probe({"spec": spec.model_dump_json(), "mode": text, "batch": 8, "seq": 64,
+                              "optimizer": "sgd", "steps": 2})
+            assert seen["tensor_peak_bytes"] == predicted.tensor_peak_bytes
+            assert abs(predicted.total_bytes / seen["process_peak_bytes"] - 1) <= 0.10, (text, predicted, seen)
+            peaks.append(seen["process_peak_bytes"])
+        rows.append((predicted.total_bytes, min(peaks)))
     (fp32, fp32_seen), (int8, int8_seen) = rows
     assert fp32 - int8 > 25 * 2**20
     assert abs((fp32_seen - int8_seen) / (fp32 - int8) - 1) <= 0.25, (rows, fp32 - int8, fp32_seen - int8_seen)
