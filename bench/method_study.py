@@ -200,9 +200,9 @@ def _grid_step(lr: float, down: bool) -> float:
 
 
 def tune(args, regimes: list[str], methods: list[str], grid: list[float]) -> tuple[dict, list[dict]]:
-    """Each (regime, method)'s learning rate, and the tuning runs' summaries: the grid first, then, while the best rate is the lowest or
-    highest tried, the next rate beyond it on the 1-3-10 ladder (at most ``GRID_EXTENSIONS`` times), so that
-    no method is held at the edge of the grid."""
+    """Each (regime, method)'s learning rate, and the tuning runs' summaries: the grid first, then, while
+    the best rate is the lowest or highest tried, the next rate beyond it on the 1-3-10 ladder (at most
+    ``GRID_EXTENSIONS`` times), so that no method is held at the edge of the grid."""
     tuning = _execute([_job(args, g, m, lr, "tune", 0) for g in regimes for m in methods for lr in grid],
                       args.jobs, "tuning", args.report_only)
     for _ in range(GRID_EXTENSIONS):
@@ -361,21 +361,19 @@ def claims(finals: dict, refs: dict, least_share: dict) -> str:
         verdict = "reproduced" if abs(caff - lora) <= 0.01 or caff > lora else "not reproduced"
         rows.append(f"| on par with LoRA under upload limits (within 1 point) | {regime} | {verdict} | "
                     f"caff {caff:.2%}, lora {lora:.2%} |")
+    expectation = "issue 11's expectation: caff recovers half the headroom where LoRA and full cannot run"
     for regime in ("mem-1/8", "mem-1/4"):
         caff = mean(regime, "caff")
         if blocked(regime, "caff"):
-            rows.append(f"| issue 11's expectation: caff recovers half the headroom where LoRA and full cannot run "
-                        f"| {regime} | not reproduced | caff cannot run: no device can afford its plan |")
+            rows.append(f"| {expectation} | {regime} | not reproduced | caff cannot run: no device can afford its plan |")
             continue
         if caff is None:
-            rows.append(f"| issue 11's expectation: caff recovers half the headroom where LoRA and full cannot run "
-                        f"| {regime} | not run | |")
+            rows.append(f"| {expectation} | {regime} | not run | |")
             continue
         share = (caff - pre) / (top - pre)
         cannot = [m for m in ("lora", "full") if blocked(regime, m)]
         verdict = "reproduced" if share >= 0.5 and len(cannot) == 2 else "not reproduced"
-        rows.append(f"| issue 11's expectation: caff recovers half the headroom where LoRA and full cannot run | "
-                    f"{regime} | {verdict} | caff recovers {share:.0%} of the headroom; cannot run: "
+        rows.append(f"| {expectation} | {regime} | {verdict} | caff recovers {share:.0%} of the headroom; cannot run: "
                     f"{', '.join(cannot) or 'none'} |")
     for regime in ("edge-mix",):
         shares = least_share.get(regime, {})
