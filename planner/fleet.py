@@ -116,9 +116,8 @@ def _solve_architecture(spec: ModelSpec, devices: list, budgets: dict[tuple, lis
                         stacked: dict[tuple, Budgets], settings: PlanSettings) -> _Solved:
     """Every device's best plan of ``spec``; ``budgets``: each device's, per LoRA menu (see `plan`), and
     ``stacked`` the same as column arrays: plans without LoRA against the plain runtime and plans with
-    it against the larger one. One table per
-    LoRA menu and way of holding frozen weights; each device takes the best of its best plans
-    (`preferred`)."""
+    it against the larger one. One table per LoRA menu and way of holding frozen weights; each device
+    takes the best of its best plans (`preferred`)."""
     n = len(devices)
     batches = np.array([settings.batch or d.batch_size for d in devices])
     menus = list(budgets)
