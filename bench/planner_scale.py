@@ -6,7 +6,8 @@ a LoRA menu, each without and with recomputation, and with compact frozen weight
                                   [--menus none,lora,recompute,both,frozen,all]
 
 Prints wall and CPU times (seconds; CPU is this process's, which a busy machine inflates less) and how
-many sampled plans equal the ILP's optimum; asserts nothing.
+many sampled plans equal the ILP's optimum; asserts nothing. The fleet starts cold (`planner.fleet.clear_caches`);
+one device is timed both after the fleet (tables and frontiers kept, as in a service) and cold.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from costmodel import ModelSpec  # noqa: E402
 from planner import Budgets, CostTable, DeviceIlp, PlanSettings, SolverError, plan  # noqa: E402
-from planner.fleet import preferred  # noqa: E402
+from planner.fleet import clear_caches, preferred  # noqa: E402
 from planner.frontier import compute_frontier  # noqa: E402
 from profiles import DeviceSpec  # noqa: E402
 
@@ -60,6 +61,13 @@ def cpu_timed(function, *args):
     cpu = time.process_time()
     result, wall = timed(function, *args)
     return result, wall, time.process_time() - cpu
+
+
+def single(specs: list[ModelSpec], device: DeviceSpec, settings: PlanSettings, kept: bool) -> float:
+    """CPU seconds to plan one device, from a cold start unless ``kept``."""
+    if not kept:
+        clear_caches()
+    return cpu_timed(plan, specs, [device], settings)[2]
 
 
 def check_against_ilp(result, devices, settings: PlanSettings, sample: int, rng: random.Random) -> None:
@@ -123,6 +131,7 @@ def main() -> None:
         _, one_frontier, one_cpu = cpu_timed(compute_frontier, tables[-1])
         print(f"  frontier sizes at batch 8: {sizes}; one frontier: {one_frontier * 1e3:.1f} ms "
               f"({one_cpu * 1e3:.1f} ms CPU)")
+        clear_caches()  # a cold start: no table, frontier or layer costing of an earlier menu
         result, fleet_seconds, fleet_cpu = cpu_timed(plan, ARCHITECTURES, devices, settings)
         print(f"  fleet: {fleet_seconds:.2f} s ({fleet_cpu:.2f} s CPU) for {len(devices)} devices x "
               f"{len(ARCHITECTURES)} architectures ({fleet_seconds / len(devices) / len(ARCHITECTURES) * 1e6:.1f} us "
@@ -134,10 +143,12 @@ def main() -> None:
         compact = sum("frozen:" in (entry.mode or "") for entry in result.devices)
         print(f"    {recomputing} of {len(devices)} devices recompute some block in {result.winner}'s plans, "
               f"{compact} hold frozen weights compact")
-        for specs in (ARCHITECTURES[-1:], ARCHITECTURES):  # tables cached by the fleet's plan, as in a service
-            cpu = np.array([cpu_timed(plan, specs, [device], settings)[2] for device in devices[:args.single]]) * 1e3
-            print(f"  single device, {len(specs)} architecture(s), CPU over the first {args.single} devices: "
-                  f"median {np.median(cpu):.1f} ms, max {cpu.max():.1f} ms (first {cpu[0]:.1f} ms)")
+        for kept in (True, False):  # tables and frontiers kept from the fleet's plan, as in a service; or cold
+            for specs in (ARCHITECTURES[-1:], ARCHITECTURES):
+                cpu = np.array([single(specs, device, settings, kept)
+                                for device in devices[:args.single]]) * 1e3
+                print(f"  single device, {len(specs)} architecture(s), {'after the fleet' if kept else 'cold'}, CPU "
+                      f"over the first {args.single} devices: median {np.median(cpu):.1f} ms, max {cpu.max():.1f} ms")
         if args.sample:
             check_against_ilp(result, devices, settings, args.sample, random.Random(args.seed))
 

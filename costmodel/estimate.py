@@ -93,10 +93,14 @@ def batch_syms(spec: ModelSpec, batch: int, seq: int) -> tuple[Sym, Sym]:
 
 @functools.lru_cache(maxsize=65536)
 def layer_cost(spec: ModelSpec, name: str, state, input_requires_grad: bool, batch: int, seq: int,
-               recompute: bool = False, compact: str | None = None) -> LayerCost:
+               recompute: bool = False, compact: str | None = None, optimizer: str | None = None) -> LayerCost:
     """Cost of one layer in a given state, given whether its input requires grad, whether it is
-    recomputed in backward, and how a block holds its frozen linear weights (`costmodel.compact`). Cached;
-    the blocks, alike but for their names, share one costing per state."""
+    recomputed in backward, and how a block holds its frozen linear weights (`costmodel.compact`); with
+    ``optimizer``, its state and step temporaries too (`with_optimizer`). Cached; the blocks, alike but
+    for their names, share one costing per state."""
+    if optimizer is not None:
+        return with_optimizer(layer_cost(spec, name, state, input_requires_grad, batch, seq, recompute, compact),
+                              optimizer)
     if name.startswith("block."):
         return replace(_layer_cost(spec, "block", state, input_requires_grad, batch, seq, recompute, compact),
                        name=name)
@@ -125,6 +129,12 @@ def _layer_cost(spec: ModelSpec, name: str, state, input_requires_grad: bool, ba
     else:
         layer_in, out = [hidden], Block.cost(spec, tape, hidden, state)
     return tape.finish(layer_in, [out], external, recompute)
+
+
+def clear_layer_costs() -> None:
+    """Forget every layer costing computed so far in this process (a cold start)."""
+    layer_cost.cache_clear()
+    _layer_cost.cache_clear()
 
 
 @dataclass
@@ -169,8 +179,8 @@ def estimate(spec: ModelSpec, mode: TrainMode, batch: int = 16, seq: int | None 
     for name, ancestors in layer_ancestors(spec):
         input_grad = not trained.isdisjoint(ancestors)
         recompute = name in {f"block.{b}" for b in mode.recompute}
-        cost = layer_cost(spec, name, layer_state(mode, name), input_grad, batch, tokens, recompute, mode.frozen)
-        layers.append(with_optimizer(cost, optimizer))
+        layers.append(layer_cost(spec, name, layer_state(mode, name), input_grad, batch, tokens, recompute,
+                                 mode.frozen, optimizer))
     return _report(spec, mode, batch, tokens, optimizer, layers)
 
 

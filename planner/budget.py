@@ -23,8 +23,8 @@ class Budgets:
     Memory is the whole training process's (`costmodel.process`): ``fixed_bytes`` (the runtime's
     footprint and the data shard) + the plan's tensor peak + ``tensor_overhead`` (the allocator's slack)
     x the tensor peak less the weights (`costmodel.process.churned_bytes`) + the received tensors it keeps, which
-    are the old values of what it trains, bounded by its upload bytes (they add LoRA's factors), and
-    what `costmodel.process` adds for compact frozen weights (`PlanCosts.kept_bytes`).
+    are the old values of what it trains (`costmodel.process.kept_bytes`), bounded by its upload bytes
+    (which add LoRA's factors).
     Fields are numbers for one device or column arrays, shape (devices, 1), for many (`stack`):
     then `over` and `fits` compare every device with every plan. ``math.inf`` lifts a budget.
     """
@@ -82,13 +82,13 @@ class Budgets:
 
     def _variable_bytes(self, costs: PlanCosts) -> np.ndarray:
         """The plan-dependent part of `process_bytes`: tensor peak, the allocator's slack on it less the
-        weights (rounded up, as `costmodel.process`) and the kept received tensors (``kept_bytes``), in
+        weights (rounded up, as `costmodel.process`) and the kept received tensors (bounded by the upload), in
         integers. Devices of one runtime share one overhead: then per plan, not per device and plan."""
         overhead = np.asarray(self.tensor_overhead)
         if overhead.size and (overhead == overhead.flat[0]).all():
             overhead = overhead.flat[0]
         slack = np.ceil((costs.peak_bytes - costs.weight_bytes) * overhead).astype(np.int64)
-        return costs.peak_bytes + slack + costs.kept_bytes
+        return costs.peak_bytes + slack + costs.upload_bytes
 
     def over(self, costs: PlanCosts) -> dict[str, np.ndarray]:
         """Per budget, whether each plan exceeds it (compute counts ``local_steps`` steps), compared

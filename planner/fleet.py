@@ -19,18 +19,19 @@ devices off their optima is a fleet-wide assignment problem this planner does no
 from __future__ import annotations
 
 import functools
+import gc
 import time
 from dataclasses import dataclass, fields
 
 import numpy as np
 
-from costmodel.estimate import layer_names
+from costmodel.estimate import clear_layer_costs, layer_names
 from costmodel.process import predict_process
 from costmodel.spec import ModelSpec
 from planner.budget import BUDGETS, Budgets, runtime_profile
-from planner.frontier import compute_frontier
+from planner.frontier import FEW_DEVICES, Frontier, compute_frontier
 from planner.ilp import DeviceIlp
-from planner.planfile import ArchitectureSummary, DeviceBudgets, DevicePlan, Needs, PlanFile, ProcessTerms
+from planner.planfile import ArchitectureSummary, DevicePlan, PlanFile, ProcessTerms
 from planner.table import FROZEN, CostTable, Objective, PlanCosts
 
 SOLVERS = ("frontier", "ilp")
@@ -99,17 +100,23 @@ def plan(specs: list[ModelSpec], devices: list, settings: PlanSettings = PlanSet
     menus = [settings.lora_ranks]
     if settings.lora_ranks and any(runtime_profile(d.runtime).lora_bytes for d in devices):
         menus.insert(0, ())
-    budgets = {menu: [Budgets.of_device(d, settings.margin, settings.shard_bytes, bool(menu)) for d in devices]
-               for menu in menus}
-    stacked = {menu: Budgets.stack(budgets[menu]) for menu in menus}
-    solved = [_solve_architecture(spec, devices, budgets, stacked, settings) for spec in specs]
-    summaries, winner = _summaries(solved, settings)
-    return PlanFile(objective=str(settings.objective), lora_ranks=list(settings.lora_ranks),
-                    recompute=settings.recompute, frozen=list(settings.frozen), margin=settings.margin,
-                    min_coverage=settings.min_coverage, seq=settings.seq, optimizer=settings.optimizer,
-                    solver=settings.solver, models=specs, architectures=summaries,
-                    winner=winner.spec.name if winner else None,
-                    devices=_entries(winner, devices, settings) if winner else [])
+    collecting = gc.isenabled()
+    gc.disable()  # the cyclic collector would rescan the thousands of entries as they are built (~15 % of the time)
+    try:
+        budgets = {menu: [Budgets.of_device(d, settings.margin, settings.shard_bytes, bool(menu)) for d in devices]
+                   for menu in menus}
+        stacked = {menu: Budgets.stack(budgets[menu]) for menu in menus}
+        solved = [_solve_architecture(spec, devices, budgets, stacked, settings) for spec in specs]
+        summaries, winner = _summaries(solved, settings)
+        return PlanFile(objective=str(settings.objective), lora_ranks=list(settings.lora_ranks),
+                        recompute=settings.recompute, frozen=list(settings.frozen), margin=settings.margin,
+                        min_coverage=settings.min_coverage, seq=settings.seq, optimizer=settings.optimizer,
+                        solver=settings.solver, models=specs, architectures=summaries,
+                        winner=winner.spec.name if winner else None,
+                        devices=_entries(winner, devices, settings) if winner else [])
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _solve_architecture(spec: ModelSpec, devices: list, budgets: dict[tuple, list[Budgets]],
@@ -122,7 +129,7 @@ def _solve_architecture(spec: ModelSpec, devices: list, budgets: dict[tuple, lis
     batches = np.array([settings.batch or d.batch_size for d in devices])
     menus = list(budgets)
     rows = np.full((n, len(layer_names(spec))), -1)
-    costs = PlanCosts(*(np.zeros(n, dtype=dtype) for dtype in (np.int64,) * 4 + (float,) + (np.int64,) * 3))
+    costs = PlanCosts(*(np.zeros(n, dtype=dtype) for dtype in (np.int64,) * 4 + (float,) + (np.int64,) * 2))
     binding = np.zeros((n, len(BUDGETS)), dtype=bool)
     seconds = np.zeros(n)
     full = np.zeros((n, spec.n_blocks), dtype=bool)
@@ -164,10 +171,34 @@ def cost_table(spec: ModelSpec, batch: int, seq: int | None, optimizer: str, lor
     return CostTable(spec, batch, seq, optimizer, lora_ranks, objective, recompute, frozen)
 
 
+_WHOLE_FRONTIERS: dict[CostTable, Frontier] = {}  # the last 64 tables' whole frontiers, oldest first
+
+
+def clear_caches() -> None:
+    """Forget every table, frontier and layer costing computed so far in this process (a cold start)."""
+    cost_table.cache_clear()
+    _WHOLE_FRONTIERS.clear()
+    clear_layer_costs()
+
+
+def whole_frontier(table: CostTable) -> Frontier:
+    """`compute_frontier` of all ``table``'s plans, computed once per table in a process (the last 64
+    kept): every later fleet or device planned on that table reads its optima from it."""
+    if table not in _WHOLE_FRONTIERS:
+        if len(_WHOLE_FRONTIERS) >= 64:
+            del _WHOLE_FRONTIERS[next(iter(_WHOLE_FRONTIERS))]
+        _WHOLE_FRONTIERS[table] = compute_frontier(table)
+    return _WHOLE_FRONTIERS[table]
+
+
 def _solve_by_frontier(table: CostTable, budgets: list[Budgets], stacked: Budgets, started: float):
     """Option rows, their costs (the head-only plan's where none fits), binding budgets and seconds per
-    device, from one frontier for all of them (``stacked``: their budgets as column arrays)."""
-    frontier = compute_frontier(table, stacked)
+    device, from one frontier for all of them (``stacked``: their budgets as column arrays): the table's
+    whole frontier, except for a few devices on a table whose whole frontier is large and not yet
+    computed (LoRA ranks and recomputation together: thousands of plans, ~0.7 s for 12 blocks), where
+    only the plans those devices can reach are (`compute_frontier` with their budgets, ~0.1 s)."""
+    large = table.recompute and table.lora_ranks and table not in _WHOLE_FRONTIERS
+    frontier = compute_frontier(table, stacked) if large and len(budgets) <= FEW_DEVICES else whole_frontier(table)
     best = frontier.best(stacked)
     plans = PlanCosts(*(np.concatenate([getattr(frontier.costs, f.name), getattr(head, f.name)])  # -1: head only
                         for head in [table.evaluate(table.head_only)] for f in fields(PlanCosts)))
@@ -260,10 +291,10 @@ def _entries(solved: _Solved, devices: list, settings: PlanSettings) -> list[Dev
     for i, (device, row, bound, seconds) in enumerate(zip(devices, solved.rows.tolist(), solved.binding.tolist(),
                                                           solved.seconds.tolist())):
         table, steps = solved.tables[i], device.local_steps
-        budgets = DeviceBudgets(memory_bytes=device.memory_bytes,
-                                usable_memory_bytes=device.memory_bytes * (1 - settings.margin),
-                                compute_flops=device.compute_flops, upload_bytes=device.upload_bytes,
-                                local_steps=steps, batch_size=table.batch)
+        budgets = dict(memory_bytes=device.memory_bytes,  # validated once, inside DevicePlan
+                       usable_memory_bytes=device.memory_bytes * (1 - settings.margin),
+                       compute_flops=device.compute_flops, upload_bytes=device.upload_bytes,
+                       local_steps=steps, batch_size=table.batch)
         common = dict(device=device.name, model=solved.spec.name, budgets=budgets, solver_seconds=seconds,
                       binding=[budget for budget, is_bound in zip(BUDGETS, bound) if is_bound])
         key = (table, tuple(row if row[0] >= 0 else table.head_only), device.runtime)
@@ -279,8 +310,8 @@ def _entries(solved: _Solved, devices: list, settings: PlanSettings) -> list[Dev
         terms, process = fields_of_plan.pop("terms"), fields_of_plan.pop("process")
         common |= dict(runtime=device.runtime, process=terms)  # one ProcessTerms per plan, shared
         if row[0] < 0:
-            needs = Needs(memory_bytes=process / (1 - settings.margin), compute_flops=steps * step_flops[i],
-                          upload_bytes=uploads[i])
+            needs = dict(memory_bytes=process / (1 - settings.margin), compute_flops=steps * step_flops[i],
+                         upload_bytes=uploads[i])
             entries.append(DevicePlan(status="infeasible", mode=None, needs=needs, trained_blocks=[], lora_ranks={},
                                       **common))  # given, not defaults (which pydantic copies: 30 us each)
             continue

@@ -3,7 +3,7 @@
 A device's optimum is the plan of largest key (primary, trained bytes; lexicographic, see
 `Objective`), then fewest FLOPs, then least peak, among plans within its memory, compute and upload
 budgets (a table's plans share one precision of frozen weights). A plan q *dominates* p when
-key(q) >= key(p) and q needs no more peak memory, FLOPs, upload or kept bytes than p, and no more
+key(q) >= key(p) and q needs no more peak memory, FLOPs or upload bytes than p, and no more
 churned bytes (peak less weights, on which the allocator's slack is charged): wherever p fits, q fits
 and is at least as good. So the non-dominated plans, sorted
 by (key descending, FLOPs ascending, peak ascending), hold every device's optimum: the first one
@@ -20,7 +20,7 @@ the terms later layers add to it left out::
     fwd   = max over its layers l of  sum_j base_j + below_{<l} + F_l
     bwd   = max over its layers l of  sum_j base_j + grad_{<=l} + S_l, and over those l in backward
             of  sum_j base_j + below_{<l} + B_l + grad_{>l}
-    flops, upload, kept (received bytes kept, `CostTable.kept_bytes`), weights, and the key
+    flops, upload (also the planner's bound on the received bytes kept), weights, and the key
 
 Each later layer adds its base to every phase and its G to the backward and optimizer phases, so
 once every layer is placed, ``peak = X + max(fwd, bwd)`` (the optimizer's largest temporary S
@@ -40,17 +40,18 @@ too, up to ~80,000 before a layer's pruning and a frontier of ~5,000-8,500 plans
 plans trading FLOPs for memory). Tests check the frontier against enumeration through `estimate` and
 against the per-device ILP.
 
-Given the budgets of the devices it serves, the frontier keeps only the plans that can be the optimum
-of some device with at most one of its budgets lifted (all the fleet planner asks of it: each device's
-optimum, and whether lifting one budget reaches a better plan). Every quantity of a label is a lower
-bound on that of any plan it completes to (later layers add nonnegative bytes and FLOPs: at least each
-later layer's cheapest option), so a label whose bounds exceed the largest allowance of the fleet
-in two budgets or more completes to no such plan, and is dropped (`_Reach`). A dominated label
-exceeds what its dominator exceeds, so the two prunings agree. For a few devices, `_Reach` tests each
-device (and each with one budget lifted) on its own, and with recomputation in the menu also bounds
-keys: a first pass without recomputation (a frontier of some hundreds of plans) gives each a key it
-surely reaches, and a label whose key plus the most the later layers can add stays below that key
-for every device with room for it completes to no device's optimum.
+Given the budgets of a few devices (at most FEW_DEVICES), the frontier keeps only the plans that can
+be the optimum of one of them with at most one of its budgets lifted (all the fleet planner asks of
+it: each device's optimum, and whether lifting one budget reaches a better plan; `_Reach`). Every
+quantity of a label is a lower bound on that of any plan it completes to (later layers add
+nonnegative bytes and FLOPs: at least each later layer's cheapest option), so a label whose bounds
+exceed a device's allowances completes to no plan within them, and with recomputation in the menu
+keys are bounded too: a first pass without recomputation (a frontier of some hundreds of plans)
+gives each device a key it surely reaches, and a label whose key plus the most the later layers can
+add stays below that key for every device with room for it completes to no device's optimum. A
+dominated label exceeds what its dominator exceeds, so the two prunings agree. (Pruning by a whole
+fleet's largest allowances did not pay: 10,000 devices of `bench/planner_scale.py` left the
+frontiers nearly whole.)
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ from planner.budget import BUDGETS, Budgets
 from planner.table import MAX_COST, CostTable, PlanCosts, Recomputed
 
 # columns of a label's quantities
-BELOW, GRAD, FWD, BWD, FLOPS, UPLOAD, KEPT, WEIGHT = range(8)  # WEIGHT: minus the weights (less slack)
+BELOW, GRAD, FWD, BWD, FLOPS, UPLOAD, WEIGHT = range(7)  # WEIGHT: minus the weights (less slack)
 FEW = 64  # labels kept without pruning at a layer (the final pruning removes what is dominated)
 FEW_DEVICES = 4  # devices for which `_Reach` tests each one on its own
 
@@ -100,13 +101,14 @@ class Frontier:
 
 def compute_frontier(table: CostTable, budgets: Budgets | None = None) -> Frontier:
     """The exact frontier of ``table`` by dynamic programming with dominance pruning; with ``budgets``
-    (column arrays, many devices), only its plans that can be some device's optimum with at most one
-    budget lifted. For a few devices with recomputation in the menu, a first pass without it (a small
-    frontier) gives each a key it reaches (`_Reach.floors`), which the second pass cannot go below."""
-    if budgets is None:
+    of at most FEW_DEVICES devices (column arrays), only its plans that can be one's optimum with at
+    most one budget lifted (with more devices, the whole frontier). With recomputation in the menu, a
+    first pass without it (a small frontier) gives each device a key it reaches (`_Reach.floors`), which
+    the second pass cannot go below."""
+    if budgets is None or budgets.devices > FEW_DEVICES:
         return _frontier(table)
     reach = _Reach(table, budgets)
-    if table.recompute and reach.rooms is not None:
+    if table.recompute:
         reach.floors(_frontier(table, reach, [not isinstance(o.state, Recomputed) for o in table.options]), budgets)
     return _frontier(table, reach)
 
@@ -114,7 +116,6 @@ def compute_frontier(table: CostTable, budgets: Budgets | None = None) -> Fronti
 def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool] | None = None) -> Frontier:
     """`compute_frontier` over the options ``allowed`` (all by default), each label checked by ``reach``."""
     q = table.memory_terms
-    width = KEPT + int((table.kept_bytes != table.upload_bytes).any())  # a kept-bytes column where they differ
     last_choice = max((at for at, name in enumerate(table.layers) if len(table.states[name]) > 1), default=-1)
     layers = table.layers
     position = {name: i for i, name in enumerate(layers)}
@@ -124,7 +125,7 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
             descendants[position[ancestor], position[name]] = True
     option_trains = np.array([o.trains for o in table.options])
 
-    quantities = np.zeros((1, 8), dtype=np.int64)
+    quantities = np.zeros((1, 7), dtype=np.int64)
     primary = np.zeros(1)
     trained = np.zeros(1, dtype=np.int64)
     input_grad = np.zeros((1, len(layers)), dtype=bool)  # per label, whether each layer's input requires grad
@@ -147,7 +148,6 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
                                np.maximum(earlier, old[:, BELOW] + base + q["bwd"][option]), earlier)
         new[:, FLOPS] = old[:, FLOPS] + table.step_flops[option]
         new[:, UPLOAD] = old[:, UPLOAD] + table.upload_bytes[option]
-        new[:, KEPT] = old[:, KEPT] + table.kept_bytes[option]
         new[:, WEIGHT] = old[:, WEIGHT] - table.weight_bytes[option]
         primary = primary[label] + table.primary[option]
         trained = trained[label] + table.trained_bytes[option]
@@ -158,7 +158,7 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
         if len(keep) > FEW and at < last_choice:  # prune many labels while choices remain; the final pruning follows
             # a forward phase at or under the backward phases so far stays so (each later layer adds its base
             # to the one, its base and gradients to the other): where FWD <= BWD, FWD cannot matter
-            costs = new[np.ix_(keep, [*range(width), WEIGHT])]
+            costs = new[keep]
             costs[costs[:, FWD] <= costs[:, BWD], FWD] = -1
             keep = keep[_non_dominated(primary[keep], trained[keep], costs, input_grad[keep, at + 1:],
                                        (BELOW, BWD, FLOPS))]
@@ -170,11 +170,11 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
     final = PlanCosts(
         peak_bytes=table.batch_bytes + np.maximum(quantities[:, FWD], quantities[:, BWD]),
         step_flops=quantities[:, FLOPS], upload_bytes=quantities[:, UPLOAD], trained_bytes=trained, primary=primary,
-        kept_bytes=quantities[:, KEPT], weight_bytes=-quantities[:, WEIGHT],
+        weight_bytes=-quantities[:, WEIGHT],
         precision=np.full(len(primary), table.precision))
     # plans dominated with as many weights or more go first (plans alike in key, upload and weights: one
     # class of the sweep), then those dominated in churned bytes, what the allocator's slack scales
-    costs = [final.peak_bytes, final.step_flops, final.upload_bytes, final.kept_bytes][:width - 3]
+    costs = [final.peak_bytes, final.step_flops, final.upload_bytes]
     keep = np.arange(len(primary))
     for last in (-final.weight_bytes, final.peak_bytes - final.weight_bytes):
         keep = keep[_non_dominated(primary[keep], trained[keep], np.column_stack([c[keep] for c in (*costs, last)]),
@@ -189,26 +189,21 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
 
 
 class _Reach:
-    """Which labels of `_frontier` can complete to some device's optimum with at most one of its budgets
-    lifted. Every quantity of a label is a lower bound on that of the plans it completes to (later
-    layers add at least their cheapest option): a label goes where these bounds exceed the fleet's
-    largest allowance (`Budgets.allowances`) in two budgets or more.
-
-    With at most FEW_DEVICES devices, each counts as four, under its budgets and with each one lifted,
-    each tested on its own (``rooms``: allowances; those another covers left out) and with a *floor*:
-    a key that some plan within its allowances reaches (`floors`; none at first). A label's key plus the
-    largest key each later layer adds bounds the keys of its plans, so it goes unless some device has
-    room for its bounds and a floor at most that bound."""
+    """Which labels of `_frontier` can complete to the optimum of one of a few devices with at most one of
+    its budgets lifted. Every quantity of a label is a lower bound on that of the plans it completes to
+    (later layers add at least their cheapest option). Each device counts as four, under its budgets
+    and with each one lifted, each tested on its own (``rooms``: allowances (`Budgets.allowances`);
+    those another covers left out) and with a *floor*: a key that some plan within its allowances
+    reaches (`floors`; none at first). A label's key plus the largest key each later layer adds bounds
+    the keys of its plans, so it goes unless some device has room for its bounds and a floor at most
+    that bound."""
 
     def __init__(self, table: CostTable, budgets: Budgets):
         allowances = np.column_stack([np.broadcast_to(a, (budgets.devices, 1))[:, 0] for a in budgets.allowances()])
-        self.largest = allowances.max(axis=0)
-        self.rooms = None
-        if budgets.devices <= FEW_DEVICES:
-            self.all_rooms = np.concatenate([allowances] + [np.where(np.arange(3) == k, MAX_COST, allowances)
-                                                            for k in range(3)]).astype(np.int64)
-            self.all_floors = np.full((len(self.all_rooms), 2), -1.0)  # (primary, trained bytes): below every key
-            self._reduce()
+        self.all_rooms = np.concatenate([allowances] + [np.where(np.arange(3) == k, MAX_COST, allowances)
+                                                        for k in range(3)]).astype(np.int64)
+        self.all_floors = np.full((len(self.all_rooms), 2), -1.0)  # (primary, trained bytes): below every key
+        self._reduce()
         self.overhead = float(np.min(budgets.tensor_overhead))
         q = table.memory_terms
         least = lambda values, pick=min: np.array([pick(values[i] for i in table.layer_options[name])  # noqa: E731
@@ -218,7 +213,6 @@ class _Reach:
         self.base, self.base_grad = after(q["base"]), after(q["base"] + q["grad"])
         self.churn, self.churn_grad = (after(q["base"] + grad - table.weight_bytes) for grad in (0, q["grad"]))
         self.flops, self.uploads = after(table.step_flops), after(table.upload_bytes)
-        self.kept = after(table.kept_bytes)
         self.primary, self.trained = after(table.primary, max), after(table.trained_bytes, max)
         # sums of whole-number primaries are exact; others get a margin for rounding
         self.slack = 0.0 if np.all(table.primary == np.round(table.primary)) else 1e-9 * max(1.0, self.primary[0])
@@ -242,10 +236,9 @@ class _Reach:
         peak = self.batch_bytes + np.maximum(labels[:, FWD] + self.base[at], labels[:, BWD] + self.base_grad[at])
         churn = self.batch_bytes + labels[:, WEIGHT] + np.maximum(labels[:, FWD] + self.churn[at],
                                                                   labels[:, BWD] + self.churn_grad[at])
-        memory = peak + np.ceil(churn * self.overhead).astype(np.int64) + labels[:, KEPT] + self.kept[at]
-        need = np.column_stack([memory, labels[:, FLOPS] + self.flops[at], labels[:, UPLOAD] + self.uploads[at]])
-        if self.rooms is None:
-            return (need > self.largest).sum(axis=1) < 2
+        upload = labels[:, UPLOAD] + self.uploads[at]  # also the bound on the received bytes kept
+        memory = peak + np.ceil(churn * self.overhead).astype(np.int64) + upload
+        need = np.column_stack([memory, labels[:, FLOPS] + self.flops[at], upload])
         top, most = primary + self.primary[at], trained + self.trained[at]
         kept = np.zeros(len(labels), dtype=bool)
         for room, (low, least) in zip(self.rooms, self.floor):

@@ -6,7 +6,7 @@ S_l (blocks: frozen, full, each LoRA rank of the menu, and with the recompute me
 rank recomputed; other layers one fixed state), T_l the
 trained states of S_l, and for each option (l, s, f) of `CostTable` (f: l's input requires grad)
 its costs from `layer_cost` + the optimizer: c_p(l,s,f) for each memory phase p, flops(l,s,f)
-per step, upload(l,s,f), kept(l,s,f) and trained(l,s,f) bytes, primary(l,s,f) of the objective. X is the
+per step, upload(l,s,f) and trained(l,s,f) bytes, primary(l,s,f) of the objective. X is the
 batch's bytes, B the budgets (memory M, margin m, compute C per round, K local steps, upload U).
 
 Variables::
@@ -23,8 +23,9 @@ Constraints::
     g[l] <= sum_{j in anc(l), s in T_j} x[j,s]          ... and only then
     sum_f y[l,s,f] = x[l,s];  y[l,s,1] <= g[l];  y[l,s,0] <= 1 - g[l]
     peak >= X + sum_{l,s,f} c_p(l,s,f) y[l,s,f]        for every phase p (see `planner.table`)
-    F + peak + a (peak - sum W(l,s,f) y[l,s,f]) + sum kept(l,s,f) y[l,s,f] <= (1 - m) M
-                                   (F fixed bytes, a the allocator's slack, W(l,s,f) weight bytes)
+    F + peak + a (peak - sum W(l,s,f) y[l,s,f]) + sum upload(l,s,f) y[l,s,f] <= (1 - m) M
+                                   (F fixed bytes, a the allocator's slack, W(l,s,f) weight bytes;
+                                    the upload bounds the received tensors the process keeps)
     K * sum flops(l,s,f) y[l,s,f] <= C
     sum upload(l,s,f) y[l,s,f] <= U
 
@@ -97,7 +98,7 @@ class DeviceIlp:
         for row in table.phase_coefficients:
             problem += self.peak >= (table.batch_bytes + self._sum(row)) / MiB
         if math.isfinite(budgets.memory_bytes):
-            kept = self._sum(table.kept_bytes, MiB)  # received tensors kept, as `Budgets.process_bytes`
+            kept = self._sum(table.upload_bytes, MiB)  # bound on the received tensors kept, as `Budgets.process_bytes`
             slack = budgets.tensor_overhead  # the allocator's, per byte of tensor peak less the weights
             problem += ((1 + slack) * self.peak - slack * self._sum(table.weight_bytes, MiB) + kept
                         <= (budgets.usable_memory_bytes - budgets.fixed_bytes) / MiB)

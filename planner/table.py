@@ -10,10 +10,9 @@ cost depends on its state and on whether its input requires grad, which holds if
 An *option* is one such (layer, state, flag) triple; a plan selects exactly one option per layer,
 so every quantity of `costmodel.estimate` is a sum over layers of a number per selected option:
 
-- FLOPs per step ``fwd_flops + bwd_flops``, upload bytes, trained parameter bytes, the objective;
-- the received bytes the process keeps (``kept_bytes``): the upload bytes (a bound on the old values
-  of what it trains), plus what `costmodel.process.kept_bytes` adds for compact frozen weights,
-  taken per block from it (see `CostTable.kept_bytes`);
+- FLOPs per step ``fwd_flops + bwd_flops``, upload bytes (which also bound the received bytes the
+  process keeps, the old values of what it trains: `costmodel.process.kept_bytes`), trained parameter
+  bytes, the objective;
 - the weights' bytes (``weight_bytes``), which the allocator's slack leaves out (`costmodel.process`);
 - each memory phase of estimate's docstring, with ``W + O`` and buffers split per layer as ``base``,
   ``A_j - external_j`` as ``below`` and ``G_j`` as ``grad``; phases (X the batch bytes)::
@@ -45,10 +44,9 @@ from functools import cached_property
 
 import numpy as np
 
-from costmodel.estimate import (OPTIMIZERS, with_optimizer, batch_syms, estimate, layer_ancestors, layer_cost,
+from costmodel.estimate import (OPTIMIZERS, batch_syms, layer_ancestors, layer_cost,
                                 layer_state, normalize_mode)
 from costmodel.mode import TrainMode
-from costmodel.process import kept_bytes
 from costmodel.spec import ModelSpec
 from costmodel.tape import LayerCost
 
@@ -155,7 +153,6 @@ class PlanCosts:
     upload_bytes: np.ndarray
     trained_bytes: np.ndarray
     primary: np.ndarray
-    kept_bytes: np.ndarray
     weight_bytes: np.ndarray  # of the tensor peak: weights, allocated once (no allocator slack on them)
     precision: np.ndarray
 
@@ -206,9 +203,9 @@ class CostTable:
             for flag in self._input_grad_flags(name):
                 for state in self.states[name]:
                     cost = layer_cost(spec, name, trained_state(state), flag, batch, self.tokens,
-                                      isinstance(state, Recomputed), frozen)
+                                      isinstance(state, Recomputed), frozen, optimizer)
                     self.layer_options[name].append(len(self.options))
-                    self.options.append(Option(name, state, flag, with_optimizer(cost, optimizer)))
+                    self.options.append(Option(name, state, flag, cost))
         self.index = {(o.layer, o.state, o.input_grad): i for i, o in enumerate(self.options)}
         inputs, targets = batch_syms(spec, batch, self.tokens)
         self.batch_bytes = inputs.nbytes + targets.nbytes
@@ -253,34 +250,6 @@ class CostTable:
     def trained_bytes(self) -> np.ndarray:
         """Trained parameter bytes per option (the objective's first tie-break)."""
         return self._vector(lambda o: o.cost.trained_param_bytes)
-
-    @cached_property
-    def kept_bytes(self) -> np.ndarray:
-        """Received bytes the process keeps per option: the upload bytes (which bound the old values of
-        the trained tensors, as `planner.Budgets` counts them) plus the bytes `costmodel.process.kept_bytes`
-        adds for this table's compact frozen weights, per block state: its difference with and without
-        ``frozen`` for the plan training only that block, less that difference for the head-only plan,
-        which the head's options carry. Exact where that difference sums over blocks (tests check it
-        against `kept_bytes` on every plan of small models)."""
-        kept = self.upload_bytes.copy()
-        if not self.frozen:
-            return kept
-        frozen = {f"block.{b}": "frozen" for b in range(self.spec.n_blocks)}
-        # the old values of trained tensors are alike with and without compaction: one report serves
-        report = estimate(self.spec, self.mode_of(frozen).model_copy(update={"frozen": None}), self.batch, self.seq,
-                          self.optimizer)
-
-        def compaction(states: dict) -> int:
-            compact = self.mode_of(frozen | states)
-            return kept_bytes(self.spec, compact, report) - kept_bytes(self.spec, compact.model_copy(
-                update={"frozen": None}), report)
-
-        head = compaction({})
-        per_state = {(o.layer, o.state): compaction({o.layer: o.state}) - head
-                     for o in self.options if o.layer.startswith("block.")}
-        for i, option in enumerate(self.options):
-            kept[i] += per_state.get((option.layer, option.state), head if option.layer == "head" else 0)
-        return kept
 
     @cached_property
     def weight_bytes(self) -> np.ndarray:
@@ -380,5 +349,5 @@ class CostTable:
         peak = self.batch_bytes + self.phase_coefficients[:, selections].sum(axis=2).max(axis=0)
         return PlanCosts(peak, self.step_flops[selections].sum(axis=1), self.upload_bytes[selections].sum(axis=1),
                          self.trained_bytes[selections].sum(axis=1), self.primary[selections].sum(axis=1),
-                         self.kept_bytes[selections].sum(axis=1), self.weight_bytes[selections].sum(axis=1),
+                         self.weight_bytes[selections].sum(axis=1),
                          np.full(len(selections), self.precision))

@@ -80,14 +80,6 @@ def small_tables(name: str, objective: Objective = Objective()) -> list[CostTabl
     return [small_table(name, objective, frozen) for frozen in (None, *SMALL[name][4])]
 
 
-def kept_of(spec: ModelSpec, mode: TrainMode, report, optimizer: str, batch: int = BATCH, seq: int = SEQ) -> int:
-    """The received bytes the planner counts for a plan, from `costmodel.process`: the upload bound on
-    the old values of what trains, and what `kept_bytes` adds for compact frozen weights."""
-    plain = mode.model_copy(update={"frozen": None})
-    compaction = kept_bytes(spec, mode, report) - kept_bytes(spec, plain, estimate(spec, plain, batch, seq, optimizer))
-    return report.totals["upload_bytes"] + compaction
-
-
 @functools.cache
 def brute_force(name: str):
     """Every plan of a small model (every assignment of block states, each way of holding frozen weights)
@@ -99,7 +91,8 @@ def brute_force(name: str):
     return modes, {"peak": column(r.peak_bytes for r in reports),
                    "flops": column(r.totals["fwd_flops"] + r.totals["bwd_flops"] for r in reports),
                    "upload": column(r.totals["upload_bytes"] for r in reports),
-                   "kept": column(kept_of(spec, m, r, optimizer) for m, r in zip(modes, reports)),
+                   # the planner bounds the received tensors kept (`costmodel.process.kept_bytes`) by the upload
+                   "kept": column(r.totals["upload_bytes"] for r in reports),
                    "trained": column(r.totals["grad_bytes"] for r in reports),
                    "churned": column(churned_bytes(r) for r in reports),
                    "precision": column({"int8": 8, "bf16": 16, None: 8 * spec.dtype_bytes}[m.frozen] for m in modes)}
@@ -132,7 +125,7 @@ def random_budgets(rng: random.Random, costs: dict) -> Budgets:
 def fits(budgets: Budgets, peak, flops, upload, kept, churned=0):
     """The budget test written out, independent of `Budgets.fits`: the process holds the fixed bytes
     (runtime, shard), the tensor peak, the allocator's slack on its ``churned`` bytes (the peak less the
-    weights, `costmodel.process.churned_bytes`) and the received tensors it keeps (`kept_of`)."""
+    weights, `costmodel.process.churned_bytes`) and the received tensors it keeps (bounded by the upload)."""
     return ((budgets.fixed_bytes + peak + np.ceil(budgets.tensor_overhead * churned) + kept
              <= budgets.memory_bytes * (1 - budgets.margin))
             & (upload <= budgets.upload_bytes)
@@ -208,7 +201,6 @@ def test_linear_forms_equal_estimate_on_random_plans(seed):
         assert int(costs.peak_bytes[0]) == report.peak_bytes
         assert int(costs.step_flops[0]) == report.totals["fwd_flops"] + report.totals["bwd_flops"]
         assert int(costs.upload_bytes[0]) == report.totals["upload_bytes"]
-        assert int(costs.kept_bytes[0]) == kept_of(spec, mode, report, optimizer, batch, seq)
         assert int(costs.trained_bytes[0]) == report.totals["grad_bytes"]
         assert table.mode(table.selection(mode)) == estimate_module.normalize_mode(spec, mode)  # round trip
         mode = mode_of_states([rng.choice(block_states(ranks, recompute)) for _ in range(spec.n_blocks)])
@@ -298,8 +290,7 @@ def test_ilp_optimum_equals_brute_force(name):
         mode = found[0].mode(found[1])
         report = estimate(spec, mode, BATCH, SEQ, optimizer)
         flops = report.totals["fwd_flops"] + report.totals["bwd_flops"]
-        assert fits(budgets, report.peak_bytes, flops, report.totals["upload_bytes"],
-                    kept_of(spec, mode, report, optimizer))
+        assert fits(budgets, report.peak_bytes, flops, report.totals["upload_bytes"], report.totals["upload_bytes"])
         assert key_of(objective, spec, mode, report) == expected
 
 
@@ -317,9 +308,9 @@ def test_frontier_is_the_brute_force_pareto_set_and_finds_every_optimum(name):
         for table, frontier in frontiers.items():
             these = np.array([mode.frozen == table.frozen for mode in modes])
             pareto = pareto_set(np.column_stack([-value, -costs["trained"], costs["peak"], costs["flops"],
-                                                 costs["upload"], costs["kept"], costs["churned"]])[these])
+                                                 costs["upload"], costs["churned"]])[these])
             got = np.column_stack([-frontier.costs.primary, -frontier.costs.trained_bytes, frontier.costs.peak_bytes,
-                                   frontier.costs.step_flops, frontier.costs.upload_bytes, frontier.costs.kept_bytes,
+                                   frontier.costs.step_flops, frontier.costs.upload_bytes,
                                    frontier.costs.peak_bytes - frontier.costs.weight_bytes])
             assert {tuple(v) for v in got} == pareto and len(got) == len(pareto)
             for selection, peak in zip(frontier.selections, frontier.costs.peak_bytes):
@@ -387,7 +378,7 @@ def test_frontier_for_one_device_bounds_keys_and_stays_optimal(name):
 def test_process_memory_is_costmodel_process_and_plans_stay_optimal_with_allocator_slack(name):
     """With the allocator's slack on (as measured runtimes have it), the planner's process memory of a
     plan is `costmodel.process`'s: runtime and shard, tensor peak, slack on the peak less the weights
-    (`churned_bytes`), with the kept received tensors bounded by the upload (`kept_of`, at least
+    (`churned_bytes`), with the kept received tensors bounded by the upload (at least
     `costmodel.process.kept_bytes`); and the ILP and the frontier (for all devices, and for these)
     give the brute-force optimum under it, budgets lifted too."""
     spec, _, optimizer, _, _ = SMALL[name]
@@ -401,7 +392,7 @@ def test_process_memory_is_costmodel_process_and_plans_stay_optimal_with_allocat
             report = estimate(spec, mode, BATCH, SEQ, optimizer)
             overhead, fixed = rng.choice([0.05, 0.4, 3.0]), rng.randint(0, 2**24)
             planned = Budgets(2**40, 1e18, 2**40, 1, 0.0, fixed, overhead).process_bytes(table.evaluate(selection))[0]
-            kept = kept_of(spec, mode, report, optimizer)
+            kept = report.totals["upload_bytes"]
             assert kept >= kept_bytes(spec, mode, report)
             assert planned - kept == fixed + report.peak_bytes + math.ceil(overhead * churned_bytes(report))
     process = costs["peak"] + np.ceil(3.0 * costs["churned"]) + costs["kept"]
@@ -593,7 +584,7 @@ def test_batch_override_and_bad_settings():
 
 
 def test_budgets_without_lifts_one_budget():
-    costs = PlanCosts(*(np.array([10]),) * 8)
+    costs = PlanCosts(*(np.array([10]),) * 7)
     budgets = Budgets(5, 5, 5)
     assert not budgets.fits(costs)[0]
     assert [bool(budgets.without(b).over(costs)[b][0]) for b in BUDGETS] == [False] * 3
