@@ -19,7 +19,8 @@ homogeneous ones budget the step's tensors, their devices naming a runtime of no
 ``edge-mix`` (the catalogue's heterogeneous fleet, budgets as the catalogue states them).
 
 Each finished run is saved (``OUT/runs/<regime>/<method>-lr<lr>-r<rounds>-<phase><seed>/``) and skipped
-when the study is run again; ``--jobs N`` runs N at a time in worker processes, and separate
+when the study is run again; a longer run starts from the end of a finished shorter one (same
+method, rate and seed); ``--jobs N`` runs N at a time in worker processes, and separate
 invocations with different ``--regimes`` can run side by side on one ``--out``. Writes
 ``OUT/study.md`` (tables, claims) and ``OUT/<regime>.png`` (accuracy against rounds, uploaded
 bytes and client FLOPs), and prints the CPU time spent.
@@ -32,7 +33,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import resource
+import shutil
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -110,6 +113,8 @@ def _run_one(job: dict) -> dict:
         planned = planned.model_copy(update={"devices": [d if d.mode is None else d.model_copy(update={
             "mode": str(TrainMode.parse(f"{d.mode}+frozen:{frozen}", spec.n_blocks))}) for d in planned.devices]})
     config = TrainConfig(**job["config"] | {"method": method})
+    if job["phase"] == "run" and not (out / "state.json").exists():
+        _start_from_shorter(out, job["config"]["rounds"])
     try:
         if not any(device_task(method, spec, d, planned, 0) for d in planned.devices):
             raise ValueError("no device can afford it")  # each would sit out every round: nothing to train
@@ -126,6 +131,25 @@ def _run_one(job: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "done.json").write_text(json.dumps(summary))
     return summary
+
+
+def _start_from_shorter(out: Path, rounds: int) -> None:
+    """Start the run in ``out`` from the longest finished shorter run of the same method, learning rate
+    and seed, if any: the engine draws each round's clients and batches from (seed, round, device), so
+    that run's rounds are this run's first ones. Copies its directory and records the longer run's
+    rounds in its state; the engine resumes from there (checking its weights and metrics as usual)."""
+    name = re.compile(r"(?P<stem>.+)-r(?P<rounds>\d+)-(?P<seed>run\d+)")
+    mine = name.fullmatch(out.name)
+    shorter = [(int(theirs["rounds"]), d) for d in out.parent.glob(f"{mine['stem']}-r*-{mine['seed']}")
+               if (theirs := name.fullmatch(d.name)) and theirs["stem"] == mine["stem"]
+               and int(theirs["rounds"]) < rounds and (d / "done.json").exists() and (d / "state.json").exists()]
+    if not shorter:
+        return
+    _, source = max(shorter)
+    shutil.copytree(source, out, ignore=shutil.ignore_patterns("done.json"))
+    state = json.loads((out / "state.json").read_text())
+    state["config"]["rounds"] = rounds
+    (out / "state.json").write_text(json.dumps(state))
 
 
 def _execute(jobs: list[dict], workers: int, label: str, report_only: bool = False) -> list[dict]:

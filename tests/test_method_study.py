@@ -81,3 +81,22 @@ def test_tuning_steps_past_the_grids_edge_while_the_best_rate_sits_on_it(monkeyp
         monkeypatch.setattr(study, "_execute", fake_execute(best))
         tuned, tuning = study.tune(args, ["mem-1/2"], ["caff"], [0.03, 0.1, 0.3])
         assert math.isclose(tuned[("mem-1/2", "caff")], expected) and len(tuning) == runs
+
+
+def test_a_longer_run_continues_a_finished_shorter_one_as_if_run_from_the_start(tmp_path, need_data):
+    """A 2-round run started from a finished 1-round run (same method, rate, seed) ends with the weights
+    and round-2 metrics of a 2-round run started afresh in another study."""
+    from safetensors.torch import load_file
+
+    need_data(get_task("fashion-mnist").client_names)
+    extended, fresh = (argparse.Namespace(**vars(_args(tmp_path / name))) for name in ("extended", "fresh"))
+    _run_one(_job(extended, "upload-1/8", "head", 0.1, "run", 0))
+    extended.rounds = fresh.rounds = 2
+    runs = [_run_one(_job(args, "upload-1/8", "head", 0.1, "run", 0)) for args in (extended, fresh)]
+    assert runs[0]["rounds"][1] == runs[1]["rounds"][1] and len(runs[0]["rounds"]) == 2
+    # continued, not rerun: round 1 keeps the shorter run's last-round evaluation of the held-out clients
+    assert runs[0]["rounds"][0]["unseen_accuracy"] is not None and runs[1]["rounds"][0]["unseen_accuracy"] is None
+    weights = [load_file(f"{_job(args, 'upload-1/8', 'head', 0.1, 'run', 0)['out']}/global-2.safetensors")
+               for args in (extended, fresh)]
+    assert all(weights[0][k].equal(weights[1][k]) for k in weights[1])
+    assert (tmp_path / "extended/runs/upload-1-8/head-lr0.1-r1-run0/done.json").exists()  # the shorter run stays
