@@ -22,8 +22,8 @@ Each finished run is saved (``OUT/runs/<regime>/<method>-lr<lr>-r<rounds>-<phase
 when the study is run again; a longer run starts from the end of a finished shorter one (same
 method, rate and seed); ``--jobs N`` runs N at a time in worker processes, and separate
 invocations with different ``--regimes`` can run side by side on one ``--out``. Writes
-``OUT/study.md`` (tables, claims) and ``OUT/<regime>.png`` (accuracy against rounds, uploaded
-bytes and client FLOPs), and prints the CPU time spent.
+``REPORT/study.md`` (tables, claims) and ``REPORT/<regime>.png`` (accuracy against rounds, uploaded
+bytes and client FLOPs; ``--report`` defaults to OUT), and prints the CPU time spent.
 
     nice -n 10 python bench/method_study.py --out study/shakespeare --jobs 2
 """
@@ -446,7 +446,7 @@ def plot(args, refs: dict, runs: list[dict]) -> list[str]:
         axes[0].legend(fontsize=8)
         fig.suptitle(f"{args.task}, {args.model}, {regime} (mean over seeds {args.seeds})")
         fig.tight_layout()
-        path = Path(args.out) / f"{regime.replace('/', '-')}.png"
+        path = Path(args.report) / f"{regime.replace('/', '-')}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
         written.append(str(path))
@@ -475,8 +475,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
     parser.add_argument("--out", default="study/shakespeare")
     parser.add_argument("--report-only", action="store_true", help="write tables and plots of the finished runs only")
+    parser.add_argument("--report", default=None, help="folder for study.md and the plots (default: --out)")
     args = parser.parse_args()
     args.model = args.model or {"shakespeare": "char-gpt-xs", "fashion-mnist": "vit-tiny"}[args.task]
+    args.report = args.report or args.out
     bad = set(args.regimes.split(",")) - set(REGIMES) or set(args.methods.split(",")) - set(METHODS) - set(VARIANTS)
     if bad:
         parser.error(f"unknown regime or method: {', '.join(sorted(bad))}")
@@ -494,7 +496,8 @@ def main() -> None:
     table, finals = summarize(args, refs, tuned, runs)
     fairness, least_share = fairness_table(args, runs)
     text = f"{table}\n{fairness}\n{claims(finals, refs, least_share)}\n"
-    (Path(args.out) / "study.md").write_text(text)
+    Path(args.report).mkdir(parents=True, exist_ok=True)
+    (Path(args.report) / "study.md").write_text(text)
     print(text)
     print(f"plots: {', '.join(plot(args, refs, runs))}")
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
