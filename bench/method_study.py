@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import resource
 import shutil
 import statistics
@@ -99,6 +98,7 @@ def _run_one(job: dict) -> dict:
     from planner.fleet import PlanSettings, plan
     from trainer.engine import TASK_SEQ, TrainConfig, run
     from trainer.methods import device_task
+    from trainer.rundir import plan_digest
 
     out = Path(job["out"])
     if (out / "done.json").exists():
@@ -114,7 +114,7 @@ def _run_one(job: dict) -> dict:
             "mode": str(TrainMode.parse(f"{d.mode}+frozen:{frozen}", spec.n_blocks))}) for d in planned.devices]})
     config = TrainConfig(**job["config"] | {"method": method})
     if job["phase"] == "run" and not (out / "state.json").exists():
-        _start_from_shorter(out, job["config"]["rounds"])
+        _start_from_shorter(out, config, plan_digest(planned))
     try:
         if not any(device_task(method, spec, d, planned, 0) for d in planned.devices):
             raise ValueError("no device can afford it")  # each would sit out every round: nothing to train
@@ -133,23 +133,27 @@ def _run_one(job: dict) -> dict:
     return summary
 
 
-def _start_from_shorter(out: Path, rounds: int) -> None:
-    """Start the run in ``out`` from the longest finished shorter run of the same method, learning rate
-    and seed, if any: the engine draws each round's clients and batches from (seed, round, device), so
-    that run's rounds are this run's first ones. Copies its directory and records the longer run's
-    rounds in its state; the engine resumes from there (checking its weights and metrics as usual)."""
-    name = re.compile(r"(?P<stem>.+)-r(?P<rounds>\d+)-(?P<seed>run\d+)")
-    mine = name.fullmatch(out.name)
-    shorter = [(int(theirs["rounds"]), d) for d in out.parent.glob(f"{mine['stem']}-r*-{mine['seed']}")
-               if (theirs := name.fullmatch(d.name)) and theirs["stem"] == mine["stem"]
-               and int(theirs["rounds"]) < rounds and (d / "done.json").exists() and (d / "state.json").exists()]
-    if not shorter:
-        return
-    _, source = max(shorter)
-    shutil.copytree(source, out, ignore=shutil.ignore_patterns("done.json"))
-    state = json.loads((out / "state.json").read_text())
-    state["config"]["rounds"] = rounds
-    (out / "state.json").write_text(json.dumps(state))
+def _start_from_shorter(out: Path, config, plan_sha256: str) -> None:
+    """Start the run in ``out`` (``config``, a `TrainConfig`) from the longest finished shorter run of the
+    same settings and plan (SHA-256), if any: the engine draws each round's clients and batches from
+    (seed, round, device), so that run's rounds are this run's first ones. Copies its directory and
+    records the longer run's rounds in its state; the engine resumes from there (checking its weights
+    and metrics as usual)."""
+    def same_but_shorter(run: Path) -> int:
+        """The rounds of the finished run in ``run`` if it is this one cut short, else 0."""
+        if not (run / "done.json").exists() or not (run / "state.json").exists():
+            return 0
+        state = json.loads((run / "state.json").read_text())
+        rounds = state["config"]["rounds"]
+        same = state["plan_sha256"] == plan_sha256 and state["config"] == config.model_dump() | {"rounds": rounds}
+        return rounds if same and rounds < config.rounds else 0
+
+    shorter = max(((same_but_shorter(run), run) for run in out.parent.glob("*-run*")), default=(0, None))
+    if shorter[0]:
+        shutil.copytree(shorter[1], out, ignore=shutil.ignore_patterns("done.json"))
+        state = json.loads((out / "state.json").read_text())
+        state["config"]["rounds"] = config.rounds
+        (out / "state.json").write_text(json.dumps(state))
 
 
 def _execute(jobs: list[dict], workers: int, label: str, report_only: bool = False) -> list[dict]:

@@ -84,19 +84,21 @@ def test_tuning_steps_past_the_grids_edge_while_the_best_rate_sits_on_it(monkeyp
 
 
 def test_a_longer_run_continues_a_finished_shorter_one_as_if_run_from_the_start(tmp_path, need_data):
-    """A 2-round run started from a finished 1-round run (same method, rate, seed) ends with the weights
-    and round-2 metrics of a 2-round run started afresh in another study."""
+    """A 2-round run started from a finished 1-round run (same settings and plan) ends with the weights and
+    round-2 metrics of a 2-round run started afresh beside a 1-round run of another plan (caff's, with
+    int8 frozen weights), which it must not continue."""
     from safetensors.torch import load_file
 
     need_data(get_task("fashion-mnist").client_names)
     extended, fresh = (argparse.Namespace(**vars(_args(tmp_path / name))) for name in ("extended", "fresh"))
-    _run_one(_job(extended, "upload-1/8", "head", 0.1, "run", 0))
+    _run_one(_job(extended, "upload-1/8", "caff", 0.1, "run", 0))
+    _run_one(_job(fresh, "upload-1/8", "caff+int8", 0.1, "run", 0))
     extended.rounds = fresh.rounds = 2
-    runs = [_run_one(_job(args, "upload-1/8", "head", 0.1, "run", 0)) for args in (extended, fresh)]
+    jobs = [_job(args, "upload-1/8", "caff", 0.1, "run", 0) for args in (extended, fresh)]
+    runs = [_run_one(job) for job in jobs]
     assert runs[0]["rounds"][1] == runs[1]["rounds"][1] and len(runs[0]["rounds"]) == 2
     # continued, not rerun: round 1 keeps the shorter run's last-round evaluation of the held-out clients
     assert runs[0]["rounds"][0]["unseen_accuracy"] is not None and runs[1]["rounds"][0]["unseen_accuracy"] is None
-    weights = [load_file(f"{_job(args, 'upload-1/8', 'head', 0.1, 'run', 0)['out']}/global-2.safetensors")
-               for args in (extended, fresh)]
+    weights = [load_file(f"{job['out']}/global-2.safetensors") for job in jobs]
     assert all(weights[0][k].equal(weights[1][k]) for k in weights[1])
-    assert (tmp_path / "extended/runs/upload-1-8/head-lr0.1-r1-run0/done.json").exists()  # the shorter run stays
+    assert (tmp_path / "extended/runs/upload-1-8/caff-lr0.1-r1-run0/done.json").exists()  # the shorter run stays
