@@ -171,7 +171,7 @@ def cost_table(spec: ModelSpec, batch: int, seq: int | None, optimizer: str, lor
     return CostTable(spec, batch, seq, optimizer, lora_ranks, objective, recompute, frozen)
 
 
-_WHOLE_FRONTIERS: dict[CostTable, Frontier] = {}  # the last 64 tables' whole frontiers, oldest first
+_WHOLE_FRONTIERS: dict[CostTable, Frontier] = {}  # the last 128 tables' whole frontiers, oldest first
 
 
 def clear_caches() -> None:
@@ -182,10 +182,10 @@ def clear_caches() -> None:
 
 
 def whole_frontier(table: CostTable) -> Frontier:
-    """`compute_frontier` of all ``table``'s plans, computed once per table in a process (the last 64
+    """`compute_frontier` of all ``table``'s plans, computed once per table in a process (the last 128
     kept): every later fleet or device planned on that table reads its optima from it."""
     if table not in _WHOLE_FRONTIERS:
-        if len(_WHOLE_FRONTIERS) >= 64:
+        if len(_WHOLE_FRONTIERS) >= 128:
             del _WHOLE_FRONTIERS[next(iter(_WHOLE_FRONTIERS))]
         _WHOLE_FRONTIERS[table] = compute_frontier(table)
     return _WHOLE_FRONTIERS[table]
