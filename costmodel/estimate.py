@@ -97,7 +97,10 @@ def layer_cost(spec: ModelSpec, name: str, state, input_requires_grad: bool, bat
     """Cost of one layer in a given state, given whether its input requires grad, whether it is
     recomputed in backward, and how a block holds its frozen linear weights (`costmodel.compact`); with
     ``optimizer``, its state and step temporaries too (`with_optimizer`). Cached; the blocks, alike but
-    for their names, share one costing per state."""
+    for their names, share one costing per state, and one across ways of holding frozen weights where
+    none of its linear weights is frozen."""
+    if not name.startswith("block.") or state == "full":
+        compact = None  # no frozen linear weight to hold compact
     if optimizer is not None:
         return with_optimizer(layer_cost(spec, name, state, input_requires_grad, batch, seq, recompute, compact),
                               optimizer)
