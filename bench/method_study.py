@@ -45,9 +45,13 @@ METHODS = ("caff", "lora", "full", "head", "fedra")
 #: (``caff+recompute``), or caff's own plans run with every frozen linear weight in int8 (``caff+int8``: same
 #: blocks, the accuracy cost of int8 frozen weights), or planned with both on the menu (``caff+recompute+int8``:
 #: the planner may recompute trained blocks and hold frozen weights in int8, to fit more in the same memory).
+#: LoRA gets the same tools (``lora+recompute``, ``lora+recompute+int8``: `trainer.methods`, the largest rank
+#: that fits with the tools of the plan's menu).
 #: name -> (engine method, PlanSettings fields, frozen format)
 VARIANTS = {"caff+recompute": ("caff", {"recompute": True}, None), "caff+int8": ("caff", {}, "int8"),
-            "caff+recompute+int8": ("caff", {"recompute": True, "frozen": ("int8",)}, None)}
+            "caff+recompute+int8": ("caff", {"recompute": True, "frozen": ("int8",)}, None),
+            "lora+recompute": ("lora", {"recompute": True}, None),
+            "lora+recompute+int8": ("lora", {"recompute": True, "frozen": ("int8",)}, None)}
 REGIMES = ("mem-1/8", "mem-1/4", "mem-1/2", "upload-1/32", "upload-1/8", "compute-1/4", "edge-mix")
 #: how many times tuning may step past the grid's edge while the best rate sits on it
 GRID_EXTENSIONS = 2

@@ -102,3 +102,35 @@ def test_a_longer_run_continues_a_finished_shorter_one_as_if_run_from_the_start(
     weights = [load_file(f"{job['out']}/global-2.safetensors") for job in jobs]
     assert all(weights[0][k].equal(weights[1][k]) for k in weights[1])
     assert (tmp_path / "extended/runs/upload-1-8/caff-lr0.1-r1-run0/done.json").exists()  # the shorter run stays
+
+
+def test_lora_takes_the_memory_tools_the_plan_offers_caff(tmp_path):
+    """char-gpt-xs at half of full fine-tuning's tensor peak: LoRA on every block fits at no rank as is,
+    but at rank 16 with every block recomputed once the plan offers caff recomputation (int8 frozen
+    weights alone save too little; offered too, they are left out where full precision fits). Each
+    chosen step's estimated tensors fit the device's memory; the plain step does not."""
+    from costmodel import TrainMode, estimate
+    from trainer.methods import device_mode
+
+    spec = ZOO["char-gpt-xs"]
+    fleet = devices("mem-1/2", spec, "shakespeare", 2, 8, 8, tensors_only_runtime(tmp_path))
+    chosen = {}
+    for menu in ({}, {"recompute": True}, {"recompute": True, "frozen": ("int8",)}):
+        planned = plan([spec], fleet, PlanSettings(seq=TASK_SEQ["shakespeare"], lora_ranks=(2, 4, 8, 16), **menu))
+        mode = device_mode("lora", spec, planned.devices[0], planned)
+        chosen[tuple(menu)] = str(mode) if mode else None
+        usable = planned.devices[0].budgets.usable_memory_bytes
+        for text, fits_memory in ((chosen[tuple(menu)], True), ("lora:2", False)):
+            if text:
+                assert (estimate(spec, TrainMode.parse(text, 4), 8, planned.seq, planned.optimizer).peak_bytes
+                        <= usable) == fits_memory
+    assert chosen == {(): None, ("recompute",): "lora:0=16,1=16,2=16,3=16+recompute:0,1,2,3",
+                      ("recompute", "frozen"): "lora:0=16,1=16,2=16,3=16+recompute:0,1,2,3"}
+    # vit-tiny at half its peak: only both tools together let LoRA run (rank 16, every block recomputed, int8)
+    spec = ZOO["vit-tiny"]
+    fleet = devices("mem-1/2", spec, "fashion-mnist", 2, 8, 8, tensors_only_runtime(tmp_path))
+    found = [device_mode("lora", spec, (planned := plan([spec], fleet, PlanSettings(
+        seq=TASK_SEQ["fashion-mnist"], lora_ranks=(2, 4, 8, 16), **menu))).devices[0], planned)
+        for menu in ({"recompute": True}, {"frozen": ("int8",)}, {"recompute": True, "frozen": ("int8",)})]
+    assert found[:2] == [None, None]
+    assert str(found[2]) == "lora:0=16,1=16,2=16,3=16,4=16,5=16+recompute:0,1,2,3,4,5+frozen:int8"

@@ -1,7 +1,10 @@
 """What each method makes a device train, all under the same device budgets.
 
 - ``caff``: the planner's optimal plan for the device (any set of full blocks, LoRA from a menu).
-- ``lora``: LoRA on every block, the largest rank of the menu that fits the device.
+- ``lora``: LoRA on every block, the largest rank of the menu that fits the device; with the memory
+  tools the plan offers caff (``recompute``, compact ``frozen`` weights), the same tools for LoRA:
+  at each rank, plain first, then frozen weights compact (more precise format first), then every
+  block recomputed (more FLOPs), then both (caff's order: fewer FLOPs, then more precise weights).
 - ``full``: everything; a device that cannot afford it sits out, as in practice.
 - ``head``: the head only.
 - ``fedra``: FedRA (Su et al.): each round a device holds a random set of blocks, drawn
@@ -90,7 +93,10 @@ def device_mode(method: str, spec: ModelSpec, device: DevicePlan, plan: PlanFile
         mode = TrainMode.parse("head", n)
     elif method == "lora":
         ranks = sorted(plan.lora_ranks or LORA_MENU, reverse=True)
-        return next((m for r in ranks if fits(spec, m := TrainMode.parse(f"lora:{r}", n), device, plan)), None)
+        recompute = ["", f"+recompute:{','.join(map(str, range(n)))}"][:1 + plan.recompute]
+        frozen = ["", *(f"+frozen:{f}" for f in sorted(plan.frozen, key=["bf16", "int8"].index))]
+        modes = (TrainMode.parse(f"lora:{r}{t}{f}", n) for r in ranks for t in recompute for f in frozen)
+        return next((m for m in modes if fits(spec, m, device, plan)), None)
     else:
         raise ValueError(f"unknown method {method!r} ({', '.join(METHODS)})")
     return mode if fits(spec, mode, device, plan) else None
