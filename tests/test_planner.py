@@ -401,7 +401,7 @@ def test_process_memory_is_costmodel_process_and_plans_stay_optimal_with_allocat
         budgets = Budgets(memory, rng.uniform(0.9, 1.02) * costs["flops"].max() * rng.random(),
                           round(rng.uniform(0.9 * costs["upload"].min(), 1.02 * costs["upload"].max())), 1, 0.0, 0, 3.0)
         stacked = Budgets.stack([budgets])
-        others = [random_budgets(rng, costs) for _ in range(5)]  # more than FEW_DEVICES: the fleet's pruning
+        others = [random_budgets(rng, costs) for _ in range(5)]  # more than FEW_DEVICES: the whole frontier
         fleet = {table: compute_frontier(table, Budgets.stack([budgets, *others])) for table in tables}
         alone = {table: compute_frontier(table, stacked) for table in tables}
         for one, many in [(budgets, stacked)] + [(budgets.without(b), stacked.without(b)) for b in BUDGETS]:
