@@ -364,6 +364,11 @@ def claims(finals: dict, refs: dict, least_share: dict) -> str:
     def all_baselines_done(regime):
         return all(m in finals.get(regime, {}) for m in ("lora", "full", "fedra"))
 
+    def overlap(regime, a, b):
+        """Whether the 95 % intervals over seeds of methods a and b overlap (not with one seed)."""
+        (mean_a, ci_a), (mean_b, ci_b) = (_mean_ci(finals[regime][m]) for m in (a, b))
+        return abs(mean_a - mean_b) <= ci_a + ci_b
+
     rows = ["| claim | regime | verdict | our numbers (final test accuracy, mean over seeds) |", "|---|---|---|---|"]
     for claim, regimes in (("higher accuracy than the state of the art under memory limits",
                             ("mem-1/8", "mem-1/4", "mem-1/2")),
@@ -379,6 +384,8 @@ def claims(finals: dict, refs: dict, least_share: dict) -> str:
                 rows.append(f"| {claim} | {regime} | not run | |")
                 continue
             verdict = "reproduced" if other is None or caff > other[1] else "not reproduced"
+            if other is not None and overlap(regime, "caff", other[0]):
+                verdict += ", not significant (95 % intervals overlap)"
             against = "no baseline can run" if other is None else f"best of lora/full/fedra: {other[0]} {other[1]:.2%}"
             rows.append(f"| {claim} | {regime} | {verdict} | caff {caff:.2%}; {against} |")
     for regime in ("upload-1/32", "upload-1/8"):

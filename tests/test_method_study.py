@@ -47,6 +47,11 @@ def test_claims_say_caff_cannot_run_where_only_a_baseline_can_and_untestable_whe
     assert (memory, "mem-1/8", "cannot be tested: no method can run") in rows
     assert (expectation, "mem-1/4", "not reproduced") in rows
     assert (memory, "mem-1/2", "not run") in rows  # nothing recorded there
+    finals = {"mem-1/2": {"caff": [0.60, 0.70], "lora": None, "full": None, "fedra": [0.55, 0.62]},
+              "edge-mix": {"caff": [0.60, 0.61, 0.62], "lora": [0.50, 0.51, 0.52], "full": None, "fedra": None}}
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:4]) for line in claims(finals, REFS, {}).splitlines()}
+    assert (memory, "mem-1/2", "reproduced, not significant (95 % intervals overlap)") in rows
+    assert ("higher accuracy on a heterogeneous fleet", "edge-mix", "reproduced") in rows
 
 
 def test_a_diverged_seed_is_reported_as_such_instead_of_breaking_the_table():
