@@ -20,7 +20,7 @@ homogeneous ones budget the step's tensors, their devices naming a runtime of no
 
 Each finished run is saved (``OUT/runs/<regime>/<method>-lr<lr>-r<rounds>-<phase><seed>/``) and skipped
 when the study is run again; a longer run starts from the end of a finished shorter one (same
-method, rate and seed); ``--jobs N`` runs N at a time in worker processes, and separate
+settings and plan); ``--jobs N`` runs N at a time in worker processes, and separate
 invocations with different ``--regimes`` can run side by side on one ``--out``. Writes
 ``REPORT/study.md`` (tables, claims) and ``REPORT/<regime>.png`` (accuracy against rounds, uploaded
 bytes and client FLOPs; ``--report`` defaults to OUT), and prints the CPU time spent.

@@ -27,6 +27,7 @@ from costmodel import ModelSpec, TrainMode, estimate
 from costmodel.process import kept_bytes, process_memory
 from planner.budget import runtime_profile
 from planner.planfile import DevicePlan, PlanFile
+from planner.table import BITS
 
 METHODS = ("caff", "lora", "full", "head", "fedra", "smallest")
 LORA_MENU = (1, 2, 4, 8, 16, 32, 64)
@@ -94,7 +95,7 @@ def device_mode(method: str, spec: ModelSpec, device: DevicePlan, plan: PlanFile
     elif method == "lora":
         ranks = sorted(plan.lora_ranks or LORA_MENU, reverse=True)
         recompute = ["", f"+recompute:{','.join(map(str, range(n)))}"][:1 + plan.recompute]
-        frozen = ["", *(f"+frozen:{f}" for f in sorted(plan.frozen, key=["bf16", "int8"].index))]
+        frozen = ["", *(f"+frozen:{f}" for f in sorted(plan.frozen, key=BITS.get, reverse=True))]
         modes = (TrainMode.parse(f"lora:{r}{t}{f}", n) for r in ranks for t in recompute for f in frozen)
         return next((m for m in modes if fits(spec, m, device, plan)), None)
     else:
