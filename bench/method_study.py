@@ -147,10 +147,13 @@ def _start_from_shorter(out: Path, config, plan_sha256: str) -> None:
         """The rounds of the finished run in ``run`` if it is this one cut short, else 0."""
         if not (run / "done.json").exists() or not (run / "state.json").exists():
             return 0
-        state = json.loads((run / "state.json").read_text())
-        rounds = state["config"]["rounds"]
-        same = state["plan_sha256"] == plan_sha256 and state["config"] == config.model_dump() | {"rounds": rounds}
-        return rounds if same and rounds < config.rounds else 0
+        try:
+            state = json.loads((run / "state.json").read_text())
+            rounds = state["config"]["rounds"]
+            same = state["plan_sha256"] == plan_sha256 and state["config"] == config.model_dump() | {"rounds": rounds}
+        except (OSError, ValueError, KeyError, TypeError):  # an unreadable or foreign state: not a run to continue
+            return 0
+        return rounds if same and isinstance(rounds, int) and rounds < config.rounds else 0
 
     shorter = max(((same_but_shorter(run), run) for run in out.parent.glob("*-run*")), default=(0, None))
     if shorter[0]:

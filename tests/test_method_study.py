@@ -91,13 +91,17 @@ def test_tuning_steps_past_the_grids_edge_while_the_best_rate_sits_on_it(monkeyp
 def test_a_longer_run_continues_a_finished_shorter_one_as_if_run_from_the_start(tmp_path, need_data):
     """A 2-round run started from a finished 1-round run (same settings and plan) ends with the weights and
     round-2 metrics of a 2-round run started afresh beside a 1-round run of another plan (caff's, with
-    int8 frozen weights), which it must not continue."""
+    int8 frozen weights) and a finished run with a corrupted state, neither of which it may continue."""
     from safetensors.torch import load_file
 
     need_data(get_task("fashion-mnist").client_names)
     extended, fresh = (argparse.Namespace(**vars(_args(tmp_path / name))) for name in ("extended", "fresh"))
     _run_one(_job(extended, "upload-1/8", "caff", 0.1, "run", 0))
     _run_one(_job(fresh, "upload-1/8", "caff+int8", 0.1, "run", 0))
+    corrupted = tmp_path / "fresh/runs/upload-1-8/caff-lr0.1-r1-run0"  # a finished run whose state is garbage
+    corrupted.mkdir()
+    (corrupted / "done.json").write_text("{}")
+    (corrupted / "state.json").write_text("{not json")
     extended.rounds = fresh.rounds = 2
     jobs = [_job(args, "upload-1/8", "caff", 0.1, "run", 0) for args in (extended, fresh)]
     runs = [_run_one(job) for job in jobs]
