@@ -5,10 +5,12 @@ For a task and one pretrained model (default Shakespeare on char-gpt-xs, pretrai
 1. **References** on the server's test set: the pretrained model (for Fashion-MNIST with only its
    fresh head trained, centrally) and centralized full fine-tuning on the pooled training data of
    every federated client (the upper bound). Headroom = upper bound - pretrained.
-2. **Tuning**: each method's SGD learning rate, per regime, from ``--lr-grid``, on the
-   validation set (held-out samples of the federated clients disjoint from the test set), seed 0,
-   ``--tune-rounds`` rounds; the lowest final validation loss wins, and while it is the lowest or highest
-   rate tried, the next rate beyond it on the 1-3-10 ladder is tried too (twice at most). Never the test set.
+2. **Tuning**: each method's SGD learning rate, per regime, from ``--lr-grid``, and for the methods
+   that may train LoRA adapters (caff, LoRA, FedRA) with each of LoRA's scales alpha / rank from
+   ``--lora-scale-grid``, on the validation set (held-out samples of the federated clients disjoint
+   from the test set), seed 0, ``--tune-rounds`` rounds; the lowest final validation loss wins, and
+   while it is the lowest or highest rate (scale) tried, the next rate beyond it on the 1-3-10 ladder
+   (the scale 4x beyond it) is tried too (twice at most). Never the test set.
 3. **Runs**: every method with its learning rate, ``--seeds``, the same rounds, clients per round,
    local steps and batch; mean and 95 % interval (Student t) over seeds.
 
@@ -18,7 +20,7 @@ homogeneous ones budget the step's tensors, their devices naming a runtime of no
 ``upload-1/8`` (upload binds; memory ample), ``compute-1/4`` (FLOPs per round bind), and
 ``edge-mix`` (the catalogue's heterogeneous fleet, budgets as the catalogue states them).
 
-Each finished run is saved (``OUT/runs/<regime>/<method>-lr<lr>-r<rounds>-<phase><seed>/``) and skipped
+Each finished run is saved (``OUT/runs/<regime>/<method>-lr<lr>[-s<scale>]-r<rounds>-<phase><seed>/``) and skipped
 when the study is run again; a longer run starts from the end of a finished shorter one (same
 settings and plan); ``--jobs N`` runs N at a time in worker processes, and separate
 invocations with different ``--regimes`` can run side by side on one ``--out``. Writes
@@ -40,6 +42,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
+from costmodel.build import LORA_SCALE
+
 METHODS = ("caff", "lora", "full", "head", "fedra")
 #: caff with issue 13's memory tools (opt in with --methods): the planner may also recompute trained blocks
 #: (``caff+recompute``), or caff's own plans run with every frozen linear weight in int8 (``caff+int8``: same
@@ -55,6 +59,10 @@ VARIANTS = {"caff+recompute": ("caff", {"recompute": True}, None), "caff+int8": 
 REGIMES = ("mem-1/8", "mem-1/4", "mem-1/2", "upload-1/32", "upload-1/8", "compute-1/4", "edge-mix")
 #: how many times tuning may step past the grid's edge while the best rate sits on it
 GRID_EXTENSIONS = 2
+#: engine methods whose plans may hold LoRA adapters, whose scale (alpha / rank) is tuned with the rate
+LORA_METHODS = ("caff", "lora", "fedra")
+#: factor between LoRA scales tried past the grid's edge
+SCALE_STEP = 4.0
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
@@ -120,8 +128,11 @@ def _run_one(job: dict) -> dict:
     if job["phase"] == "run" and not (out / "state.json").exists():
         _start_from_shorter(out, config, plan_digest(planned))
     try:
-        if not any(device_task(method, spec, d, planned, 0) for d in planned.devices):
+        assigned = [task[0] for task in (device_task(method, spec, d, planned, 0) for d in planned.devices) if task]
+        if not assigned:
             raise ValueError("no device can afford it")  # each would sit out every round: nothing to train
+        if config.lora_scale != LORA_SCALE and not any(mode.lora for mode in assigned):
+            raise ValueError("no device trains a LoRA adapter: its scale changes nothing")
         metrics = run(config, planned, out, resume=(out / "state.json").exists())
     except ValueError as why:
         summary = {**job, "error": str(why)}
@@ -188,7 +199,8 @@ def _execute(jobs: list[dict], workers: int, label: str, report_only: bool = Fal
 
 def _brief(summary: dict) -> str:
     tail = summary.get("error") or f"loss {summary['rounds'][-1]['test_loss']:.3f}"
-    return f"{summary['regime']} {summary['method']} lr {summary['config']['lr']:g}: {tail} ({summary['cpu_seconds']:.0f} s)"
+    lr, scale = _setting(summary)
+    return f"{summary['regime']} {summary['method']} lr {lr:g} α/r {scale:g}: {tail} ({summary['cpu_seconds']:.0f} s)"
 
 
 def cached_references(args) -> dict:
@@ -206,25 +218,33 @@ def cached_references(args) -> dict:
     return refs
 
 
-def _job(args, regime: str, method: str, lr: float, phase: str, seed: int) -> dict:
+def _job(args, regime: str, method: str, lr: float, phase: str, seed: int, lora_scale: float = LORA_SCALE) -> dict:
     rounds = args.tune_rounds if phase == "tune" else args.rounds
     config = {"task": args.task, "method": method, "rounds": rounds, "clients_per_round": args.clients,
-              "local_steps": args.steps, "lr": lr, "seed": seed, "eval_every": args.eval_every if phase == "run"
-              else rounds, "eval_split": "validation" if phase == "tune" else "test", "eval_samples": args.eval_samples}
-    name = f"{method}-lr{lr:g}-r{rounds}-{phase}{seed}"  # a run of other rounds is another run
+              "local_steps": args.steps, "lr": lr, "lora_scale": lora_scale, "seed": seed,
+              "eval_every": args.eval_every if phase == "run" else rounds,
+              "eval_split": "validation" if phase == "tune" else "test", "eval_samples": args.eval_samples}
+    scale = "" if lora_scale == LORA_SCALE else f"-s{lora_scale:g}"
+    name = f"{method}-lr{lr:g}{scale}-r{rounds}-{phase}{seed}"  # a run of other rounds is another run
     return {"regime": regime, "method": method, "phase": phase, "task": args.task, "model": args.model,
             "devices": args.devices, "batch": args.batch, "steps": args.steps, "config": config,
             "out": str(Path(args.out) / "runs" / regime.replace("/", "-") / name)}
 
 
-def _tuned_lr(tuning: list[dict], regime: str, method: str) -> tuple[float | None, list[float]]:
-    """The learning rate of the lowest final validation loss (None if no rate trained) and every rate tried."""
+def _setting(run: dict) -> tuple[float, float]:
+    """(learning rate, LoRA scale) of a run."""
+    return run["config"]["lr"], run["config"].get("lora_scale", LORA_SCALE)
+
+
+def _tuned(tuning: list[dict], regime: str, method: str) -> tuple[tuple[float, float] | None, list[tuple[float, float]]]:
+    """The (learning rate, LoRA scale) of the lowest final validation loss (None if none trained) and every
+    setting tried."""
     mine = [t for t in tuning if t["regime"] == regime and t["method"] == method]
-    scored = [(t["rounds"][-1]["test_loss"], t["config"]["lr"]) for t in mine
+    scored = [(t["rounds"][-1]["test_loss"], _setting(t)) for t in mine
               if "error" not in t and t["rounds"][-1]["test_loss"] is not None
               and math.isfinite(t["rounds"][-1]["test_loss"])
               and any(x["trained"] for x in t["rounds"])]  # a diverged learning rate never wins
-    return (min(scored)[1] if scored else None), sorted(t["config"]["lr"] for t in mine)
+    return (min(scored)[1] if scored else None), sorted(_setting(t) for t in mine if "error" not in t)
 
 
 def _grid_step(lr: float, down: bool) -> float:
@@ -234,23 +254,43 @@ def _grid_step(lr: float, down: bool) -> float:
     return max(v for v in ladder if v < lr * 0.99) if down else min(v for v in ladder if v > lr * 1.01)
 
 
-def tune(args, regimes: list[str], methods: list[str], grid: list[float]) -> tuple[dict, list[dict]]:
-    """Each (regime, method)'s learning rate, and the tuning runs' summaries: the grid first, then, while
-    the best rate is the lowest or highest tried, the next rate beyond it on the 1-3-10 ladder (at most
-    ``GRID_EXTENSIONS`` times), so that no method is held at the edge of the grid."""
-    tuning = _execute([_job(args, g, m, lr, "tune", 0) for g in regimes for m in methods for lr in grid],
-                      args.jobs, "tuning", args.report_only)
+def _beyond_edge(best: tuple[float, float], tried: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Settings one step past the grid's edge where the best one sits on it: the learning rate on the
+    1-3-10 ladder (at the best scale), the LoRA scale by ``SCALE_STEP`` (at the best rate)."""
+    lr, scale = best
+    rates = sorted(r for r, s in tried if s == scale)
+    scales = sorted(s for r, s in tried if r == lr)
+    out = []
+    if len(rates) > 1 and lr in (rates[0], rates[-1]):
+        out.append((_grid_step(lr, lr == rates[0]), scale))
+    if len(scales) > 1 and scale in (scales[0], scales[-1]):
+        out.append((lr, scale / SCALE_STEP if scale == scales[0] else scale * SCALE_STEP))
+    return out
+
+
+def tune(args, regimes: list[str], methods: list[str], grid: list[float],
+         scales: list[float]) -> tuple[dict, list[dict]]:
+    """Each (regime, method)'s (learning rate, LoRA scale), and the tuning runs' summaries. The grid is
+    every rate times every scale for a method that may train LoRA adapters (caff, LoRA, FedRA; a plan
+    with no adapter refuses a scale other than the default, `_run_one`), every rate at the default scale
+    for the others; then, while the best setting sits on the edge of what was tried, one step beyond it
+    (`_beyond_edge`, at most ``GRID_EXTENSIONS`` times), so that no method is held at the grid's edge."""
+    def scales_of(method: str) -> list[float]:
+        return scales if VARIANTS.get(method, (method,))[0] in LORA_METHODS else [LORA_SCALE]
+
+    tuning = _execute([_job(args, g, m, lr, "tune", 0, s) for g in regimes for m in methods for lr in grid
+                       for s in scales_of(m)], args.jobs, "tuning", args.report_only)
     for _ in range(GRID_EXTENSIONS):
         beyond = []
         for regime in regimes:
             for method in methods:
-                best, tried = _tuned_lr(tuning, regime, method)
-                if best is not None and len(tried) > 1 and best in (tried[0], tried[-1]):
-                    beyond.append(_job(args, regime, method, _grid_step(best, best == tried[0]), "tune", 0))
+                best, tried = _tuned(tuning, regime, method)
+                if best is not None:
+                    beyond += [_job(args, regime, method, lr, "tune", 0, s) for lr, s in _beyond_edge(best, tried)]
         if not beyond:
             break
         tuning += _execute(beyond, args.jobs, "tuning beyond the grid's edge", args.report_only)
-    return {(g, m): _tuned_lr(tuning, g, m)[0] or grid[0] for g in regimes for m in methods}, tuning
+    return {(g, m): _tuned(tuning, g, m)[0] or (grid[0], LORA_SCALE) for g in regimes for m in methods}, tuning
 
 
 def _mean_ci(values: list[float]) -> tuple[float, float]:
@@ -266,7 +306,7 @@ def _fmt(values: list[float], scale: float = 1.0, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" + ("" if math.isnan(half) else f" ± {half:.{digits}f}")
 
 
-def summarize(args, refs: dict, tuned: dict, runs: list[dict]) -> tuple[str, dict]:
+def summarize(args, refs: dict, runs: list[dict]) -> tuple[str, dict]:
     """The README's tables for these runs (markdown) and {regime: {method: final accuracies, or None when
     no device could run it}}."""
     from profiles import format_bytes, format_flops
@@ -279,10 +319,12 @@ def summarize(args, refs: dict, tuned: dict, runs: list[dict]) -> tuple[str, dic
              f"({pre['loss'] - top['loss']:.3f} nats). {args.rounds} rounds x {args.clients} clients x {args.steps} "
              f"local steps of batch {args.batch} (sgd), {args.devices} devices; seeds {args.seeds}; mean ± 95 % "
              f"interval over seeds; lr per regime and method chosen on the validation set from {args.lr_grid}"
-             f" (stepping past the grid's edge on the 1-3-10 ladder while the best rate sat on it).", ""]
+             f", with LoRA's scale α/r from {args.lora_scale_grid} for the methods that may train LoRA adapters "
+             f"(stepping past the grid's edge, rates on the 1-3-10 ladder and scales by {SCALE_STEP:g}x, while the "
+             f"best setting sat on it).", ""]
     finals: dict[str, dict[str, list[float]]] = {}
     for regime in args.regimes.split(","):
-        lines += [f"**{regime}**", "", "| method | lr | trains | clients trained/round | accuracy | loss | "
+        lines += [f"**{regime}**", "", "| method | lr (α/r) | trains | clients trained/round | accuracy | loss | "
                   "headroom recovered | unseen clients' accuracy | upload/round | client FLOPs/round |",
                   "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
         for method in args.methods.split(","):
@@ -292,7 +334,7 @@ def summarize(args, refs: dict, tuned: dict, runs: list[dict]) -> tuple[str, dic
                 continue
             if any("error" in r for r in mine) or not any(x["trained"] for r in mine for x in r["rounds"]):
                 why = next((r["error"] for r in mine if "error" in r), "no device can afford it")
-                lines.append(f"| {method} | {tuned.get((regime, method), '')} | cannot run: {why} | 0 | | | | | | |")
+                lines.append(f"| {method} | | cannot run: {why} | 0 | | | | | | |")
                 finals.setdefault(regime, {})[method] = None
                 continue
             last = [r["rounds"][-1] for r in mine]
@@ -301,7 +343,7 @@ def summarize(args, refs: dict, tuned: dict, runs: list[dict]) -> tuple[str, dic
             modes = sorted({m for r in mine for x in r["rounds"] for m in x["modes"]})
             per_round = [x for r in mine for x in r["rounds"]]
             lines.append(
-                f"| {method} | {mine[0]['config']['lr']:g} | {', '.join(modes)[:60]} | "
+                f"| {method} | {_setting_text(mine[0], modes)} | {', '.join(modes)[:60]} | "
                 f"{statistics.mean(x['trained'] for x in per_round):.1f} | {_fmt(acc, 100, 2)} % | "
                 f"{_fmt([x['test_loss'] for x in last])} | "
                 f"{_fmt([(a - pre['accuracy']) / headroom for a in acc], 100, 0)} % | "
@@ -310,6 +352,12 @@ def summarize(args, refs: dict, tuned: dict, runs: list[dict]) -> tuple[str, dic
                 f"{format_flops(statistics.mean(x['flops'] for x in per_round))} |")
         lines.append("")
     return "\n".join(lines), finals
+
+
+def _setting_text(run: dict, modes: list[str]) -> str:
+    """A run's learning rate, and its LoRA scale where its devices trained LoRA adapters."""
+    lr, scale = _setting(run)
+    return f"{lr:g}" + (f" (α/r {scale:g})" if any("lora" in m for m in modes) else "")
 
 
 def participation(runs: list[dict]) -> dict[str, tuple[int, int]]:
@@ -485,6 +533,8 @@ def main() -> None:
     parser.add_argument("--devices", type=int, default=40)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--lr-grid", default="0.03,0.1,0.3")
+    parser.add_argument("--lora-scale-grid", default="0.5,2,8",
+                        help="LoRA scales alpha / rank tried with each rate for caff, LoRA and FedRA")
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--eval-samples", type=int, default=None, help="default: the whole test set")
     parser.add_argument("--central-steps", type=int, default=600)
@@ -508,10 +558,11 @@ def main() -> None:
     print(f"pretrained {refs['pretrained']}, upper bound {refs['upper_bound']}", flush=True)
     regimes, methods = args.regimes.split(","), args.methods.split(",")
     grid, seeds = [float(v) for v in args.lr_grid.split(",")], [int(s) for s in args.seeds.split(",")]
-    tuned, tuning = tune(args, regimes, methods, grid)
-    runs = _execute([_job(args, g, m, tuned[(g, m)], "run", s) for g in regimes for m in methods for s in seeds],
+    tuned, tuning = tune(args, regimes, methods, grid, [float(v) for v in args.lora_scale_grid.split(",")])
+    runs = _execute([_job(args, g, m, tuned[(g, m)][0], "run", s, tuned[(g, m)][1]) for g in regimes
+                     for m in methods for s in seeds],
                     args.jobs, "runs", args.report_only)
-    table, finals = summarize(args, refs, tuned, runs)
+    table, finals = summarize(args, refs, runs)
     fairness, least_share = fairness_table(args, runs)
     text = f"{table}\n{fairness}\n{claims(finals, refs, least_share)}\n"
     Path(args.report).mkdir(parents=True, exist_ok=True)

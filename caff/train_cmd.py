@@ -32,6 +32,7 @@ def add_parser(subparsers) -> dict:
     train.add_argument("--clients-per-round", type=int)
     train.add_argument("--local-steps", type=int, help="default: each device's planned local steps")
     train.add_argument("--lr", type=float, help="SGD learning rate per step (default 0.01)")
+    train.add_argument("--lora-scale", type=float, help="LoRA's alpha / rank for every adapter (default 2)")
     train.add_argument("--seed", type=int)
     train.add_argument("--drop-rate", type=float, help="chance that a sampled device fails mid-round")
     train.add_argument("--eval-every", type=int, help="evaluate the global model every N rounds (and after the last)")
@@ -105,8 +106,8 @@ def _train_config(args):
     from trainer.engine import TrainConfig
 
     fields = read_json_object(args.config, "config") if args.config else {}
-    for key in ("task", "method", "rounds", "clients_per_round", "local_steps", "lr", "seed", "drop_rate",
-                "eval_every", "eval_samples"):
+    for key in ("task", "method", "rounds", "clients_per_round", "local_steps", "lr", "lora_scale", "seed",
+                "drop_rate", "eval_every", "eval_samples"):
         if getattr(args, key) is not None:
             fields[key] = getattr(args, key)
     if args.no_pretrained:

@@ -17,28 +17,34 @@ def build_model(spec: ModelSpec, seed: int = 0) -> TinyTransformer:
     return TinyTransformer(spec)
 
 
-def inject_lora(model: nn.Module, targets: dict[str, int]) -> None:
-    """Inject peft LoRA adapters: module name -> rank (alpha = 2 x rank, no dropout)."""
+#: LoRA's scale alpha / rank unless a run chooses another (alpha = 2 x rank)
+LORA_SCALE = 2.0
+
+
+def inject_lora(model: nn.Module, targets: dict[str, int], scale: float = LORA_SCALE) -> None:
+    """Inject peft LoRA adapters: module name -> rank, each with alpha = ``scale`` x rank (so every
+    adapter's update B A is multiplied by ``scale``), no dropout."""
     if not targets:
         return
     from peft import LoraConfig, inject_adapter_in_model
 
     rank = max(targets.values())
-    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=list(targets),
+    config = LoraConfig(r=rank, lora_alpha=scale * rank, lora_dropout=0.0, target_modules=list(targets),
                         rank_pattern={f"^{name}$": r for name, r in targets.items()},
-                        alpha_pattern={f"^{name}$": 2 * r for name, r in targets.items()})
+                        alpha_pattern={f"^{name}$": scale * r for name, r in targets.items()})
     inject_adapter_in_model(config, model)
 
 
 def apply_mode(model: TinyTransformer, mode: TrainMode,
-               compact: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None) -> TinyTransformer:
-    """Freeze what ``mode`` does not train, inject its LoRA adapters, make its frozen linears compact
+               compact: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None,
+               lora_scale: float = LORA_SCALE) -> TinyTransformer:
+    """Freeze what ``mode`` does not train, inject its LoRA adapters (alpha = ``lora_scale`` x rank), make its frozen linears compact
     (``frozen:bf16|int8``: every linear of a block that does not train fully, LoRA bases included;
     ``compact``: module name -> (weight, scale) of those the server sent compact,
     `costmodel.compact.received_compact`), mark the blocks it recomputes, and set where autograd starts."""
     spec = model.spec
     mode = normalize_mode(spec, mode)
-    inject_lora(model, {f"blocks.{b}.{t}": r for b, r in mode.lora.items() for t in lora_targets(spec)})
+    inject_lora(model, {f"blocks.{b}.{t}": r for b, r in mode.lora.items() for t in lora_targets(spec)}, lora_scale)
     model.requires_grad_(False)
     for block in mode.blocks:
         model.blocks[block].requires_grad_(True)

@@ -68,24 +68,49 @@ def test_the_int8_menu_lets_caff_run_where_its_fp32_plan_cannot(tmp_path, need_d
     assert summary["rounds"][0]["modes"] == ["head+frozen:int8"]
 
 
+def _fake_execute(best_lr: float, best_scale: float):
+    """`_execute` whose validation loss is (log10 lr - log10 best_lr)^2 + (log4 scale - log4 best_scale)^2."""
+    import math
+
+    def execute(jobs, workers, label, report_only=False):
+        return [{**job, "rounds": [{"test_loss": (math.log10(job["config"]["lr"]) - math.log10(best_lr)) ** 2
+                                    + math.log(job["config"]["lora_scale"] / best_scale, 4) ** 2, "trained": 1}]}
+                for job in jobs]
+    return execute
+
+
 def test_tuning_steps_past_the_grids_edge_while_the_best_rate_sits_on_it(monkeypatch, tmp_path):
-    """Validation loss (log10 lr - log10 best)^2: a best rate inside the grid is found without extra runs; one
-    below it is approached on the 1-3-10 ladder, at most twice."""
+    """A best rate inside the grid is found without extra runs; one below it is approached on the 1-3-10
+    ladder, at most twice. The head trains no LoRA adapter: it is tuned at the default scale only."""
     import math
 
     import bench.method_study as study
 
-    def fake_execute(best):
-        def execute(jobs, workers, label, report_only=False):
-            return [{**job, "rounds": [{"test_loss": (math.log10(job["config"]["lr"]) - math.log10(best)) ** 2,
-                                        "trained": 1}]} for job in jobs]
-        return execute
-
     args = argparse.Namespace(**vars(_args(tmp_path)), jobs=1, report_only=False)
     for best, expected, runs in ((0.1, 0.1, 3), (0.002, 0.003, 5), (5.0, 3.0, 5)):
-        monkeypatch.setattr(study, "_execute", fake_execute(best))
-        tuned, tuning = study.tune(args, ["mem-1/2"], ["caff"], [0.03, 0.1, 0.3])
-        assert math.isclose(tuned[("mem-1/2", "caff")], expected) and len(tuning) == runs
+        monkeypatch.setattr(study, "_execute", _fake_execute(best, 2.0))
+        tuned, tuning = study.tune(args, ["mem-1/2"], ["head"], [0.03, 0.1, 0.3], [0.5, 2.0, 8.0])
+        assert math.isclose(tuned[("mem-1/2", "head")][0], expected) and len(tuning) == runs
+        assert {job["config"]["lora_scale"] for job in tuning} == {2.0}
+
+
+def test_tuning_chooses_loras_scale_with_the_rate_and_steps_past_the_scale_grids_edge(monkeypatch, tmp_path):
+    """LoRA is tuned over every rate times every scale; a best scale above the grid is reached by steps of 4x
+    (8 -> 32), at most twice (128 is not tried while 32 is best)."""
+    import bench.method_study as study
+
+    args = argparse.Namespace(**vars(_args(tmp_path)), jobs=1, report_only=False)
+    monkeypatch.setattr(study, "_execute", _fake_execute(0.1, 32.0))
+    tuned, tuning = study.tune(args, ["upload-1/8"], ["lora"], [0.03, 0.1, 0.3], [0.5, 2.0, 8.0])
+    assert tuned[("upload-1/8", "lora")] == (0.1, 32.0)
+    assert sorted(study._setting(job) for job in tuning) == sorted(
+        [(lr, s) for lr in (0.03, 0.1, 0.3) for s in (0.5, 2.0, 8.0)] + [(0.1, 32.0), (0.1, 128.0)])
+
+
+def test_a_lora_scale_is_refused_for_a_plan_with_no_adapter(tmp_path):
+    """The head trains no LoRA adapter: a run at another scale than the default would repeat the default's."""
+    summary = _run_one(_job(_args(tmp_path), "upload-1/8", "head", 0.1, "tune", 0, lora_scale=8.0))
+    assert summary["error"] == "no device trains a LoRA adapter: its scale changes nothing"
 
 
 def test_a_longer_run_continues_a_finished_shorter_one_as_if_run_from_the_start(tmp_path, need_data):

@@ -65,12 +65,15 @@ def test_local_training_uploads_only_what_it_trained_and_measures_what_was_predi
     assert abs(result.peak_bytes / predicted.peak_bytes - 1) < 0.05
 
 
-def test_lora_deltas_equal_peft_merged_weights_minus_base():
+@pytest.mark.parametrize("scale", [2.0, 8.0])
+def test_lora_deltas_equal_peft_merged_weights_minus_base(scale):
+    """With alpha = scale x rank, peft's merged weight minus the base is scale x B A, the factors as trained."""
     state = build_model(SPEC).state_dict()
     mode = TrainMode.parse("lora:4", SPEC.n_blocks)
-    result = local_train(state, SPEC, mode, _batches(), steps=2, lr=0.5)
-    deltas = lora_deltas(result.update, 2.0, state)  # alpha = 2 x rank
-    model = apply_mode(build_model(SPEC), mode)
+    result = local_train(state, SPEC, mode, _batches(), steps=2, lr=0.5, lora_scale=scale)
+    assert set(result.lora_scales.values()) == {scale}
+    deltas = lora_deltas(result.update, scale, state)
+    model = apply_mode(build_model(SPEC), mode, lora_scale=scale)
     model.load_state_dict({**state, **{k: v for k, v in result.update.items()}}, strict=False)
     own = dict(model.named_parameters())
     for name, param in own.items():  # load the trained factors under peft's names
@@ -82,7 +85,9 @@ def test_lora_deltas_equal_peft_merged_weights_minus_base():
     merged = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
     weight = "blocks.1.attn.q.weight"
     assert torch.allclose(merged[weight] - state[weight], deltas[weight], atol=1e-6)
-    assert deltas[weight].abs().sum() > 0
+    by_hand = scale * result.update["blocks.1.attn.q.lora_B.default.weight"] @ result.update[
+        "blocks.1.attn.q.lora_A.default.weight"]
+    assert torch.allclose(deltas[weight], by_hand, atol=1e-6) and deltas[weight].abs().sum() > 0
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "smallest"])
@@ -90,11 +95,12 @@ def test_every_client_of_every_method_stays_within_its_memory_budget(tmp_path, t
     from planner.planfile import read_plan_file
 
     config = TrainConfig(task="shakespeare", method=method, rounds=1, clients_per_round=3, pretrained=False,
-                         eval_samples=16)
+                         eval_samples=16, lora_scale=4.0)
     metrics = run(config, read_plan_file(three_device_plan), tmp_path / "run")
     trained = [c for c in metrics[0]["clients"] if c["status"] == "trained"]
     assert trained or method == "full"
     for client in trained:
+        assert client.get("lora_scale") == (4.0 if "lora" in client["mode"] else None), client
         assert client["peak_bytes"] <= client["memory_budget_bytes"], client
         assert client["flops"] == client["predicted_flops"], client
         assert client["upload_bytes"] <= client["predicted_upload_bytes"], client  # wire bytes against the plan

@@ -24,6 +24,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from costmodel import ModelSpec, TrainMode, build_model, estimate
+from costmodel.build import LORA_SCALE
 from costmodel.compact import compact_state
 from costmodel.measure import check_fits
 from costmodel.process import kept_bytes, process_memory
@@ -61,6 +62,8 @@ class TrainConfig(BaseModel):
                                         "test set, for choosing a learning rate")
     eval_every: int = Field(default=1, ge=1, description="evaluate every this many rounds, and after the last")
     pretrained: bool = True
+    lora_scale: float = Field(default=LORA_SCALE, gt=0, allow_inf_nan=False,
+                              description="LoRA's alpha / rank, for every adapter any device trains")
 
 
 def _seed(*parts) -> int:
@@ -146,7 +149,8 @@ class Server:
                 tasks.append({**record, "index": index, "mode": str(mode), "round": round_index, "task": config.task,
                               "n_devices": len(plan.devices), "seed": config.seed, "spec": spec.model_dump_json(),
                               "steps": config.local_steps or device.budgets.local_steps, "runtime": device.runtime,
-                              "batch": device.budgets.batch_size, "optimizer": plan.optimizer, "lr": config.lr})
+                              "batch": device.budgets.batch_size, "optimizer": plan.optimizer, "lr": config.lr,
+                              "lora_scale": config.lora_scale})
         return tasks, idle
 
     def finish(self, round_index: int, records: list[dict], updates: dict[str, dict[str, torch.Tensor]],
@@ -241,7 +245,8 @@ def train_client(task: dict, received: dict[str, torch.Tensor],
     check_fits(spec, mode, task["batch"], TASK_SEQ[task["task"]], task["optimizer"],
                budget_bytes=task["memory_budget_bytes"])  # refuse, before the step, what cannot fit
     result = local_train(state, spec, mode, stream, task["steps"], task["optimizer"], task["lr"],
-                         seed=_seed(seed, round_index, name, "init"), measure=key not in measured)
+                         seed=_seed(seed, round_index, name, "init"), measure=key not in measured,
+                         lora_scale=task["lora_scale"])
     result.flops, result.peak_bytes = measured.setdefault(key, (result.flops, result.peak_bytes))
     reply = result.update if held is None else renumber_blocks(result.update, dict(enumerate(held)))
     predicted = estimate(spec, mode, task["batch"], TASK_SEQ[task["task"]], task["optimizer"])
@@ -249,7 +254,7 @@ def train_client(task: dict, received: dict[str, torch.Tensor],
     process = process_memory(load_runtime(task.get("runtime") or DEFAULT_RUNTIME), mode, predicted,
                              sum(t.numel() * t.element_size() for t in shard),  # a bound: windows may overlap
                              kept_bytes(spec, mode, predicted))
-    scales = set(result.lora_scales.values())  # alpha = 2 x rank: one scale for every adapter
+    scales = set(result.lora_scales.values())  # alpha = lora_scale x rank: one scale for every adapter
     if len(scales) > 1:
         raise ValueError(f"LoRA adapters of one device with different scales {sorted(scales)}")
     record = task_record(

@@ -33,6 +33,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from costmodel import ModelSpec, TrainMode, apply_mode, build_model, make_optimizer
+from costmodel.build import LORA_SCALE
 from costmodel.compact import received_compact
 from costmodel.measure import LiveBytes, state_tensors
 
@@ -66,20 +67,22 @@ def _lora_scales(model: torch.nn.Module) -> dict[str, float]:
 
 def local_train(global_state: dict[str, torch.Tensor], spec: ModelSpec, mode: TrainMode,
                 batches: Iterator[tuple[torch.Tensor, torch.Tensor]], steps: int, optimizer: str = "sgd",
-                lr: float = 0.1, seed: int = 0, device: str = "cpu", measure: bool = True) -> LocalResult:
+                lr: float = 0.1, seed: int = 0, device: str = "cpu", measure: bool = True,
+                lora_scale: float = LORA_SCALE) -> LocalResult:
     """Train ``mode`` of ``spec`` from ``global_state`` for ``steps`` batches; return the update.
     ``global_state`` may hold the linears ``mode`` keeps compact as the server sends them
     (`costmodel.compact.compact_state`): the model then holds those arrays, never their fp32 form.
 
     ``measure=False`` skips the measurements (FLOPs and peak are then 0): an engine that has
-    measured the same mode at the same shapes already can reuse those figures."""
+    measured the same mode at the same shapes already can reuse those figures. ``lora_scale``: each LoRA
+    adapter's alpha / rank."""
     started = time.perf_counter()
     first = next(batches)
     flops = step_flops(spec, mode, *first) * steps if measure else 0
     state, compact = received_compact(global_state, spec, mode)
     model = _model_holding(state, spec)
     torch.manual_seed(seed)  # after build_model, which seeds its own initialisation: LoRA's A
-    model = apply_mode(model, mode, compact)
+    model = apply_mode(model, mode, compact, lora_scale)
     _own_trained(model, global_state)
     model = model.to(device).train()
     opt = make_optimizer(model.parameters(), optimizer, lr=lr)
