@@ -317,9 +317,10 @@ def summarize(args, refs: dict, runs: list[dict]) -> tuple[str, dict]:
              f"{pre['loss']:.3f}, accuracy {pre['accuracy']:.2%}; centralized full fine-tuning (upper bound): loss "
              f"{top['loss']:.3f}, accuracy {top['accuracy']:.2%}; headroom {100 * headroom:.2f} points "
              f"({pre['loss'] - top['loss']:.3f} nats). {args.rounds} rounds x {args.clients} clients x {args.steps} "
-             f"local steps of batch {args.batch} (sgd), {args.devices} devices; seeds {args.seeds}; mean ± 95 % "
-             f"interval over seeds; lr per regime and method chosen on the validation set from {args.lr_grid}"
-             f", with LoRA's scale α/r from {args.lora_scale_grid} for the methods that may train LoRA adapters "
+             f"local steps of batch {args.batch} (sgd), {args.devices} devices; seeds {_listed(args.seeds)}; mean ± 95 "
+             f"% interval over seeds; lr per regime and method chosen on the validation set from "
+             f"{_listed(args.lr_grid)}"
+             f", with LoRA's scale α/r from {_listed(args.lora_scale_grid)} for the methods that may train LoRA adapters "
              f"(stepping past the grid's edge, rates on the 1-3-10 ladder and scales by {SCALE_STEP:g}x, while the "
              f"best setting sat on it).", ""]
     finals: dict[str, dict[str, list[float]]] = {}
@@ -510,13 +511,30 @@ def plot(args, refs: dict, runs: list[dict]) -> list[str]:
             if label != "round":
                 axis.set_xscale("log")
         axes[0].legend(fontsize=8)
-        fig.suptitle(f"{args.task}, {args.model}, {regime} (mean over seeds {args.seeds})")
+        fig.suptitle(f"{args.task}, {args.model}, {regime} (mean over seeds {_listed(args.seeds)})")
         fig.tight_layout()
         path = Path(args.report) / f"{regime.replace('/', '-')}.png"
         fig.savefig(path, dpi=90)
         plt.close(fig)
         written.append(str(path))
     return written
+
+
+def _listed(values: list) -> str:
+    return ",".join(f"{v:g}" for v in values)
+
+
+def _numbers(kind):
+    """An argparse type: comma-separated numbers of ``kind`` (rates and scales: positive)."""
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v) for v in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not comma-separated {kind.__name__}s: {text!r}") from None
+        if kind is float and not all(0 < v < math.inf for v in values):
+            raise argparse.ArgumentTypeError(f"not all positive and finite: {text!r}")
+        return values
+    return parse
 
 
 def main() -> None:
@@ -531,9 +549,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="local steps")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--devices", type=int, default=40)
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--lr-grid", default="0.03,0.1,0.3")
-    parser.add_argument("--lora-scale-grid", default="0.5,2,8",
+    parser.add_argument("--seeds", default=[0, 1, 2], type=_numbers(int))
+    parser.add_argument("--lr-grid", default=[0.03, 0.1, 0.3], type=_numbers(float))
+    parser.add_argument("--lora-scale-grid", default=[0.5, 2.0, 8.0], type=_numbers(float),
                         help="LoRA scales alpha / rank tried with each rate for caff, LoRA and FedRA")
     parser.add_argument("--eval-every", type=int, default=5)
     parser.add_argument("--eval-samples", type=int, default=None, help="default: the whole test set")
@@ -550,6 +568,9 @@ def main() -> None:
     bad = set(args.regimes.split(",")) - set(REGIMES) or set(args.methods.split(",")) - set(METHODS) - set(VARIANTS)
     if bad:
         parser.error(f"unknown regime or method: {', '.join(sorted(bad))}")
+    for folder in (args.out, args.report):
+        if Path(folder).exists() and not Path(folder).is_dir():
+            parser.error(f"{folder} is a file, not a folder")
     import torch
 
     torch.set_num_threads(1)
@@ -557,8 +578,8 @@ def main() -> None:
     refs = cached_references(args)
     print(f"pretrained {refs['pretrained']}, upper bound {refs['upper_bound']}", flush=True)
     regimes, methods = args.regimes.split(","), args.methods.split(",")
-    grid, seeds = [float(v) for v in args.lr_grid.split(",")], [int(s) for s in args.seeds.split(",")]
-    tuned, tuning = tune(args, regimes, methods, grid, [float(v) for v in args.lora_scale_grid.split(",")])
+    grid, seeds = args.lr_grid, args.seeds
+    tuned, tuning = tune(args, regimes, methods, grid, args.lora_scale_grid)
     runs = _execute([_job(args, g, m, tuned[(g, m)][0], "run", s, tuned[(g, m)][1]) for g in regimes
                      for m in methods for s in seeds],
                     args.jobs, "runs", args.report_only)
