@@ -486,6 +486,8 @@ def plot(args, refs: dict, runs: list[dict]) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import NullFormatter
 
     written = []
     for regime in args.regimes.split(","):
@@ -496,12 +498,14 @@ def plot(args, refs: dict, runs: list[dict]) -> list[str]:
             if not mine:
                 continue
             rounds = [x["round"] for x in mine[0]["rounds"] if x["test_accuracy"] is not None]
-            accuracy = [statistics.mean(next(x["test_accuracy"] for x in r["rounds"] if x["round"] == k)
-                                        for r in mine) for k in rounds]
+            accuracy, half = zip(*(_mean_ci([next(x["test_accuracy"] for x in r["rounds"] if x["round"] == k)
+                                             for r in mine]) for k in rounds))
+            low, high = (np.array(accuracy) + sign * np.nan_to_num(half) for sign in (-1, 1))
             cumulative = {key: [statistics.mean(sum(x[key] for x in r["rounds"] if x["round"] <= k) for r in mine)
                                 for k in rounds] for key in ("uploaded_bytes", "flops")}
             for axis, xs in zip(axes, (rounds, cumulative["uploaded_bytes"], cumulative["flops"])):
-                axis.plot(xs, accuracy, marker="o", markersize=3, label=method)
+                line, = axis.plot(xs, accuracy, marker="o", markersize=3, label=method)
+                axis.fill_between(xs, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
         for axis, label in zip(axes, ("round", "uploaded bytes (all clients, cumulative)",
                                       "client FLOPs (cumulative)")):
             axis.axhline(refs["pretrained"]["accuracy"], color="gray", linestyle=":", label="pretrained")
@@ -510,8 +514,10 @@ def plot(args, refs: dict, runs: list[dict]) -> list[str]:
             axis.set_ylabel("test accuracy")
             if label != "round":
                 axis.set_xscale("log")
+                axis.xaxis.set_minor_formatter(NullFormatter())  # labelled minor ticks overlap
         axes[0].legend(fontsize=8)
-        fig.suptitle(f"{args.task}, {args.model}, {regime} (mean over seeds {_listed(args.seeds)})")
+        fig.suptitle(f"{args.task}, {args.model}, {regime} (mean over seeds {_listed(args.seeds)}, shaded: 95 % "
+                     "interval)")
         fig.tight_layout()
         path = Path(args.report) / f"{regime.replace('/', '-')}.png"
         fig.savefig(path, dpi=90)
