@@ -16,7 +16,7 @@ TINY = ModelSpec(name="tiny-gpt", kind="gpt", n_blocks=1, d_model=32, n_heads=2,
 TINY_TIED = TINY.model_copy(update={"name": "tiny-gpt-tied", "tied_embeddings": True})
 TINY_VIT = ModelSpec(name="tiny-vit", kind="vit", n_blocks=1, d_model=16, n_heads=2, d_ff=32, image_size=28,
                      patch_size=7, channels=1, n_classes=10)
-COMMITTED = ["char-gpt-xs", "vit-tiny"]  # char-gpt-s, -m: not remade on English yet (see checkpoints/README.md)
+COMMITTED = ["char-gpt-xs", "char-gpt-s", "vit-tiny"]  # char-gpt-m: not remade on English yet (checkpoints/README.md)
 
 
 @pytest.fixture(autouse=True)

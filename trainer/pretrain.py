@@ -39,7 +39,7 @@ __all__ = ["PRETRAIN_DEFAULTS", "check_spec", "checkpoint_metadata", "evaluate",
 #: Settings of the committed checkpoints (``caff pretrain NAME`` uses them): steps, batch, lr.
 PRETRAIN_DEFAULTS: dict[str, dict] = {
     "char-gpt-xs": {"steps": 2000, "batch": 16, "lr": 3e-3},
-    "char-gpt-s": {"steps": 1200, "batch": 8, "lr": 3e-3},
+    "char-gpt-s": {"steps": 2000, "batch": 16, "lr": 3e-3},
     "char-gpt-m": {"steps": 500, "batch": 8, "lr": 2e-3},
     "char-gpt-l": {"steps": 300, "batch": 8, "lr": 1.5e-3},
     "vit-tiny": {"steps": 1200, "batch": 64, "lr": 1.5e-3},
