@@ -236,7 +236,8 @@ def _setting(run: dict) -> tuple[float, float]:
     return run["config"]["lr"], run["config"].get("lora_scale", LORA_SCALE)
 
 
-def _tuned(tuning: list[dict], regime: str, method: str) -> tuple[tuple[float, float] | None, list[tuple[float, float]]]:
+def _tuned(tuning: list[dict], regime: str,
+           method: str) -> tuple[tuple[float, float] | None, list[tuple[float, float]]]:
     """The (learning rate, LoRA scale) of the lowest final validation loss (None if none trained) and every
     setting tried."""
     mine = [t for t in tuning if t["regime"] == regime and t["method"] == method]
@@ -317,12 +318,11 @@ def summarize(args, refs: dict, runs: list[dict]) -> tuple[str, dict]:
              f"{pre['loss']:.3f}, accuracy {pre['accuracy']:.2%}; centralized full fine-tuning (upper bound): loss "
              f"{top['loss']:.3f}, accuracy {top['accuracy']:.2%}; headroom {100 * headroom:.2f} points "
              f"({pre['loss'] - top['loss']:.3f} nats). {args.rounds} rounds x {args.clients} clients x {args.steps} "
-             f"local steps of batch {args.batch} (sgd), {args.devices} devices; seeds {_listed(args.seeds)}; mean ± 95 "
-             f"% interval over seeds; lr per regime and method chosen on the validation set from "
-             f"{_listed(args.lr_grid)}"
-             f", with LoRA's scale α/r from {_listed(args.lora_scale_grid)} for the methods that may train LoRA adapters "
-             f"(stepping past the grid's edge, rates on the 1-3-10 ladder and scales by {SCALE_STEP:g}x, while the "
-             f"best setting sat on it).", ""]
+             f"local steps of batch {args.batch} (sgd), {args.devices} devices; seeds {_listed(args.seeds)}; "
+             f"mean ± 95 % interval over seeds; lr per regime and method chosen on the validation set from "
+             f"{_listed(args.lr_grid)}, with LoRA's scale α/r from {_listed(args.lora_scale_grid)} for the methods "
+             f"that may train LoRA adapters (stepping past the grid's edge, rates on the 1-3-10 ladder and scales "
+             f"by {SCALE_STEP:g}x, while the best setting sat on it).", ""]
     finals: dict[str, dict[str, list[float]]] = {}
     for regime in args.regimes.split(","):
         lines += [f"**{regime}**", "", "| method | lr (α/r) | trains | clients trained/round | accuracy | loss | "
@@ -584,10 +584,9 @@ def main() -> None:
     refs = cached_references(args)
     print(f"pretrained {refs['pretrained']}, upper bound {refs['upper_bound']}", flush=True)
     regimes, methods = args.regimes.split(","), args.methods.split(",")
-    grid, seeds = args.lr_grid, args.seeds
-    tuned, tuning = tune(args, regimes, methods, grid, args.lora_scale_grid)
+    tuned, tuning = tune(args, regimes, methods, args.lr_grid, args.lora_scale_grid)
     runs = _execute([_job(args, g, m, tuned[(g, m)][0], "run", s, tuned[(g, m)][1]) for g in regimes
-                     for m in methods for s in seeds],
+                     for m in methods for s in args.seeds],
                     args.jobs, "runs", args.report_only)
     table, finals = summarize(args, refs, runs)
     fairness, least_share = fairness_table(args, runs)

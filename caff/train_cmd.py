@@ -255,7 +255,8 @@ def run_demo(args) -> int:
         config=None, task="shakespeare", method=method, plan=str(out / "plan.json"), fleet=None, model=None,
         fleet_size=40, rounds=args.rounds, clients_per_round=10, local_steps=None, lr=args.lr or DEMO_LR[method], seed=0,
         lora_scale=None, drop_rate=None, eval_every=None, eval_samples=args.eval_samples, engine="local",
-        no_pretrained=False, out=str(out / method), resume=(out / method / "state.json").exists()) for method in ("caff", "lora", "full")}
+        no_pretrained=False, out=str(out / method), resume=(out / method / "state.json").exists())
+        for method in ("caff", "lora", "full")}
     for run_args in runs.values():  # refuse a run directory before the long steps below
         load_run(_train_config(run_args)[0], plan_digest(plan), None, run_args.out, run_args.resume)
     write_plan_file(out / "plan.json", plan)

@@ -38,9 +38,9 @@ def inject_lora(model: nn.Module, targets: dict[str, int], scale: float = LORA_S
 def apply_mode(model: TinyTransformer, mode: TrainMode,
                compact: dict[str, tuple[torch.Tensor, torch.Tensor | None]] | None = None,
                lora_scale: float = LORA_SCALE) -> TinyTransformer:
-    """Freeze what ``mode`` does not train, inject its LoRA adapters (alpha = ``lora_scale`` x rank), make its frozen linears compact
-    (``frozen:bf16|int8``: every linear of a block that does not train fully, LoRA bases included;
-    ``compact``: module name -> (weight, scale) of those the server sent compact,
+    """Freeze what ``mode`` does not train, inject its LoRA adapters (alpha = ``lora_scale`` x rank), make
+    its frozen linears compact (``frozen:bf16|int8``: every linear of a block that does not train fully,
+    LoRA bases included; ``compact``: module name -> (weight, scale) of those the server sent compact,
     `costmodel.compact.received_compact`), mark the blocks it recomputes, and set where autograd starts."""
     spec = model.spec
     mode = normalize_mode(spec, mode)
