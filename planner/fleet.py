@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import functools
 import gc
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -106,7 +108,11 @@ def plan(specs: list[ModelSpec], devices: list, settings: PlanSettings = PlanSet
         budgets = {menu: [Budgets.of_device(d, settings.margin, settings.shard_bytes, bool(menu)) for d in devices]
                    for menu in menus}
         stacked = {menu: Budgets.stack(budgets[menu]) for menu in menus}
-        solved = [_solve_architecture(spec, devices, budgets, stacked, settings) for spec in specs]
+        tables = {spec: _tables(spec, devices, menus, settings) for spec in specs}
+        frontiers = _frontiers([(table, stacked[menu].rows(members)) for batches_of_spec in tables.values()
+                                for members, menu_tables in batches_of_spec for menu, table in menu_tables]
+                               ) if settings.solver == "frontier" else {}
+        solved = [_solve_architecture(spec, devices, tables[spec], budgets, stacked, frontiers) for spec in specs]
         summaries, winner = _summaries(solved, settings)
         return PlanFile(objective=str(settings.objective), lora_ranks=list(settings.lora_ranks),
                         recompute=settings.recompute, frozen=list(settings.frozen), margin=settings.margin,
@@ -119,35 +125,45 @@ def plan(specs: list[ModelSpec], devices: list, settings: PlanSettings = PlanSet
             gc.enable()
 
 
-def _solve_architecture(spec: ModelSpec, devices: list, budgets: dict[tuple, list[Budgets]],
-                        stacked: dict[tuple, Budgets], settings: PlanSettings) -> _Solved:
-    """Every device's best plan of ``spec``; ``budgets``: each device's, per LoRA menu (see `plan`), and
-    ``stacked`` the same as column arrays: plans without LoRA against the plain runtime and plans with
-    it against the larger one. One table per LoRA menu and way of holding frozen weights; each device
-    takes the best of its best plans (`preferred`)."""
-    n = len(devices)
+def _tables(spec: ModelSpec, devices: list, menus: list[tuple], settings: PlanSettings) -> list[tuple]:
+    """Per batch size of the fleet, its devices (indices) and a (LoRA menu, `cost_table`) per LoRA menu
+    and way of holding frozen weights; the first table gives the binding budgets of devices no table
+    fits (see `_solve_architecture`)."""
     batches = np.array([settings.batch or d.batch_size for d in devices])
-    menus = list(budgets)
+    choices = [(menu, frozen) for menu in menus for frozen in (None, *settings.frozen) if frozen != spec.dtype]
+    return [(members, [(menu, cost_table(spec, int(batch), settings.seq, settings.optimizer, menu, settings.objective,
+                                         settings.recompute, frozen)) for menu, frozen in choices])
+            for batch in np.unique(batches) for members in [np.flatnonzero(batches == batch)]]
+
+
+def _solve_architecture(spec: ModelSpec, devices: list, tables: list[tuple], budgets: dict[tuple, list[Budgets]],
+                        stacked: dict[tuple, Budgets], frontiers: dict[CostTable, tuple[Frontier, float]]) -> _Solved:
+    """Every device's best plan of ``spec``; ``tables``: per batch size of the fleet, its devices and a
+    (LoRA menu, table) per choice (`_tables`); ``budgets``: each device's, per LoRA menu (see `plan`),
+    and ``stacked`` the same as column arrays: plans without LoRA against the plain runtime and plans
+    with it against the larger one; ``frontiers``: each table's and the seconds it took (`_frontiers`;
+    none with the ILP solver). Each device takes the best of its best plans (`preferred`)."""
+    n = len(devices)
     rows = np.full((n, len(layer_names(spec))), -1)
     costs = PlanCosts(*(np.zeros(n, dtype=dtype) for dtype in (np.int64,) * 4 + (float,) + (np.int64,) * 2))
     binding = np.zeros((n, len(BUDGETS)), dtype=bool)
     seconds = np.zeros(n)
     full = np.zeros((n, spec.n_blocks), dtype=bool)
     lora = np.zeros((n, spec.n_blocks), dtype=bool)
-    tables: list[CostTable] = [None] * n
-    solve = _solve_by_frontier if settings.solver == "frontier" else _solve_by_ilp
-    choices = [(menu, frozen) for menu in menus for frozen in (None, *settings.frozen) if frozen != spec.dtype]
-    for batch in np.unique(batches):
-        members = np.flatnonzero(batches == batch)
-        for menu, frozen in choices:
+    planned: list[CostTable] = [None] * n
+    for members, menu_tables in tables:
+        for k, (menu, table) in enumerate(menu_tables):
             started = time.perf_counter()
-            table = cost_table(spec, int(batch), settings.seq, settings.optimizer, menu, settings.objective,
-                               settings.recompute, frozen)
             menu_budgets = stacked[menu].rows(members)
-            menu_rows, menu_costs, menu_binding, menu_seconds = solve(
-                table, [budgets[menu][i] for i in members], menu_budgets, started)
+            if table in frontiers:
+                frontier, frontier_seconds = frontiers[table]
+                menu_rows, menu_costs, menu_binding = _solve_by_frontier(table, frontier, menu_budgets)
+                menu_seconds = (time.perf_counter() - started + frontier_seconds) / len(members)
+            else:
+                menu_rows, menu_costs, menu_binding, menu_seconds = _solve_by_ilp(
+                    table, [budgets[menu][i] for i in members], started)
             feasible = menu_rows[:, 0] >= 0
-            if (menu, frozen) == choices[0]:  # binding where no table fits: the budgets its head-only plan breaks
+            if k == 0:  # binding where no table fits: the budgets its head-only plan breaks
                 take = np.ones(len(members), dtype=bool)
                 over = menu_budgets.over(table.evaluate(table.head_only))
                 menu_binding[~feasible] = np.column_stack([over[budget][:, 0] for budget in BUDGETS])[~feasible]
@@ -160,8 +176,8 @@ def _solve_architecture(spec: ModelSpec, devices: list, budgets: dict[tuple, lis
                 getattr(costs, field.name)[chosen] = getattr(menu_costs, field.name)[take]
             full[chosen], lora[chosen] = (part[take] for part in table.block_training(menu_rows))
             for i in chosen:
-                tables[i] = table
-    return _Solved(spec, tables, rows, costs, binding, seconds, full, lora)
+                planned[i] = table
+    return _Solved(spec, planned, rows, costs, binding, seconds, full, lora)
 
 
 @functools.lru_cache(maxsize=256)
@@ -171,7 +187,7 @@ def cost_table(spec: ModelSpec, batch: int, seq: int | None, optimizer: str, lor
     return CostTable(spec, batch, seq, optimizer, lora_ranks, objective, recompute, frozen)
 
 
-_WHOLE_FRONTIERS: dict[CostTable, Frontier] = {}  # the last 128 tables' whole frontiers, oldest first
+_WHOLE_FRONTIERS: dict[CostTable, Frontier] = {}  # the last 128 tables' whole frontiers, oldest first (`_frontiers`)
 
 
 def clear_caches() -> None:
@@ -181,34 +197,52 @@ def clear_caches() -> None:
     clear_layer_costs()
 
 
-def whole_frontier(table: CostTable) -> Frontier:
-    """`compute_frontier` of all ``table``'s plans, computed once per table in a process (the last 128
-    kept): every later fleet or device planned on that table reads its optima from it."""
-    if table not in _WHOLE_FRONTIERS:
-        if len(_WHOLE_FRONTIERS) >= 128:
-            del _WHOLE_FRONTIERS[next(iter(_WHOLE_FRONTIERS))]
-        _WHOLE_FRONTIERS[table] = compute_frontier(table)
-    return _WHOLE_FRONTIERS[table]
+def _frontiers(jobs: list[tuple[CostTable, Budgets]]) -> dict[CostTable, tuple[Frontier, float]]:
+    """The frontier each (table, its devices' budgets as column arrays) is solved on, and the seconds it
+    took (0 where kept from an earlier plan): the table's whole frontier, computed once per table in a
+    process (the last 128 kept) and read by every later fleet or device planned on it; except for a few
+    devices on a table whose whole frontier is large and not yet computed (LoRA ranks and recomputation
+    together: thousands of plans, ~0.3 s for 12 blocks), where only the plans those devices can reach are
+    (`compute_frontier` with their budgets, ~0.1 s). Those not at hand are computed on a thread per core
+    (NumPy's sorts and comparisons run outside the interpreter's lock)."""
+    found, missing = {}, {}
+    for table, budgets in jobs:
+        if table in _WHOLE_FRONTIERS:
+            found[table] = (_WHOLE_FRONTIERS[table], 0.0)
+        elif table.recompute and table.lora_ranks and budgets.devices <= FEW_DEVICES:
+            missing[table] = budgets
+        else:
+            missing[table] = None
+    computed = {}
+    if missing:
+        with ThreadPoolExecutor(max_workers=min(len(missing), os.cpu_count() or 1)) as pool:
+            computed = dict(zip(missing, pool.map(_timed_frontier, missing, missing.values())))
+    for table, budgets in missing.items():
+        if budgets is None:
+            if len(_WHOLE_FRONTIERS) >= 128:
+                del _WHOLE_FRONTIERS[next(iter(_WHOLE_FRONTIERS))]
+            _WHOLE_FRONTIERS[table] = computed[table][0]
+    return found | computed
 
 
-def _solve_by_frontier(table: CostTable, budgets: list[Budgets], stacked: Budgets, started: float):
-    """Option rows, their costs (the head-only plan's where none fits), binding budgets and seconds per
-    device, from one frontier for all of them (``stacked``: their budgets as column arrays): the table's
-    whole frontier, except for a few devices on a table whose whole frontier is large and not yet
-    computed (LoRA ranks and recomputation together: thousands of plans, ~0.7 s for 12 blocks), where
-    only the plans those devices can reach are (`compute_frontier` with their budgets, ~0.1 s)."""
-    large = table.recompute and table.lora_ranks and table not in _WHOLE_FRONTIERS
-    frontier = compute_frontier(table, stacked) if large and len(budgets) <= FEW_DEVICES else whole_frontier(table)
+def _timed_frontier(table: CostTable, budgets: Budgets | None) -> tuple[Frontier, float]:
+    started = time.perf_counter()
+    return compute_frontier(table, budgets), time.perf_counter() - started
+
+
+def _solve_by_frontier(table: CostTable, frontier: Frontier, stacked: Budgets):
+    """Option rows, their costs (the head-only plan's where none fits) and binding budgets per device of
+    ``stacked`` (their budgets as column arrays), from one frontier of ``table`` for all of them."""
     best = frontier.best(stacked)
     plans = PlanCosts(*(np.concatenate([getattr(frontier.costs, f.name), getattr(head, f.name)])  # -1: head only
                         for head in [table.evaluate(table.head_only)] for f in fields(PlanCosts)))
     binding = np.column_stack([_better(plans, frontier.best(stacked.without(b)), best) for b in BUDGETS])
     rows = np.full((len(best), len(table.layers)), -1)
     rows[best >= 0] = frontier.selections[best[best >= 0]]
-    return rows, plans.take(best), binding & (best >= 0)[:, None], (time.perf_counter() - started) / len(budgets)
+    return rows, plans.take(best), binding & (best >= 0)[:, None]
 
 
-def _solve_by_ilp(table: CostTable, budgets: list[Budgets], stacked: Budgets, started: float):
+def _solve_by_ilp(table: CostTable, budgets: list[Budgets], started: float):
     """Option rows, their costs, binding budgets and seconds per device, one ILP (and one per lifted
     budget) each."""
     rows = np.full((len(budgets), len(table.layers)), -1)

@@ -250,36 +250,37 @@ class _Reach:
 def _non_dominated(primary: np.ndarray, trained: np.ndarray, costs: np.ndarray, signature: np.ndarray,
                    sweep: tuple[int, int, int | None], size: int = 256, block: int = 4096) -> np.ndarray:
     """Indices of labels no other label of the same signature dominates (key >= and costs <=);
-    of identical labels the first is kept. Each cost column is replaced by its dense rank (the same
-    comparisons, in 2 or 4 bytes rather than 8); `_swept` drops most dominated labels in a few linear
+    of identical labels the first is kept. The costs are compared as `_compact` holds them; `_swept` drops most dominated labels in a few linear
     passes (``sweep``: its columns), and each signature's remaining labels go on their own."""
     if not len(primary):
         return np.zeros(0, dtype=np.int64)
-    ranked = np.column_stack([np.unique(column, return_inverse=True)[1].ravel() for column in costs.T])
-    ranked = ranked.astype(np.int16 if ranked.max() < 2**15 else np.int32)
     packed = np.packbits(signature, axis=1)
     sig = np.unique(packed.view(f"V{packed.shape[1]}").ravel(), return_inverse=True)[1].ravel() if packed.size \
         else np.zeros(len(primary), dtype=np.int64)
-    alive = np.flatnonzero(~_swept(primary, trained, sig, ranked, sweep))
+    columns = _compact(costs)
+    alive = np.flatnonzero(~_swept(primary, trained, sig, columns, sweep))
+    varying = [column for column in columns if column is not None] or [np.zeros(len(primary), dtype=np.int8)]
     kept = []
     for value in np.unique(sig[alive]):
         members = alive[sig[alive] == value]
-        kept.append(members[_non_dominated_alike(primary[members], trained[members], ranked[members], size, block)])
+        kept.append(members[_non_dominated_alike(primary[members], trained[members],
+                                                 [column[members] for column in varying], size, block)])
     return np.sort(np.concatenate(kept))
 
 
-def _swept(primary: np.ndarray, trained: np.ndarray, sig: np.ndarray, ranked: np.ndarray,
+def _swept(primary: np.ndarray, trained: np.ndarray, sig: np.ndarray, columns: list[np.ndarray | None],
            sweep: tuple[int, int, int | None], levels: int = 32) -> np.ndarray:
     """Whether each label is dominated by another of its class: the labels alike in signature, key and
     every cost column but the three of ``sweep`` (s, v, l; l None: none). In a class sorted by (s, v, l),
     with ties in the labels' order, a label is dominated iff an earlier one is no larger in v and l: one
-    pass per rank t of l within the class keeps the running least v of the labels of rank <= t, and
-    tests the labels of rank t against it (those of rank ``levels`` or more test against the ranks
-    below it, which finds some of their dominators). What it finds is dominated; what it leaves,
-    `_non_dominated_alike` settles."""
+    pass per rank t of l within the class keeps the running least v (by its dense rank) of the labels
+    of rank <= t, and tests the labels of rank t against it (those of rank ``levels`` or more test
+    against the ranks below it, which finds some of their dominators). What it finds is dominated; what
+    it leaves, `_non_dominated_alike` settles."""
     n = len(primary)
-    s, v, l = (ranked[:, c].astype(np.int64) if c is not None else np.zeros(n, dtype=np.int64) for c in sweep)
-    others = [ranked[:, c] for c in range(ranked.shape[1]) if c not in sweep]
+    s, v, l = (columns[c] if c is not None and columns[c] is not None else np.zeros(n, dtype=np.int8)
+               for c in sweep)
+    others = [column for c, column in enumerate(columns) if c not in sweep and column is not None]
     order = np.lexsort((l, v, s, *others, trained, primary, sig))
     change = np.zeros(n, dtype=bool)
     change[0] = True
@@ -287,7 +288,7 @@ def _swept(primary: np.ndarray, trained: np.ndarray, sig: np.ndarray, ranked: np
         key = key[order]
         change[1:] |= key[1:] != key[:-1]
     group = np.cumsum(change) - 1  # class of each sorted label, ascending
-    l, v = l[order], v[order]
+    l, v = l[order], np.unique(v, return_inverse=True)[1].ravel()[order].astype(np.int64)
     by_l = np.lexsort((l, group))
     new = np.ones(n, dtype=bool)
     new[1:] = (l[by_l][1:] != l[by_l][:-1]) | (group[by_l][1:] != group[by_l][:-1])
@@ -307,7 +308,7 @@ def _swept(primary: np.ndarray, trained: np.ndarray, sig: np.ndarray, ranked: np
     return found
 
 
-def _non_dominated_alike(primary: np.ndarray, trained: np.ndarray, costs: np.ndarray, size: int,
+def _non_dominated_alike(primary: np.ndarray, trained: np.ndarray, columns: list[np.ndarray], size: int,
                          block: int) -> np.ndarray:
     """`_non_dominated` among labels of one signature.
 
@@ -316,9 +317,10 @@ def _non_dominated_alike(primary: np.ndarray, trained: np.ndarray, costs: np.nda
     boundaries (runs of one key, joined until a group holds ``size``). A label of group A can
     dominate one of group B only if A's least costs (per column) are <= B's largest. So each group in
     turn is tested, ``size`` rows by ``block`` labels at a time, against its own earlier labels and
-    against the kept labels of the earlier groups that pass that test, each row dropped once dominated."""
-    order = np.lexsort((*costs.T[::-1], -trained, -primary))
-    columns = np.ascontiguousarray(costs[order].T)
+    against the kept labels of the earlier groups that pass that test, each row dropped once dominated.
+    ``columns``: the costs that vary (`_compact`)."""
+    order = np.lexsort((*columns[::-1], -trained, -primary))
+    columns = [column[order] for column in columns]
     runs = np.flatnonzero(np.concatenate([[True], (np.diff(primary[order]) != 0) | (np.diff(trained[order]) != 0)]))
     starts = runs[np.concatenate([[True], np.diff(runs // size) > 0])]
     ends = np.append(starts[1:], len(order))
@@ -346,3 +348,16 @@ def _non_dominated_alike(primary: np.ndarray, trained: np.ndarray, costs: np.nda
         could = np.flatnonzero((least[:g] <= most[g]).all(axis=1))[::-1]  # latest first: likeliest dominators
         kept.append(survivors(rows, np.concatenate([kept[a] for a in could]) if len(could) else could))
     return order[np.concatenate(kept)]
+
+
+def _compact(costs: np.ndarray) -> list[np.ndarray | None]:
+    """Each column of ``costs`` less its least value and divided by the greatest common divisor of what
+    is left, in the narrowest integer type: the same comparisons in 1-4 bytes rather than 8 (bytes and
+    FLOPs of one layer come in multiples of large powers of two); None for a constant column."""
+    columns = []
+    for column in costs.T:
+        shifted = column - column.min()
+        divisor = int(np.gcd.reduce(shifted))
+        columns.append((shifted // divisor).astype(np.min_scalar_type(int(shifted.max()) // divisor))
+                       if divisor else None)
+    return columns
