@@ -8,7 +8,8 @@ For a task and one pretrained model (default Shakespeare on char-gpt-xs, pretrai
 2. **Tuning**: each method's SGD learning rate, per regime, from ``--lr-grid``, and for the methods
    that may train LoRA adapters (caff, LoRA, FedRA) with each of LoRA's scales alpha / rank from
    ``--lora-scale-grid``, on the validation set (held-out samples of the federated clients disjoint
-   from the test set), seed 0, ``--tune-rounds`` rounds; the lowest final validation loss wins, and
+   from the test set), seeds ``--tune-seeds`` (default 0), ``--tune-rounds`` rounds; the lowest final
+   validation loss (mean over the tuning seeds; a setting that diverges on any of them is out) wins, and
    while it is the lowest or highest rate (scale) tried, the next rate beyond it on the 1-3-10 ladder
    (the scale 4x beyond it) is tried too (twice at most). Never the test set.
 3. **Runs**: every method with its learning rate, ``--seeds``, the same rounds, clients per round,
@@ -238,14 +239,23 @@ def _setting(run: dict) -> tuple[float, float]:
 
 def _tuned(tuning: list[dict], regime: str,
            method: str) -> tuple[tuple[float, float] | None, list[tuple[float, float]]]:
-    """The (learning rate, LoRA scale) of the lowest final validation loss (None if none trained) and every
-    setting tried."""
-    mine = [t for t in tuning if t["regime"] == regime and t["method"] == method]
-    scored = [(t["rounds"][-1]["test_loss"], _setting(t)) for t in mine
-              if "error" not in t and t["rounds"][-1]["test_loss"] is not None
-              and math.isfinite(t["rounds"][-1]["test_loss"])
-              and any(x["trained"] for x in t["rounds"])]  # a diverged learning rate never wins
-    return (min(scored)[1] if scored else None), sorted(_setting(t) for t in mine if "error" not in t)
+    """The (learning rate, LoRA scale) of the lowest final validation loss, mean over the tuning seeds
+    (None if none trained on every seed), and every setting tried. A setting whose run on some seed
+    failed, diverged or never trained cannot win."""
+    runs_of: dict[tuple[float, float], list[dict]] = {}
+    for t in tuning:
+        if t["regime"] == regime and t["method"] == method:
+            runs_of.setdefault(_setting(t), []).append(t)
+
+    def loss(t: dict) -> float:
+        final = t["rounds"][-1]["test_loss"] if "error" not in t else None
+        trained = "error" not in t and any(x["trained"] for x in t["rounds"])
+        return final if trained and final is not None and math.isfinite(final) else math.inf
+
+    scored = [(statistics.mean(loss(t) for t in runs), setting) for setting, runs in runs_of.items()]
+    best = min((x for x in scored if math.isfinite(x[0])), default=None)
+    return (best[1] if best else None), sorted(setting for setting, runs in runs_of.items()
+                                               if all("error" not in t for t in runs))
 
 
 def _grid_step(lr: float, down: bool) -> float:
@@ -279,15 +289,16 @@ def tune(args, regimes: list[str], methods: list[str], grid: list[float],
     def scales_of(method: str) -> list[float]:
         return scales if VARIANTS.get(method, (method,))[0] in LORA_METHODS else [LORA_SCALE]
 
-    tuning = _execute([_job(args, g, m, lr, "tune", 0, s) for g in regimes for m in methods for lr in grid
-                       for s in scales_of(m)], args.jobs, "tuning", args.report_only)
+    tuning = _execute([_job(args, g, m, lr, "tune", seed, s) for g in regimes for m in methods for lr in grid
+                       for s in scales_of(m) for seed in args.tune_seeds], args.jobs, "tuning", args.report_only)
     for _ in range(GRID_EXTENSIONS):
         beyond = []
         for regime in regimes:
             for method in methods:
                 best, tried = _tuned(tuning, regime, method)
                 if best is not None:
-                    beyond += [_job(args, regime, method, lr, "tune", 0, s) for lr, s in _beyond_edge(best, tried)]
+                    beyond += [_job(args, regime, method, lr, "tune", seed, s) for lr, s in _beyond_edge(best, tried)
+                               for seed in args.tune_seeds]
         if not beyond:
             break
         tuning += _execute(beyond, args.jobs, "tuning beyond the grid's edge", args.report_only)
@@ -551,6 +562,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--tune-rounds", type=int, default=10)
+    parser.add_argument("--tune-seeds", default=[0], type=_numbers(int),
+                        help="seeds of each tuning run; a setting is scored by its mean validation loss over them")
     parser.add_argument("--clients", type=int, default=5, help="clients per round")
     parser.add_argument("--steps", type=int, default=8, help="local steps")
     parser.add_argument("--batch", type=int, default=8)

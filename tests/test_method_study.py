@@ -15,7 +15,7 @@ REFS = {"pretrained": {"accuracy": 0.5}, "upper_bound": {"accuracy": 0.9}}
 
 def _args(tmp_path):
     return argparse.Namespace(task="fashion-mnist", model="vit-tiny", rounds=1, tune_rounds=1, clients=2, steps=1,
-                              batch=8, devices=4, eval_every=1, eval_samples=16, out=str(tmp_path))
+                              batch=8, devices=4, eval_every=1, eval_samples=16, out=str(tmp_path), tune_seeds=[0])
 
 
 def test_a_method_no_device_can_afford_is_recorded_as_such_without_training_and_one_that_fits_trains(
@@ -105,6 +105,27 @@ def test_tuning_chooses_loras_scale_with_the_rate_and_steps_past_the_scale_grids
     assert tuned[("upload-1/8", "lora")] == (0.1, 32.0)
     assert sorted(study._setting(job) for job in tuning) == sorted(
         [(lr, s) for lr in (0.03, 0.1, 0.3) for s in (0.5, 2.0, 8.0)] + [(0.1, 32.0), (0.1, 128.0)])
+
+
+def test_tuning_over_two_seeds_drops_a_rate_that_diverges_on_one_of_them(monkeypatch, tmp_path):
+    """A setting is scored by its mean validation loss over the tuning seeds: 0.3, best on seed 0 but
+    diverged on seed 1, loses to 0.1 with both seeds, and wins with seed 0 alone."""
+    import math
+
+    import bench.method_study as study
+
+    def execute(jobs, workers, label, report_only=False):
+        def loss(config):
+            diverged = config["lr"] == 0.3 and config["seed"] == 1
+            return math.nan if diverged else abs(math.log10(config["lr"] / 0.3)) + 0.01 * config["seed"]
+        return [{**job, "rounds": [{"test_loss": loss(job["config"]), "trained": 1}]} for job in jobs]
+
+    monkeypatch.setattr(study, "_execute", execute)
+    for seeds, chosen in (([0, 1], 0.1), ([0], 0.3)):
+        args = argparse.Namespace(**{**vars(_args(tmp_path)), "tune_seeds": seeds}, jobs=1, report_only=False)
+        tuned, tuning = study.tune(args, ["mem-1/2"], ["head"], [0.03, 0.1, 0.3], [0.5, 2.0, 8.0])
+        assert tuned[("mem-1/2", "head")][0] == chosen
+        assert sorted(job["config"]["seed"] for job in tuning if job["config"]["lr"] == 0.1) == seeds
 
 
 def test_a_lora_scale_is_refused_for_a_plan_with_no_adapter(tmp_path):
