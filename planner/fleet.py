@@ -220,7 +220,8 @@ def _frontiers(jobs: list[tuple[CostTable, Budgets]]) -> dict[CostTable, tuple[F
             serial[table] = None
     computed = {table: _timed_frontier(table, budgets) for table, budgets in serial.items()}
     if threaded:
-        with ThreadPoolExecutor(max_workers=min(len(threaded), os.cpu_count() or 1)) as pool:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        with ThreadPoolExecutor(max_workers=min(len(threaded), cores)) as pool:
             computed |= dict(zip(threaded, pool.map(_timed_frontier, threaded)))
     for table in [*threaded, *(table for table, budgets in serial.items() if budgets is None)]:
         if len(_WHOLE_FRONTIERS) >= 128:
@@ -230,6 +231,7 @@ def _frontiers(jobs: list[tuple[CostTable, Budgets]]) -> dict[CostTable, tuple[F
 
 
 def _timed_frontier(table: CostTable, budgets: Budgets | None = None) -> tuple[Frontier, float]:
+    """`compute_frontier` and its wall seconds."""
     started = time.perf_counter()
     return compute_frontier(table, budgets), time.perf_counter() - started
 

@@ -24,6 +24,7 @@ from costmodel.process import churned_bytes, kept_bytes
 from planner import (BUDGETS, Budgets, CostTable, DeviceIlp, Objective, PlanCosts, PlanSettings, compute_frontier, plan,
                      read_plan_file, write_plan_file)
 from planner.fleet import preferred
+from planner.frontier import FEW_DEVICES
 from profiles import DeviceSpec
 from tests.conftest import TENSORS_ONLY
 
@@ -506,9 +507,10 @@ def random_devices(rng: random.Random, name: str, n: int, batches=(BATCH, 2 * BA
     return devices
 
 
-def test_fleet_frontier_plans_equal_per_device_ilp():
+@pytest.mark.parametrize("n", [FEW_DEVICES, 2 * FEW_DEVICES])  # frontiers pruned by the devices' budgets; whole,
+def test_fleet_frontier_plans_equal_per_device_ilp(n):                # the large ones computed on threads
     specs = [SMALL["gpt5-lora"][0], SMALL["gpt10"][0]]
-    devices = random_devices(random.Random(3), "gpt5-lora", 3)
+    devices = random_devices(random.Random(3), "gpt5-lora", n)
     settings = PlanSettings(lora_ranks=(2, 4), recompute=True, seq=SEQ, optimizer="adam")
     by_frontier = plan(specs, devices, settings)
     by_ilp = plan(specs, devices, dataclasses.replace(settings, solver="ilp"))
