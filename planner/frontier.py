@@ -250,8 +250,9 @@ class _Reach:
 def _non_dominated(primary: np.ndarray, trained: np.ndarray, costs: np.ndarray, signature: np.ndarray,
                    sweep: tuple[int, int, int | None], size: int = 256, block: int = 4096) -> np.ndarray:
     """Indices of labels no other label of the same signature dominates (key >= and costs <=);
-    of identical labels the first is kept. The costs are compared as `_compact` holds them; `_swept` drops most dominated labels in a few linear
-    passes (``sweep``: its columns), and each signature's remaining labels go on their own."""
+    of identical labels the first is kept. The costs are compared as `_compact` holds them; `_swept`
+    drops most dominated labels in a few linear passes (``sweep``: its columns), and each signature's
+    remaining labels go on their own."""
     if not len(primary):
         return np.zeros(0, dtype=np.int64)
     packed = np.packbits(signature, axis=1)
