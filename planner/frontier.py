@@ -30,9 +30,9 @@ dominated (key >=, weights >=, every other quantity <=) by another with the same
 already have an input that requires grad) can never complete to a better plan than its dominator
 does: dropping it is exact. A label's fwd at or under its bwd stays under it whatever follows (a
 later layer adds its base to fwd, its base and G to bwd), so there fwd cannot matter and the pruning
-compares it as -1. The pruning first sweeps each class of labels alike but in below, bwd and FLOPS
-(`_swept`: sorted by below, a running least bwd per rank of FLOPS), which drops most dominated ones
-in linear passes, then compares what is left pairwise (`_non_dominated_alike`).
+compares it as -1. The pruning (`_skyline`, compiled by numba) settles the labels class by class
+(alike in signature and key, larger keys first): within a class, each label against those kept so far;
+then each survivor against the kept labels of the classes of larger key whose least costs allow it.
 Without LoRA menus the plan space is 2^blocks; with a menu of r ranks (2 + r)^blocks, and with
 recomputation (2 + 2r)^blocks, of which the pruning keeps some hundreds of labels (12 blocks and 3
 ranks: at most ~1,300 before a layer's pruning, a frontier of ~200-300 plans; with recomputation
@@ -59,6 +59,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from planner.budget import BUDGETS, Budgets
@@ -160,8 +161,7 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
             # to the one, its base and gradients to the other): where FWD <= BWD, FWD cannot matter
             costs = new[keep]
             costs[costs[:, FWD] <= costs[:, BWD], FWD] = -1
-            keep = keep[_non_dominated(primary[keep], trained[keep], costs, input_grad[keep, at + 1:],
-                                       (BELOW, BWD, FLOPS))]
+            keep = keep[_non_dominated(primary[keep], trained[keep], costs, input_grad[keep, at + 1:])]
         if len(keep) < len(new):
             new, primary, trained, input_grad, label, option = (
                 a[keep] for a in (new, primary, trained, input_grad, label, option))
@@ -172,13 +172,10 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
         step_flops=quantities[:, FLOPS], upload_bytes=quantities[:, UPLOAD], trained_bytes=trained, primary=primary,
         weight_bytes=-quantities[:, WEIGHT],
         precision=np.full(len(primary), table.precision))
-    # plans dominated with as many weights or more go first (plans alike in key, upload and weights: one
-    # class of the sweep), then those dominated in churned bytes, what the allocator's slack scales
-    costs = [final.peak_bytes, final.step_flops, final.upload_bytes]
-    keep = np.arange(len(primary))
-    for last in (-final.weight_bytes, final.peak_bytes - final.weight_bytes):
-        keep = keep[_non_dominated(primary[keep], trained[keep], np.column_stack([c[keep] for c in (*costs, last)]),
-                                   np.zeros((len(keep), 0), dtype=bool), (1, 0, None))]  # sweep by FLOPS, peak
+    # a plan dominates where it needs no more peak, FLOPs, upload or churned bytes (what the allocator's slack scales)
+    keep = _non_dominated(primary, trained, np.column_stack([final.peak_bytes, final.step_flops, final.upload_bytes,
+                                                             final.peak_bytes - final.weight_bytes]),
+                          np.zeros((len(primary), 0), dtype=bool))
     order = keep[np.lexsort((final.peak_bytes[keep], final.step_flops[keep], -trained[keep], -primary[keep]))]
     selections = np.empty((len(order), len(layers)), dtype=np.int64)
     labels = order
@@ -228,7 +225,7 @@ class _Reach:
     def _reduce(self) -> None:
         """Leave out each device another covers: room at least as large, floor at most its own."""
         keep = _non_dominated(-self.all_floors[:, 0], -self.all_floors[:, 1], -self.all_rooms,
-                              np.zeros((len(self.all_rooms), 0), dtype=bool), (0, 1, 2))
+                              np.zeros((len(self.all_rooms), 0), dtype=bool))
         self.rooms, self.floor = self.all_rooms[keep], self.all_floors[keep]
 
     def keeps(self, at: int, labels: np.ndarray, primary: np.ndarray, trained: np.ndarray) -> np.ndarray:
@@ -247,118 +244,110 @@ class _Reach:
         return kept
 
 
-def _non_dominated(primary: np.ndarray, trained: np.ndarray, costs: np.ndarray, signature: np.ndarray,
-                   sweep: tuple[int, int, int | None], size: int = 256, block: int = 4096) -> np.ndarray:
-    """Indices of labels no other label of the same signature dominates (key >= and costs <=);
-    of identical labels the first is kept. The costs are compared as `_compact` holds them; `_swept`
-    drops most dominated labels in a few linear passes (``sweep``: its columns), and each signature's
-    remaining labels go on their own."""
+def _non_dominated(primary: np.ndarray, trained: np.ndarray, costs: np.ndarray, signature: np.ndarray) -> np.ndarray:
+    """Indices (ascending) of the labels no other label of the same signature dominates (key >= and
+    costs <=); of identical labels the first is kept. Labels are sorted into classes alike in signature
+    and key, the classes of a signature by key descending, and `_skyline` settles them one at a time."""
     if not len(primary):
         return np.zeros(0, dtype=np.int64)
-    packed = np.packbits(signature, axis=1)
-    sig = np.unique(packed.view(f"V{packed.shape[1]}").ravel(), return_inverse=True)[1].ravel() if packed.size \
-        else np.zeros(len(primary), dtype=np.int64)
-    columns = _compact(costs)
-    alive = np.flatnonzero(~_swept(primary, trained, sig, columns, sweep))
-    varying = [column for column in columns if column is not None] or [np.zeros(len(primary), dtype=np.int8)]
-    kept = []
-    for value in np.unique(sig[alive]):
-        members = alive[sig[alive] == value]
-        kept.append(members[_non_dominated_alike(primary[members], trained[members],
-                                                 [column[members] for column in varying], size, block)])
-    return np.sort(np.concatenate(kept))
+    if signature.shape[1] < 63:
+        sig = signature.astype(np.int64) @ (np.int64(1) << np.arange(signature.shape[1], dtype=np.int64))
+    else:
+        packed = np.packbits(signature, axis=1)
+        sig = np.unique(packed.view(f"V{packed.shape[1]}").ravel(), return_inverse=True)[1].ravel()
+    varying = np.ascontiguousarray(costs[:, (costs != costs[:1]).any(axis=0)], dtype=np.int64)
+    order = np.lexsort((-trained, -primary, sig))
+    change = np.ones(len(order), dtype=bool)
+    change[1:] = (np.diff(sig[order]) != 0) | (np.diff(primary[order]) != 0) | (np.diff(trained[order]) != 0)
+    starts = np.append(np.flatnonzero(change), len(order))
+    of_class = sig[order[starts[:-1]]]
+    first_of_signature = np.searchsorted(of_class, of_class)
+    spread = (varying.max(axis=0) - varying.min(axis=0)).astype(np.float64)
+    return np.flatnonzero(_skyline(varying, 1.0 / spread, order, starts, first_of_signature))
 
 
-def _swept(primary: np.ndarray, trained: np.ndarray, sig: np.ndarray, columns: list[np.ndarray | None],
-           sweep: tuple[int, int, int | None], levels: int = 32) -> np.ndarray:
-    """Whether each label is dominated by another of its class: the labels alike in signature, key and
-    every cost column but the three of ``sweep`` (s, v, l; l None: none). In a class sorted by (s, v, l),
-    with ties in the labels' order, a label is dominated iff an earlier one is no larger in v and l: one
-    pass per rank t of l within the class keeps the running least v (by its dense rank) of the labels
-    of rank <= t, and tests the labels of rank t against it (those of rank ``levels`` or more test
-    against the ranks below it, which finds some of their dominators). What it finds is dominated; what
-    it leaves, `_non_dominated_alike` settles."""
-    n = len(primary)
-    s, v, l = (columns[c] if c is not None and columns[c] is not None else np.zeros(n, dtype=np.int8)
-               for c in sweep)
-    others = [column for c, column in enumerate(columns) if c not in sweep and column is not None]
-    order = np.lexsort((l, v, s, *others, trained, primary, sig))
-    change = np.zeros(n, dtype=bool)
-    change[0] = True
-    for key in (sig, primary, trained, *others):
-        key = key[order]
-        change[1:] |= key[1:] != key[:-1]
-    group = np.cumsum(change) - 1  # class of each sorted label, ascending
-    l, v = l[order], np.unique(v, return_inverse=True)[1].ravel()[order].astype(np.int64)
-    by_l = np.lexsort((l, group))
-    new = np.ones(n, dtype=bool)
-    new[1:] = (l[by_l][1:] != l[by_l][:-1]) | (group[by_l][1:] != group[by_l][:-1])
-    dense = np.cumsum(new) - 1
-    rank = np.empty(n, dtype=np.int64)
-    rank[by_l] = dense - dense[np.searchsorted(group[by_l], group[by_l])]  # rank of l within its class
-    level = np.minimum(rank, levels - 1)
-    # a label's running least over earlier labels of its class: each class offset above the later ones
-    never = int(v.max()) + 1
-    offset = (group[-1] - group) * (never + 1)
-    dominated = np.zeros(n, dtype=bool)
-    for t in range(int(level.max()) + 1):
-        least = np.minimum.accumulate(np.where(rank <= t, v, never) + offset)
-        dominated[1:] |= (level[1:] == t) & (least[:-1] - offset[1:] <= v[1:])
-    found = np.zeros(n, dtype=bool)
-    found[order] = dominated
+@numba.njit(nogil=True, cache=True)
+def _skyline(costs: np.ndarray, scale: np.ndarray, order: np.ndarray, starts: np.ndarray,
+             first_of_signature: np.ndarray) -> np.ndarray:  # pragma: no cover
+    """Whether each row of ``costs`` (rows, columns) is dominated by no other: none of its class (rows
+    ``order[starts[c]:starts[c + 1]]``) or of an earlier class of its signature (from class
+    ``first_of_signature[c]``; a larger key) is <= it in every column. A class's rows go by their costs
+    times ``scale`` summed (dominators first, but for ties of that sum), each compared with the rows kept
+    so far (none of which dominates another): it goes if one is <= it, and removes those it is <= (rare);
+    of identical rows the first in ``order`` stays. Each class's survivors are then compared with the kept
+    rows of the earlier classes whose least costs (per column) are <= theirs."""
+    n, m = costs.shape
+    classes = len(starts) - 1
+    kept = np.empty(n, dtype=np.int64)  # the kept rows, class by class
+    kept_from = np.empty(classes + 1, dtype=np.int64)  # kept[kept_from[c]:kept_from[c + 1]]: class c's
+    least = np.empty((classes, m), dtype=np.int64)  # per class, the least cost per column of its kept rows
+    count = 0
+    for c in range(classes):
+        kept_from[c] = count
+        rows = order[starts[c]:starts[c + 1]]
+        total = np.zeros(len(rows))
+        for r in range(len(rows)):
+            for j in range(m):
+                total[r] += costs[rows[r], j] * scale[j]
+        for i in rows[np.argsort(total, kind="mergesort")]:
+            dominated = False
+            for k in range(kept_from[c], count):
+                q = kept[k]
+                if q < 0:
+                    continue
+                below, above = True, True
+                for j in range(m):
+                    if costs[q, j] > costs[i, j]:
+                        below = False
+                    elif costs[q, j] < costs[i, j]:
+                        above = False
+                    if not below and not above:
+                        break
+                if below:
+                    dominated = True
+                    break
+                if above:
+                    kept[k] = -1
+            if not dominated:
+                kept[count] = i
+                count += 1
+        end = kept_from[c]
+        for k in range(kept_from[c], count):
+            i = kept[k]
+            if i < 0:
+                continue
+            dominated = False
+            for e in range(c - 1, first_of_signature[c] - 1, -1):
+                could = True
+                for j in range(m):
+                    if least[e, j] > costs[i, j]:
+                        could = False
+                        break
+                if not could:
+                    continue
+                for f in range(kept_from[e], kept_from[e + 1]):
+                    q = kept[f]
+                    below = True
+                    for j in range(m):
+                        if costs[q, j] > costs[i, j]:
+                            below = False
+                            break
+                    if below:
+                        dominated = True
+                        break
+                if dominated:
+                    break
+            if not dominated:
+                kept[end] = i
+                end += 1
+        count = end
+        kept_from[c + 1] = count
+        for j in range(m):
+            least[c, j] = np.iinfo(np.int64).max
+        for k in range(kept_from[c], count):
+            for j in range(m):
+                least[c, j] = min(least[c, j], costs[kept[k], j])
+    found = np.zeros(n, dtype=np.bool_)
+    for k in range(count):
+        found[kept[k]] = True
     return found
-
-
-def _non_dominated_alike(primary: np.ndarray, trained: np.ndarray, columns: list[np.ndarray], size: int,
-                         block: int) -> np.ndarray:
-    """`_non_dominated` among labels of one signature.
-
-    Sorted by key descending, then costs, a label's dominators all come before it, and every label
-    before it is kept or dominated by a kept one. The sorted labels are cut into groups at key
-    boundaries (runs of one key, joined until a group holds ``size``). A label of group A can
-    dominate one of group B only if A's least costs (per column) are <= B's largest. So each group in
-    turn is tested, ``size`` rows by ``block`` labels at a time, against its own earlier labels and
-    against the kept labels of the earlier groups that pass that test, each row dropped once dominated.
-    ``columns``: the costs that vary (`_compact`)."""
-    order = np.lexsort((*columns[::-1], -trained, -primary))
-    columns = [column[order] for column in columns]
-    runs = np.flatnonzero(np.concatenate([[True], (np.diff(primary[order]) != 0) | (np.diff(trained[order]) != 0)]))
-    starts = runs[np.concatenate([[True], np.diff(runs // size) > 0])]
-    ends = np.append(starts[1:], len(order))
-    least = np.stack([np.minimum.reduceat(column, starts) for column in columns], axis=1)
-    most = np.stack([np.maximum.reduceat(column, starts) for column in columns], axis=1)
-
-    def dominated(rows: np.ndarray, by: np.ndarray) -> np.ndarray:
-        """Per row, whether a label of ``by`` (positions in ``order``) before it dominates it."""
-        found = by[None, :] < rows[:, None]
-        for column in columns:
-            found &= column[by][None, :] <= column[rows][:, None]
-        return found.any(axis=1)
-
-    def survivors(rows: np.ndarray, by: np.ndarray) -> np.ndarray:
-        for start in range(0, len(by), block):
-            if not len(rows):
-                break
-            rows = rows[~dominated(rows, by[start:start + block])]
-        return rows
-
-    kept: list[np.ndarray] = []
-    for g, (start, end) in enumerate(zip(starts, ends)):
-        rows = np.concatenate([survivors(np.arange(at, min(at + size, end)), np.arange(start, min(at + size, end)))
-                               for at in range(start, end, size)])
-        could = np.flatnonzero((least[:g] <= most[g]).all(axis=1))[::-1]  # latest first: likeliest dominators
-        kept.append(survivors(rows, np.concatenate([kept[a] for a in could]) if len(could) else could))
-    return order[np.concatenate(kept)]
-
-
-def _compact(costs: np.ndarray) -> list[np.ndarray | None]:
-    """Each column of ``costs`` less its least value and divided by the greatest common divisor of what
-    is left, in the narrowest integer type: the same comparisons in 1-4 bytes rather than 8 (bytes and
-    FLOPs of one layer come in multiples of large powers of two); None for a constant column."""
-    columns = []
-    for column in costs.T:
-        shifted = column - column.min()
-        divisor = int(np.gcd.reduce(shifted))
-        columns.append((shifted // divisor).astype(np.min_scalar_type(int(shifted.max()) // divisor))
-                       if divisor else None)
-    return columns

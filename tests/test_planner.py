@@ -328,6 +328,35 @@ def test_frontier_is_the_brute_force_pareto_set_and_finds_every_optimum(name):
             assert got_key == brute_best(objective, name, budgets)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_compiled_pruning_keeps_exactly_the_labels_no_other_dominates(seed):
+    """`_non_dominated` (numba's `_skyline`) against the definition, pair by pair: a label goes iff
+    another of its signature has a key (primary, trained) >= lexicographically and costs <=, where of
+    identical labels the first stays. Few distinct values make ties, identical labels and cross-key
+    dominance common; a float primary and a constant column are included."""
+    from planner.frontier import _non_dominated
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 400))
+    primary = rng.integers(0, 4, n) * 0.5
+    trained = rng.integers(0, 3, n) * 1000
+    costs = np.column_stack([rng.integers(0, 4, n), rng.integers(-2, 3, n) * 2**40, np.full(n, 7),
+                             rng.integers(0, 5, n)][: 1 + seed % 4])
+    if seed % 2:  # sums of scaled costs that round alike: a dominator may come after what it dominates
+        costs = np.column_stack([costs, rng.choice([0, 2**60], n), rng.choice([0, 1, 2**60], n)])
+    signature = rng.random((n, seed % 3)) < 0.5
+    key_at_least = (primary[:, None] > primary[None, :]) | (
+        (primary[:, None] == primary[None, :]) & (trained[:, None] >= trained[None, :]))
+    no_more = (costs[:, None, :] <= costs[None, :, :]).all(axis=2)
+    alike = (signature[:, None, :] == signature[None, :, :]).all(axis=2)
+    identical = alike & (primary[:, None] == primary[None, :]) & (trained[:, None] == trained[None, :]) & \
+        (costs[:, None, :] == costs[None, :, :]).all(axis=2)
+    earlier = np.arange(n)[:, None] < np.arange(n)[None, :]
+    dominates = alike & key_at_least & no_more & (~identical | earlier)  # [q, p]: q dominates p
+    np.fill_diagonal(dominates, False)
+    assert _non_dominated(primary, trained, costs, signature).tolist() == np.flatnonzero(~dominates.any(axis=0)).tolist()
+
+
 @pytest.mark.parametrize("name", ["tied-lora", "char-gpt-xs", "minilm-l6"])
 def test_frontier_for_some_devices_keeps_their_optima_with_any_budget_lifted(name):
     """A frontier pruned to the plans some device can reach (with at most one budget lifted) gives every
