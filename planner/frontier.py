@@ -56,7 +56,6 @@ frontiers nearly whole.)
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numba
@@ -82,22 +81,55 @@ class Frontier:
     def __len__(self) -> int:
         return len(self.selections)
 
-    def best(self, budgets: Budgets, chunk: int = 1024) -> np.ndarray:
-        """For budgets of many devices (column arrays), the index of each one's optimal plan; -1 where
-        none fits. A device under the least cost of every plan in a budget fits none; the others
-        go ``chunk`` at a time, so that memory stays ~chunk x plans x 8 bytes."""
-        found = np.full(budgets.devices, -1)
-        if not len(self):
-            return found
-        least = PlanCosts(*(getattr(self.costs, f.name)[[0]].clip(max=getattr(self.costs, f.name).min())
-                            for f in dataclasses.fields(PlanCosts)))
-        least.weight_bytes = self.costs.weight_bytes[[0]].clip(min=self.costs.weight_bytes.max())  # less slack
-        could = np.flatnonzero(np.broadcast_to(budgets.fits(least), (budgets.devices, 1))[:, 0])
-        for start in range(0, len(could), chunk):
-            devices = could[start:start + chunk]
-            fits = budgets.rows(devices).fits(self.costs)
-            found[devices] = np.where(fits.any(axis=1), fits.argmax(axis=1), -1)
-        return found
+    def best(self, budgets: Budgets) -> np.ndarray:
+        """For budgets of many devices (column arrays), the index of each one's optimal plan (the first
+        within its `Budgets.allowances`); -1 where none fits."""
+        devices = budgets.devices
+        memory, compute, upload = (np.broadcast_to(np.asarray(a, dtype=np.int64), (devices, 1))[:, 0]
+                                   for a in budgets.allowances())
+        overhead = np.broadcast_to(np.asarray(budgets.tensor_overhead, dtype=np.float64), (devices, 1))[:, 0]
+        return _first_fitting(self.costs.peak_bytes, self.costs.peak_bytes - self.costs.weight_bytes,
+                              self.costs.step_flops, self.costs.upload_bytes, np.ascontiguousarray(memory),
+                              np.ascontiguousarray(compute), np.ascontiguousarray(upload),
+                              np.ascontiguousarray(overhead))
+
+
+@numba.njit(nogil=True, cache=True)
+def _first_fitting(peak: np.ndarray, churn: np.ndarray, flops: np.ndarray, upload: np.ndarray, memory: np.ndarray,
+                   compute: np.ndarray, uploads: np.ndarray, overhead: np.ndarray,
+                   run: int = 64) -> np.ndarray:  # pragma: no cover
+    """Per device, the first plan whose memory (`Budgets.process_bytes` less the fixed bytes: peak, the
+    allocator's slack ``ceil(churn x overhead)``, the upload bytes kept), FLOPs and upload bytes are within
+    its allowances ``memory``, ``compute`` and ``uploads``; -1 where none is. The plans go in runs of
+    ``run``: a device skips a run where it falls short of the run's least of some need (memory: at least
+    peak + upload), and stops where it falls short of the least over all the plans left."""
+    plans, devices = len(peak), len(memory)
+    runs = (plans + run - 1) // run
+    least = np.full((runs, 3), np.iinfo(np.int64).max)  # per run, its least memory, FLOPs and upload
+    for i in range(plans):
+        r = i // run
+        least[r, 0] = min(least[r, 0], peak[i] + upload[i])
+        least[r, 1] = min(least[r, 1], flops[i])
+        least[r, 2] = min(least[r, 2], upload[i])
+    left = least.copy()  # per run, the least from it on
+    for r in range(runs - 2, -1, -1):
+        for k in range(3):
+            left[r, k] = min(left[r, k], left[r + 1, k])
+    found = np.full(devices, -1, dtype=np.int64)
+    for d in range(devices):
+        for r in range(runs):
+            if left[r, 0] > memory[d] or left[r, 1] > compute[d] or left[r, 2] > uploads[d]:
+                break
+            if least[r, 0] > memory[d] or least[r, 1] > compute[d] or least[r, 2] > uploads[d]:
+                continue
+            for i in range(r * run, min(plans, (r + 1) * run)):
+                if flops[i] <= compute[d] and upload[i] <= uploads[d] and \
+                        peak[i] + np.int64(np.ceil(churn[i] * overhead[d])) + upload[i] <= memory[d]:
+                    found[d] = i
+                    break
+            if found[d] >= 0:
+                break
+    return found
 
 
 def compute_frontier(table: CostTable, budgets: Budgets | None = None) -> Frontier:
@@ -125,6 +157,9 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
         for ancestor in table.ancestors[name]:
             descendants[position[ancestor], position[name]] = True
     option_trains = np.array([o.trains for o in table.options])
+    terms = np.column_stack([q["base"], q["below"], q["grad"], q["fwd"], q["bwd"], q["temp"], q["in_backward"],
+                             table.step_flops, table.upload_bytes, table.weight_bytes, table.trained_bytes]
+                            ).astype(np.int64)  # per option, as `_extended` reads them
 
     quantities = np.zeros((1, 7), dtype=np.int64)
     primary = np.zeros(1)
@@ -133,26 +168,9 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
     steps = []  # per layer, each label's option and the label of the layers before it that it extends
     for at, name in enumerate(layers):
         options = np.array([i for i in table.layer_options[name] if allowed is None or allowed[i]])
-        flags = np.array([table.options[i].input_grad for i in options])
-        # every label extends with every option whose flag matches the label's input_grad at this layer
-        label, choice = np.nonzero(flags[None, :] == input_grad[:, at][:, None])
-        option = options[choice]
-        old = quantities[label]
-        new = np.empty_like(old)
-        base = q["base"][option]
-        new[:, BELOW] = old[:, BELOW] + base + q["below"][option]
-        new[:, GRAD] = old[:, GRAD] + base + q["grad"][option]
-        new[:, FWD] = np.maximum(old[:, FWD] + base, old[:, BELOW] + base + q["fwd"][option])
-        # earlier backward phases also hold this layer's gradients; its optimizer temporary joins all of them
-        earlier = np.maximum(old[:, BWD] + base + q["grad"][option], new[:, GRAD] + q["temp"][option])
-        new[:, BWD] = np.where(q["in_backward"][option],
-                               np.maximum(earlier, old[:, BELOW] + base + q["bwd"][option]), earlier)
-        new[:, FLOPS] = old[:, FLOPS] + table.step_flops[option]
-        new[:, UPLOAD] = old[:, UPLOAD] + table.upload_bytes[option]
-        new[:, WEIGHT] = old[:, WEIGHT] - table.weight_bytes[option]
-        primary = primary[label] + table.primary[option]
-        trained = trained[label] + table.trained_bytes[option]
-        input_grad = input_grad[label] | (option_trains[option][:, None] & descendants[at][None, :])
+        new, primary, trained, input_grad, label, option = _extended(
+            quantities, primary, trained, input_grad, at, options, np.array([table.options[i].input_grad for i in options]),
+            terms, table.primary, option_trains, descendants[at])
         keep = np.arange(len(new))
         if reach is not None and not (near := reach.keeps(at, new, primary, trained)).all():
             keep = keep[near]
@@ -183,6 +201,52 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
         option, label = steps[at]
         selections[:, at], labels = option[labels], label[labels]
     return Frontier(table, selections, final.take(order))
+
+
+@numba.njit(nogil=True, cache=True)
+def _extended(quantities: np.ndarray, primary: np.ndarray, trained: np.ndarray, input_grad: np.ndarray, at: int,
+              options: np.ndarray, flags: np.ndarray, terms: np.ndarray, option_primary: np.ndarray,
+              option_trains: np.ndarray, below: np.ndarray):  # pragma: no cover
+    """Every label extended by layer ``at`` with every one of ``options`` (indices) whose flag (its input
+    requires grad) matches the label's: the new labels' quantities, primary, trained bytes and input_grad,
+    and for each the label it extends and its option. ``terms``: per option, its base, below, grad, fwd, bwd
+    and temp bytes, whether it is in backward, its FLOPs, upload, weight and trained bytes; ``below``:
+    the layers below ``at``, whose input requires grad once ``at`` trains."""
+    count = 0
+    for r in range(len(quantities)):
+        for k in range(len(options)):
+            count += flags[k] == input_grad[r, at]
+    new = np.empty((count, 7), dtype=np.int64)
+    new_primary, new_trained = np.empty(count), np.empty(count, dtype=np.int64)
+    new_input_grad = np.empty((count, input_grad.shape[1]), dtype=np.bool_)
+    label, option = np.empty(count, dtype=np.int64), np.empty(count, dtype=np.int64)
+    at_row = 0
+    for r in range(len(quantities)):
+        old = quantities[r]
+        for k in range(len(options)):
+            if flags[k] != input_grad[r, at]:
+                continue
+            o = options[k]
+            t = terms[o]
+            base = t[0]
+            row = new[at_row]
+            row[BELOW] = old[BELOW] + base + t[1]
+            row[GRAD] = old[GRAD] + base + t[2]
+            row[FWD] = max(old[FWD] + base, old[BELOW] + base + t[3])
+            # earlier backward phases also hold this layer's gradients; its optimizer temporary joins all of them
+            row[BWD] = max(old[BWD] + base + t[2], row[GRAD] + t[5])
+            if t[6]:
+                row[BWD] = max(row[BWD], old[BELOW] + base + t[4])
+            row[FLOPS] = old[FLOPS] + t[7]
+            row[UPLOAD] = old[UPLOAD] + t[8]
+            row[WEIGHT] = old[WEIGHT] - t[9]
+            new_primary[at_row] = primary[r] + option_primary[o]
+            new_trained[at_row] = trained[r] + t[10]
+            for j in range(input_grad.shape[1]):
+                new_input_grad[at_row, j] = input_grad[r, j] or (option_trains[o] and below[j])
+            label[at_row], option[at_row] = r, o
+            at_row += 1
+    return new, new_primary, new_trained, new_input_grad, label, option
 
 
 class _Reach:
@@ -255,29 +319,29 @@ def _non_dominated(primary: np.ndarray, trained: np.ndarray, costs: np.ndarray, 
     else:
         packed = np.packbits(signature, axis=1)
         sig = np.unique(packed.view(f"V{packed.shape[1]}").ravel(), return_inverse=True)[1].ravel()
-    varying = np.ascontiguousarray(costs[:, (costs != costs[:1]).any(axis=0)], dtype=np.int64)
     order = np.lexsort((-trained, -primary, sig))
     change = np.ones(len(order), dtype=bool)
     change[1:] = (np.diff(sig[order]) != 0) | (np.diff(primary[order]) != 0) | (np.diff(trained[order]) != 0)
     starts = np.append(np.flatnonzero(change), len(order))
     of_class = sig[order[starts[:-1]]]
     first_of_signature = np.searchsorted(of_class, of_class)
-    spread = (varying.max(axis=0) - varying.min(axis=0)).astype(np.float64)
-    return np.flatnonzero(_skyline(varying, 1.0 / spread, order, starts, first_of_signature))
+    return np.flatnonzero(_skyline(np.ascontiguousarray(costs, dtype=np.int64), order, starts, first_of_signature))
 
 
 @numba.njit(nogil=True, cache=True)
-def _skyline(costs: np.ndarray, scale: np.ndarray, order: np.ndarray, starts: np.ndarray,
+def _skyline(costs: np.ndarray, order: np.ndarray, starts: np.ndarray,
              first_of_signature: np.ndarray) -> np.ndarray:  # pragma: no cover
     """Whether each row of ``costs`` (rows, columns) is dominated by no other: none of its class (rows
     ``order[starts[c]:starts[c + 1]]``) or of an earlier class of its signature (from class
     ``first_of_signature[c]``; a larger key) is <= it in every column. A class's rows go by their costs
-    times ``scale`` summed (dominators first, but for ties of that sum), each compared with the rows kept
+    over each column's spread, summed (dominators first, but for ties of that sum), each compared with the rows kept
     so far (none of which dominates another): it goes if one is <= it, and removes those it is <= (rare);
     of identical rows the first in ``order`` stays. Each class's survivors are then compared with the kept
     rows of the earlier classes whose least costs (per column) are <= theirs."""
     n, m = costs.shape
     classes = len(starts) - 1
+    columns = np.array([j for j in range(m) if costs[:, j].min() < costs[:, j].max()], dtype=np.int64)
+    scale = np.array([1.0 / (costs[:, j].max() - costs[:, j].min()) for j in columns])
     kept = np.empty(n, dtype=np.int64)  # the kept rows, class by class
     kept_from = np.empty(classes + 1, dtype=np.int64)  # kept[kept_from[c]:kept_from[c + 1]]: class c's
     least = np.empty((classes, m), dtype=np.int64)  # per class, the least cost per column of its kept rows
@@ -287,8 +351,8 @@ def _skyline(costs: np.ndarray, scale: np.ndarray, order: np.ndarray, starts: np
         rows = order[starts[c]:starts[c + 1]]
         total = np.zeros(len(rows))
         for r in range(len(rows)):
-            for j in range(m):
-                total[r] += costs[rows[r], j] * scale[j]
+            for k in range(len(columns)):
+                total[r] += costs[rows[r], columns[k]] * scale[k]
         for i in rows[np.argsort(total, kind="mergesort")]:
             dominated = False
             for k in range(kept_from[c], count):
@@ -296,7 +360,7 @@ def _skyline(costs: np.ndarray, scale: np.ndarray, order: np.ndarray, starts: np
                 if q < 0:
                     continue
                 below, above = True, True
-                for j in range(m):
+                for j in columns:
                     if costs[q, j] > costs[i, j]:
                         below = False
                     elif costs[q, j] < costs[i, j]:
@@ -319,7 +383,7 @@ def _skyline(costs: np.ndarray, scale: np.ndarray, order: np.ndarray, starts: np
             dominated = False
             for e in range(c - 1, first_of_signature[c] - 1, -1):
                 could = True
-                for j in range(m):
+                for j in columns:
                     if least[e, j] > costs[i, j]:
                         could = False
                         break
@@ -328,7 +392,7 @@ def _skyline(costs: np.ndarray, scale: np.ndarray, order: np.ndarray, starts: np
                 for f in range(kept_from[e], kept_from[e + 1]):
                     q = kept[f]
                     below = True
-                    for j in range(m):
+                    for j in columns:
                         if costs[q, j] > costs[i, j]:
                             below = False
                             break
