@@ -19,8 +19,9 @@ input and B_l covers the re-run of its forward)::
 
 from __future__ import annotations
 
+import copy
 import functools
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import networkx as nx
 
@@ -105,8 +106,8 @@ def layer_cost(spec: ModelSpec, name: str, state, input_requires_grad: bool, bat
         return with_optimizer(layer_cost(spec, name, state, input_requires_grad, batch, seq, recompute, compact),
                               optimizer)
     if name.startswith("block."):
-        return replace(_layer_cost(spec, "block", state, input_requires_grad, batch, seq, recompute, compact),
-                       name=name)
+        return _with(_layer_cost(spec, "block", state, input_requires_grad, batch, seq, recompute, compact),
+                     name=name)
     return _layer_cost(spec, name, state, input_requires_grad, batch, seq, recompute, compact)
 
 
@@ -132,6 +133,14 @@ def _layer_cost(spec: ModelSpec, name: str, state, input_requires_grad: bool, ba
     else:
         layer_in, out = [hidden], Block.cost(spec, tape, hidden, state)
     return tape.finish(layer_in, [out], external, recompute)
+
+
+def _with(cost: LayerCost, **changes) -> LayerCost:
+    """A copy of ``cost`` with ``changes``: `dataclasses.replace` less its checks of every field, ~5x
+    faster (a fleet plan makes thousands)."""
+    copied = copy.copy(cost)
+    copied.__dict__.update(changes)
+    return copied
 
 
 def clear_layer_costs() -> None:
@@ -188,7 +197,7 @@ def estimate(spec: ModelSpec, mode: TrainMode, batch: int = 16, seq: int | None 
 
 
 def with_optimizer(cost: LayerCost, optimizer: str) -> LayerCost:
-    return replace(cost, optimizer_bytes=optimizer_state_bytes(optimizer, cost.trained_param_bytes, cost.trained_tensors),
+    return _with(cost, optimizer_bytes=optimizer_state_bytes(optimizer, cost.trained_param_bytes, cost.trained_tensors),
                    step_temp_bytes=optimizer_temp_bytes(optimizer, cost.largest_trained_tensor_bytes))
 
 

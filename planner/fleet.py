@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -108,11 +109,16 @@ def plan(specs: list[ModelSpec], devices: list, settings: PlanSettings = PlanSet
         budgets = {menu: [Budgets.of_device(d, settings.margin, settings.shard_bytes, bool(menu)) for d in devices]
                    for menu in menus}
         stacked = {menu: Budgets.stack(budgets[menu]) for menu in menus}
-        tables = {spec: _tables(spec, devices, menus, settings) for spec in specs}
-        frontiers = _frontiers([(table, stacked[menu].rows(members)) for batches_of_spec in tables.values()
-                                for members, menu_tables in batches_of_spec for menu, table in menu_tables]
-                               ) if settings.solver == "frontier" else {}
-        solved = [_solve_architecture(spec, devices, tables[spec], budgets, stacked, frontiers) for spec in specs]
+        tables, by_frontier = {}, {}
+        # a fleet's tables are solved on threads while later tables are built; a few devices' in turn
+        with ThreadPoolExecutor(max_workers=_cores() if len(devices) > FEW_DEVICES else 1) as pool:
+            for spec in specs:
+                tables[spec] = _tables(spec, devices, menus, settings)
+                for members, menu_tables in tables[spec] if settings.solver == "frontier" else ():
+                    for menu, table in menu_tables:
+                        by_frontier[table] = pool.submit(_solve_by_frontier, table, stacked[menu].rows(members))
+            by_frontier = {table: future.result() for table, future in by_frontier.items()}
+        solved = [_solve_architecture(spec, devices, tables[spec], budgets, stacked, by_frontier) for spec in specs]
         summaries, winner = _summaries(solved, settings)
         return PlanFile(objective=str(settings.objective), lora_ranks=list(settings.lora_ranks),
                         recompute=settings.recompute, frozen=list(settings.frozen), margin=settings.margin,
@@ -137,12 +143,12 @@ def _tables(spec: ModelSpec, devices: list, menus: list[tuple], settings: PlanSe
 
 
 def _solve_architecture(spec: ModelSpec, devices: list, tables: list[tuple], budgets: dict[tuple, list[Budgets]],
-                        stacked: dict[tuple, Budgets], frontiers: dict[CostTable, tuple[Frontier, float]]) -> _Solved:
+                        stacked: dict[tuple, Budgets], by_frontier: dict[CostTable, tuple]) -> _Solved:
     """Every device's best plan of ``spec``; ``tables``: per batch size of the fleet, its devices and a
     (LoRA menu, table) per choice (`_tables`); ``budgets``: each device's, per LoRA menu (see `plan`),
     and ``stacked`` the same as column arrays: plans without LoRA against the plain runtime and plans
-    with it against the larger one; ``frontiers``: each table's and the seconds it took (`_frontiers`;
-    none with the ILP solver). Each device takes the best of its best plans (`preferred`)."""
+    with it against the larger one; ``by_frontier``: each table's `_solve_by_frontier` (none with the
+    ILP solver). Each device takes the best of its best plans (`preferred`)."""
     n = len(devices)
     rows = np.full((n, len(layer_names(spec))), -1)
     costs = PlanCosts(*(np.zeros(n, dtype=dtype) for dtype in (np.int64,) * 4 + (float,) + (np.int64,) * 2))
@@ -155,10 +161,8 @@ def _solve_architecture(spec: ModelSpec, devices: list, tables: list[tuple], bud
         for k, (menu, table) in enumerate(menu_tables):
             started = time.perf_counter()
             menu_budgets = stacked[menu].rows(members)
-            if table in frontiers:
-                frontier, frontier_seconds = frontiers[table]
-                menu_rows, menu_costs, menu_binding = _solve_by_frontier(table, frontier, menu_budgets)
-                menu_seconds = (time.perf_counter() - started + frontier_seconds) / len(members)
+            if table in by_frontier:
+                menu_rows, menu_costs, menu_binding, menu_seconds = by_frontier[table]
             else:
                 menu_rows, menu_costs, menu_binding, menu_seconds = _solve_by_ilp(
                     table, [budgets[menu][i] for i in members], started)
@@ -187,7 +191,8 @@ def cost_table(spec: ModelSpec, batch: int, seq: int | None, optimizer: str, lor
     return CostTable(spec, batch, seq, optimizer, lora_ranks, objective, recompute, frozen)
 
 
-_WHOLE_FRONTIERS: dict[CostTable, Frontier] = {}  # the last 128 tables' whole frontiers, oldest first (`_frontiers`)
+_WHOLE_FRONTIERS: dict[CostTable, Frontier] = {}  # the last 128 whole frontiers, oldest first (`_solve_by_frontier`)
+_KEEPING = threading.Lock()  # held while a thread changes _WHOLE_FRONTIERS
 
 
 def clear_caches() -> None:
@@ -197,55 +202,38 @@ def clear_caches() -> None:
     clear_layer_costs()
 
 
-def _frontiers(jobs: list[tuple[CostTable, Budgets]]) -> dict[CostTable, tuple[Frontier, float]]:
-    """The frontier each (table, its devices' budgets as column arrays) is solved on, and the seconds it
-    took (0 where kept from an earlier plan): the table's whole frontier, computed once per table in a
-    process (the last 128 kept) and read by every later fleet or device planned on it; except for a few
-    devices on a table whose whole frontier is large (LoRA ranks and recomputation together: thousands
-    of plans, ~0.3 s for 12 blocks) and not yet computed, where only the plans those devices can reach
-    are (`compute_frontier` with their budgets, ~0.05 s). Large whole frontiers are computed on a thread
-    per core: their pruning spends its time in NumPy's sorts and comparisons of ~10^4-10^5 labels, which
-    run outside the interpreter's lock (side by side ~1.5x faster on 2 cores); the small ones would
-    only contend for it."""
-    found, serial, threaded = {}, {}, []
-    for table, budgets in jobs:
-        large = bool(table.recompute and table.lora_ranks)
-        if table in _WHOLE_FRONTIERS:
-            found[table] = (_WHOLE_FRONTIERS[table], 0.0)
-        elif large and budgets.devices <= FEW_DEVICES:
-            serial[table] = budgets
-        elif large:
-            threaded.append(table)
-        else:
-            serial[table] = None
-    computed = {table: _timed_frontier(table, budgets) for table, budgets in serial.items()}
-    if threaded:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        with ThreadPoolExecutor(max_workers=min(len(threaded), cores)) as pool:
-            computed |= dict(zip(threaded, pool.map(_timed_frontier, threaded)))
-    for table in [*threaded, *(table for table, budgets in serial.items() if budgets is None)]:
-        if len(_WHOLE_FRONTIERS) >= 128:
-            del _WHOLE_FRONTIERS[next(iter(_WHOLE_FRONTIERS))]
-        _WHOLE_FRONTIERS[table] = computed[table][0]
-    return found | computed
+def _cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _timed_frontier(table: CostTable, budgets: Budgets | None = None) -> tuple[Frontier, float]:
-    """`compute_frontier` and its wall seconds."""
+def _solve_by_frontier(table: CostTable, stacked: Budgets):
+    """Option rows, their costs (the head-only plan's where none fits), binding budgets and solver seconds
+    per device of ``stacked`` (their budgets as column arrays), from one frontier of ``table`` for all of
+    them: its whole frontier, computed once per table in a process (the last 128 kept) and read by every
+    later fleet or device planned on it; except for a few devices on a table whose whole frontier is
+    large (LoRA ranks and recomputation together: thousands of plans, ~0.1 s for 12 blocks) and not yet
+    computed, where only the plans those devices can reach are (`compute_frontier` with their budgets).
+    The seconds are the frontier's (0 where kept) and the solving's, shared among the devices. Runs on
+    threads: the frontier's pruning and the search of each device's plan run compiled, outside the
+    interpreter's lock."""
     started = time.perf_counter()
-    return compute_frontier(table, budgets), time.perf_counter() - started
-
-
-def _solve_by_frontier(table: CostTable, frontier: Frontier, stacked: Budgets):
-    """Option rows, their costs (the head-only plan's where none fits) and binding budgets per device of
-    ``stacked`` (their budgets as column arrays), from one frontier of ``table`` for all of them."""
+    if (frontier := _WHOLE_FRONTIERS.get(table)) is None:
+        few = bool(table.recompute and table.lora_ranks) and stacked.devices <= FEW_DEVICES
+        frontier = compute_frontier(table, stacked if few else None)
+        if not few:
+            with _KEEPING:
+                if len(_WHOLE_FRONTIERS) >= 128:
+                    del _WHOLE_FRONTIERS[next(iter(_WHOLE_FRONTIERS))]
+                _WHOLE_FRONTIERS[table] = frontier
     best = frontier.best(stacked)
     plans = PlanCosts(*(np.concatenate([getattr(frontier.costs, f.name), getattr(head, f.name)])  # -1: head only
                         for head in [table.evaluate(table.head_only)] for f in fields(PlanCosts)))
     binding = np.column_stack([_better(plans, frontier.best(stacked.without(b)), best) for b in BUDGETS])
     rows = np.full((len(best), len(table.layers)), -1)
     rows[best >= 0] = frontier.selections[best[best >= 0]]
-    return rows, plans.take(best), binding & (best >= 0)[:, None]
+    seconds = np.full(len(best), (time.perf_counter() - started) / len(best))
+    return rows, plans.take(best), binding & (best >= 0)[:, None], seconds
 
 
 def _solve_by_ilp(table: CostTable, budgets: list[Budgets], started: float):

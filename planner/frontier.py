@@ -355,7 +355,7 @@ def _skyline(costs: np.ndarray, order: np.ndarray, starts: np.ndarray,
                 total[r] += costs[rows[r], columns[k]] * scale[k]
         for i in rows[np.argsort(total, kind="mergesort")]:
             dominated = False
-            for k in range(kept_from[c], count):
+            for k in range(count - 1, kept_from[c] - 1, -1):  # the latest kept first: nearest in total
                 q = kept[k]
                 if q < 0:
                     continue
