@@ -147,7 +147,11 @@ def compute_frontier(table: CostTable, budgets: Budgets | None = None) -> Fronti
 
 
 def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool] | None = None) -> Frontier:
-    """`compute_frontier` over the options ``allowed`` (all by default), each label checked by ``reach``."""
+    """`compute_frontier` over the options ``allowed`` (all by default), each label checked by ``reach``.
+
+    The labels are held class by class (alike in signature and key; the classes of a signature by key
+    descending), as `_skyline` prunes them: a class's labels extended by one option make a *run*, and
+    each layer's runs are grouped into the new classes, so that no label is ever sorted."""
     q = table.memory_terms
     last_choice = max((at for at, name in enumerate(table.layers) if len(table.states[name]) > 1), default=-1)
     layers = table.layers
@@ -157,44 +161,68 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
         for ancestor in table.ancestors[name]:
             descendants[position[ancestor], position[name]] = True
     option_trains = np.array([o.trains for o in table.options])
+    option_flags = np.array([o.input_grad for o in table.options])
     terms = np.column_stack([q["base"], q["below"], q["grad"], q["fwd"], q["bwd"], q["temp"], q["in_backward"],
-                             table.step_flops, table.upload_bytes, table.weight_bytes, table.trained_bytes]
+                             table.step_flops, table.upload_bytes, table.weight_bytes]
                             ).astype(np.int64)  # per option, as `_extended` reads them
 
     quantities = np.zeros((1, 7), dtype=np.int64)
-    primary = np.zeros(1)
-    trained = np.zeros(1, dtype=np.int64)
-    input_grad = np.zeros((1, len(layers)), dtype=bool)  # per label, whether each layer's input requires grad
+    starts = np.array([0, 1])  # class c holds labels starts[c]:starts[c + 1]
+    primary, trained = np.zeros(1), np.zeros(1, dtype=np.int64)  # per class
+    input_grad = np.zeros((1, len(layers)), dtype=bool)  # per class, whether each later layer's input requires grad
     steps = []  # per layer, each label's option and the label of the layers before it that it extends
     for at, name in enumerate(layers):
         options = np.array([i for i in table.layer_options[name] if allowed is None or allowed[i]])
-        new, primary, trained, input_grad, label, option = _extended(
-            quantities, primary, trained, input_grad, at, options, np.array([table.options[i].input_grad for i in options]),
-            terms, table.primary, option_trains, descendants[at])
-        keep = np.arange(len(new))
-        if reach is not None and not (near := reach.keeps(at, new, primary, trained)).all():
-            keep = keep[near]
-        if len(keep) > FEW and at < last_choice:  # prune many labels while choices remain; the final pruning follows
-            # a forward phase at or under the backward phases so far stays so (each later layer adds its base
-            # to the one, its base and gradients to the other): where FWD <= BWD, FWD cannot matter
-            costs = new[keep]
-            costs[costs[:, FWD] <= costs[:, BWD], FWD] = -1
-            keep = keep[_non_dominated(primary[keep], trained[keep], costs, input_grad[keep, at + 1:])]
-        if len(keep) < len(new):
-            new, primary, trained, input_grad, label, option = (
-                a[keep] for a in (new, primary, trained, input_grad, label, option))
-        quantities = new
+        # runs: each class extended with each option whose flag matches the class's input_grad at this layer
+        run_class, choice = np.nonzero(option_flags[options][None, :] == input_grad[:, at][:, None])
+        run_option = options[choice]
+        run_grad = input_grad[run_class] | (option_trains[run_option][:, None] & descendants[at][None, :])
+        run_primary = primary[run_class] + table.primary[run_option]
+        run_trained = trained[run_class] + table.trained_bytes[run_option]
+        packed = np.packbits(run_grad[:, at + 1:], axis=1)
+        signature = np.unique(packed.view(f"V{packed.shape[1]}").ravel(), return_inverse=True)[1].ravel() \
+            if packed.size else np.zeros(len(run_class), dtype=np.int64)
+        runs = np.lexsort((-run_trained, -run_primary, signature))  # runs of one class side by side
+        new_class = np.ones(len(runs), dtype=bool)
+        new_class[1:] = (np.diff(signature[runs]) != 0) | (np.diff(run_primary[runs]) != 0) | \
+            (np.diff(run_trained[runs]) != 0)
+        first_run = np.flatnonzero(new_class)
+        new, label, option = _extended(quantities, starts, run_class[runs], run_option[runs], terms)
+        run_sizes = np.diff(starts)[run_class[runs]]
+        sizes = np.add.reduceat(run_sizes, first_run)
+        primary, trained, input_grad = (a[runs[first_run]] for a in (run_primary, run_trained, run_grad))
+        signature = signature[runs[first_run]]
+        for pruning in ("reach", "dominance"):
+            if pruning == "reach" and reach is not None:
+                keep = reach.keeps(at, new, np.repeat(primary, sizes), np.repeat(trained, sizes))
+            elif pruning == "dominance" and len(new) > FEW and at < last_choice:
+                # prune many labels while choices remain (the final pruning follows); a forward phase at or
+                # under the backward phases so far stays so (each later layer adds its base to the one, its
+                # base and gradients to the other): where FWD <= BWD, FWD cannot matter
+                costs = new.copy()
+                costs[costs[:, FWD] <= costs[:, BWD], FWD] = -1
+                keep = _skyline(costs, np.append(0, np.cumsum(sizes)), np.searchsorted(signature, signature))
+            else:
+                continue
+            new, label, option = new[keep], label[keep], option[keep]
+            sizes = np.bincount(np.repeat(np.arange(len(sizes)), sizes)[keep], minlength=len(sizes))
+            held = sizes > 0  # classes left
+            sizes, primary, trained, input_grad, signature = (
+                a[held] for a in (sizes, primary, trained, input_grad, signature))
+        quantities, starts = new, np.append(0, np.cumsum(sizes))
         steps.append((option, label))
+    primary, trained = np.repeat(primary, np.diff(starts)), np.repeat(trained, np.diff(starts))
     final = PlanCosts(
         peak_bytes=table.batch_bytes + np.maximum(quantities[:, FWD], quantities[:, BWD]),
         step_flops=quantities[:, FLOPS], upload_bytes=quantities[:, UPLOAD], trained_bytes=trained, primary=primary,
         weight_bytes=-quantities[:, WEIGHT],
         precision=np.full(len(primary), table.precision))
     # a plan dominates where it needs no more peak, FLOPs, upload or churned bytes (what the allocator's slack scales)
-    keep = _non_dominated(primary, trained, np.column_stack([final.peak_bytes, final.step_flops, final.upload_bytes,
-                                                             final.peak_bytes - final.weight_bytes]),
-                          np.zeros((len(primary), 0), dtype=bool))
-    order = keep[np.lexsort((final.peak_bytes[keep], final.step_flops[keep], -trained[keep], -primary[keep]))]
+    keep = np.flatnonzero(_skyline(np.column_stack([final.peak_bytes, final.step_flops, final.upload_bytes,
+                                                    final.peak_bytes - final.weight_bytes]),
+                                   starts, np.zeros(len(starts) - 1, dtype=np.int64)))
+    order = keep[np.lexsort((final.upload_bytes[keep], final.peak_bytes[keep], final.step_flops[keep], -trained[keep],
+                             -primary[keep]))]
     selections = np.empty((len(order), len(layers)), dtype=np.int64)
     labels = order
     for at in range(len(layers) - 1, -1, -1):  # back from the last layer along each plan's labels
@@ -204,32 +232,23 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
 
 
 @numba.njit(nogil=True, cache=True)
-def _extended(quantities: np.ndarray, primary: np.ndarray, trained: np.ndarray, input_grad: np.ndarray, at: int,
-              options: np.ndarray, flags: np.ndarray, terms: np.ndarray, option_primary: np.ndarray,
-              option_trains: np.ndarray, below: np.ndarray):  # pragma: no cover
-    """Every label extended by layer ``at`` with every one of ``options`` (indices) whose flag (its input
-    requires grad) matches the label's: the new labels' quantities, primary, trained bytes and input_grad,
-    and for each the label it extends and its option. ``terms``: per option, its base, below, grad, fwd, bwd
-    and temp bytes, whether it is in backward, its FLOPs, upload, weight and trained bytes; ``below``:
-    the layers below ``at``, whose input requires grad once ``at`` trains."""
+def _extended(quantities: np.ndarray, starts: np.ndarray, run_class: np.ndarray, run_option: np.ndarray,
+              terms: np.ndarray):  # pragma: no cover
+    """The labels of each run (class ``run_class[r]``: labels ``starts[c]:starts[c + 1]``) extended by
+    its option ``run_option[r]``, run after run: their quantities, the label each extends and its option.
+    ``terms``: per option, its base, below, grad, fwd, bwd and temp bytes, whether it is in backward, its
+    FLOPs, upload and weight bytes."""
     count = 0
-    for r in range(len(quantities)):
-        for k in range(len(options)):
-            count += flags[k] == input_grad[r, at]
+    for c in run_class:
+        count += starts[c + 1] - starts[c]
     new = np.empty((count, 7), dtype=np.int64)
-    new_primary, new_trained = np.empty(count), np.empty(count, dtype=np.int64)
-    new_input_grad = np.empty((count, input_grad.shape[1]), dtype=np.bool_)
     label, option = np.empty(count, dtype=np.int64), np.empty(count, dtype=np.int64)
     at_row = 0
-    for r in range(len(quantities)):
-        old = quantities[r]
-        for k in range(len(options)):
-            if flags[k] != input_grad[r, at]:
-                continue
-            o = options[k]
-            t = terms[o]
-            base = t[0]
-            row = new[at_row]
+    for c, o in zip(run_class, run_option):
+        t = terms[o]
+        base = t[0]
+        for r in range(starts[c], starts[c + 1]):
+            old, row = quantities[r], new[at_row]
             row[BELOW] = old[BELOW] + base + t[1]
             row[GRAD] = old[GRAD] + base + t[2]
             row[FWD] = max(old[FWD] + base, old[BELOW] + base + t[3])
@@ -240,14 +259,9 @@ def _extended(quantities: np.ndarray, primary: np.ndarray, trained: np.ndarray, 
             row[FLOPS] = old[FLOPS] + t[7]
             row[UPLOAD] = old[UPLOAD] + t[8]
             row[WEIGHT] = old[WEIGHT] - t[9]
-            new_primary[at_row] = primary[r] + option_primary[o]
-            new_trained[at_row] = trained[r] + t[10]
-            for j in range(input_grad.shape[1]):
-                new_input_grad[at_row, j] = input_grad[r, j] or (option_trains[o] and below[j])
             label[at_row], option[at_row] = r, o
             at_row += 1
-    return new, new_primary, new_trained, new_input_grad, label, option
-
+    return new, label, option
 
 class _Reach:
     """Which labels of `_frontier` can complete to the optimum of one of a few devices with at most one of
@@ -314,31 +328,31 @@ def _non_dominated(primary: np.ndarray, trained: np.ndarray, costs: np.ndarray, 
     and key, the classes of a signature by key descending, and `_skyline` settles them one at a time."""
     if not len(primary):
         return np.zeros(0, dtype=np.int64)
-    if signature.shape[1] < 63:
-        sig = signature.astype(np.int64) @ (np.int64(1) << np.arange(signature.shape[1], dtype=np.int64))
-    else:
-        packed = np.packbits(signature, axis=1)
-        sig = np.unique(packed.view(f"V{packed.shape[1]}").ravel(), return_inverse=True)[1].ravel()
+    packed = np.packbits(signature, axis=1)
+    sig = np.unique(packed.view(f"V{packed.shape[1]}").ravel(), return_inverse=True)[1].ravel() if packed.size \
+        else np.zeros(len(primary), dtype=np.int64)
     order = np.lexsort((-trained, -primary, sig))
     change = np.ones(len(order), dtype=bool)
     change[1:] = (np.diff(sig[order]) != 0) | (np.diff(primary[order]) != 0) | (np.diff(trained[order]) != 0)
     starts = np.append(np.flatnonzero(change), len(order))
     of_class = sig[order[starts[:-1]]]
     first_of_signature = np.searchsorted(of_class, of_class)
-    return np.flatnonzero(_skyline(np.ascontiguousarray(costs, dtype=np.int64), order, starts, first_of_signature))
+    kept = _skyline(np.ascontiguousarray(costs[order], dtype=np.int64), starts, first_of_signature)
+    return np.sort(order[kept])
 
 
 @numba.njit(nogil=True, cache=True)
-def _skyline(costs: np.ndarray, order: np.ndarray, starts: np.ndarray,
-             first_of_signature: np.ndarray) -> np.ndarray:  # pragma: no cover
+def _skyline(costs: np.ndarray, starts: np.ndarray, first_of_signature: np.ndarray) -> np.ndarray:  # pragma: no cover
     """Whether each row of ``costs`` (rows, columns) is dominated by no other: none of its class (rows
-    ``order[starts[c]:starts[c + 1]]``) or of an earlier class of its signature (from class
+    ``starts[c]:starts[c + 1]``) or of an earlier class of its signature (from class
     ``first_of_signature[c]``; a larger key) is <= it in every column. A class's rows go by their costs
-    over each column's spread, summed (dominators first, but for ties of that sum), each compared with the rows kept
-    so far (none of which dominates another): it goes if one is <= it, and removes those it is <= (rare);
-    of identical rows the first in ``order`` stays. Each class's survivors are then compared with the kept
-    rows of the earlier classes whose least costs (per column) are <= theirs."""
+    over each column's spread, summed (dominators first, but for ties of that sum), each compared with
+    the rows kept so far, latest first (none of which dominates another): it goes if one is <= it, and
+    removes those it is <= (rare); of identical rows the first stays. Each class's survivors are then
+    compared with the kept rows of the earlier classes whose least costs (per column) are <= theirs."""
     n, m = costs.shape
+    if n == 0:
+        return np.zeros(0, dtype=np.bool_)
     classes = len(starts) - 1
     columns = np.array([j for j in range(m) if costs[:, j].min() < costs[:, j].max()], dtype=np.int64)
     scale = np.array([1.0 / (costs[:, j].max() - costs[:, j].min()) for j in columns])
@@ -348,7 +362,7 @@ def _skyline(costs: np.ndarray, order: np.ndarray, starts: np.ndarray,
     count = 0
     for c in range(classes):
         kept_from[c] = count
-        rows = order[starts[c]:starts[c + 1]]
+        rows = np.arange(starts[c], starts[c + 1])
         total = np.zeros(len(rows))
         for r in range(len(rows)):
             for k in range(len(columns)):
