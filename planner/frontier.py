@@ -389,19 +389,35 @@ def _skyline(costs: np.ndarray, starts: np.ndarray, first_of_signature: np.ndarr
             if not dominated:
                 kept[count] = i
                 count += 1
+        most = np.full(m, np.iinfo(np.int64).min)  # the class's largest cost per column
+        for k in range(kept_from[c], count):
+            if kept[k] >= 0:
+                for j in columns:
+                    most[j] = max(most[j], costs[kept[k], j])
+        could = np.empty(c - first_of_signature[c], dtype=np.int64)  # classes that may dominate some row
+        candidates = 0
+        for e in range(c - 1, first_of_signature[c] - 1, -1):
+            below = True
+            for j in columns:
+                if least[e, j] > most[j]:
+                    below = False
+                    break
+            if below:
+                could[candidates] = e
+                candidates += 1
         end = kept_from[c]
         for k in range(kept_from[c], count):
             i = kept[k]
             if i < 0:
                 continue
             dominated = False
-            for e in range(c - 1, first_of_signature[c] - 1, -1):
-                could = True
+            for e in could[:candidates]:
+                below = True
                 for j in columns:
                     if least[e, j] > costs[i, j]:
-                        could = False
+                        below = False
                         break
-                if not could:
+                if not below:
                     continue
                 for f in range(kept_from[e], kept_from[e + 1]):
                     q = kept[f]
