@@ -19,7 +19,6 @@ input and B_l covers the re-run of its forward)::
 
 from __future__ import annotations
 
-import copy
 import functools
 from dataclasses import dataclass, field
 
@@ -136,11 +135,9 @@ def _layer_cost(spec: ModelSpec, name: str, state, input_requires_grad: bool, ba
 
 
 def _with(cost: LayerCost, **changes) -> LayerCost:
-    """A copy of ``cost`` with ``changes``: `dataclasses.replace` less its checks of every field, ~5x
+    """A copy of ``cost`` with ``changes``: `dataclasses.replace` less its look at every field, ~2.5x
     faster (a fleet plan makes thousands)."""
-    copied = copy.copy(cost)
-    copied.__dict__.update(changes)
-    return copied
+    return LayerCost(**{**cost.__dict__, **changes})
 
 
 def clear_layer_costs() -> None:

@@ -285,10 +285,11 @@ class _Reach:
                                                    for name in table.layers] + [0])
         after = lambda values, pick=min: np.cumsum(least(values, pick)[::-1])[::-1][1:]  # noqa: E731  layers > at
         self.batch_bytes = table.batch_bytes
-        self.base, self.base_grad = after(q["base"]), after(q["base"] + q["grad"])
-        self.churn, self.churn_grad = (after(q["base"] + grad - table.weight_bytes) for grad in (0, q["grad"]))
-        self.flops, self.uploads = after(table.step_flops), after(table.upload_bytes)
-        self.primary, self.trained = after(table.primary, max), after(table.trained_bytes, max)
+        # per layer, the least each quantity gains after it (`_reaching` reads them in this order)
+        self.after = np.column_stack([after(q["base"]), after(q["base"] + q["grad"]),
+                                      *(after(q["base"] + grad - table.weight_bytes) for grad in (0, q["grad"])),
+                                      after(table.step_flops), after(table.upload_bytes)]).astype(np.int64)
+        self.primary, self.trained = after(table.primary, max), after(table.trained_bytes, max)  # the most
         # sums of whole-number primaries are exact; others get a margin for rounding
         self.slack = 0.0 if np.all(table.primary == np.round(table.primary)) else 1e-9 * max(1.0, self.primary[0])
 
@@ -308,18 +309,31 @@ class _Reach:
 
     def keeps(self, at: int, labels: np.ndarray, primary: np.ndarray, trained: np.ndarray) -> np.ndarray:
         """Whether each label (quantities after layer ``at``, its key) can complete to some device's optimum."""
-        peak = self.batch_bytes + np.maximum(labels[:, FWD] + self.base[at], labels[:, BWD] + self.base_grad[at])
-        churn = self.batch_bytes + labels[:, WEIGHT] + np.maximum(labels[:, FWD] + self.churn[at],
-                                                                  labels[:, BWD] + self.churn_grad[at])
-        upload = labels[:, UPLOAD] + self.uploads[at]  # also the bound on the received bytes kept
-        memory = peak + np.ceil(churn * self.overhead).astype(np.int64) + upload
-        need = np.column_stack([memory, labels[:, FLOPS] + self.flops[at], upload])
-        top, most = primary + self.primary[at], trained + self.trained[at]
-        kept = np.zeros(len(labels), dtype=bool)
-        for room, (low, least) in zip(self.rooms, self.floor):
-            reaches = (low < top - self.slack) | ((low <= top + self.slack) & ((self.slack > 0) | (least <= most)))
-            kept |= (need <= room).all(axis=1) & reaches
-        return kept
+        return _reaching(labels, primary + self.primary[at], trained + self.trained[at], self.after[at], self.rooms,
+                         self.floor, self.batch_bytes, self.overhead, self.slack)
+
+
+@numba.njit(nogil=True, cache=True)
+def _reaching(labels: np.ndarray, top: np.ndarray, most: np.ndarray, after: np.ndarray, rooms: np.ndarray,
+              floor: np.ndarray, batch_bytes: int, overhead: float, slack: float) -> np.ndarray:  # pragma: no cover
+    """`_Reach.keeps`: whether some room (memory, FLOPs, upload) holds a label's least needs and has a
+    floor (primary, trained bytes) at most its largest key (``top``, ``most``). ``after``: the least
+    base, base + grad, churned base, churned base + grad, FLOPs and upload the layers after it add."""
+    kept = np.zeros(len(labels), dtype=np.bool_)
+    for i in range(len(labels)):
+        row = labels[i]
+        peak = batch_bytes + max(row[FWD] + after[0], row[BWD] + after[1])
+        churn = batch_bytes + row[WEIGHT] + max(row[FWD] + after[2], row[BWD] + after[3])
+        upload = row[UPLOAD] + after[5]  # also the bound on the received bytes kept
+        memory = peak + np.int64(np.ceil(churn * overhead)) + upload
+        flops = row[FLOPS] + after[4]
+        for r in range(len(rooms)):
+            low, least = floor[r, 0], floor[r, 1]
+            if memory <= rooms[r, 0] and flops <= rooms[r, 1] and upload <= rooms[r, 2] and (
+                    low < top[i] - slack or (low <= top[i] + slack and (slack > 0 or least <= most[i]))):
+                kept[i] = True
+                break
+    return kept
 
 
 def _non_dominated(primary: np.ndarray, trained: np.ndarray, costs: np.ndarray, signature: np.ndarray) -> np.ndarray:
