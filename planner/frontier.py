@@ -30,9 +30,13 @@ dominated (key >=, weights >=, every other quantity <=) by another with the same
 already have an input that requires grad) can never complete to a better plan than its dominator
 does: dropping it is exact. A label's fwd at or under its bwd stays under it whatever follows (a
 later layer adds its base to fwd, its base and G to bwd), so there fwd cannot matter and the pruning
-compares it as -1. The pruning (`_skyline`, compiled by numba) settles the labels class by class
-(alike in signature and key, larger keys first): within a class, each label against those kept so far;
-then each survivor against the kept labels of the classes of larger key whose least costs allow it.
+compares it as -1. Labels are held class by class (alike in signature and key, larger keys first):
+a class's labels extended by one option make a run, and a layer's runs are grouped into the next
+classes, so no label is ever sorted. The pruning (`_skyline`) settles the classes one at a time:
+within a class, each label against those kept so far; then each survivor against the kept labels of
+the classes of larger key whose least costs allow it. The loops over labels (`_extended`, `_skyline`,
+`_reaching`, and `_first_fitting` for many devices' optima) are compiled by numba and run outside
+the interpreter's lock.
 Without LoRA menus the plan space is 2^blocks; with a menu of r ranks (2 + r)^blocks, and with
 recomputation (2 + 2r)^blocks, of which the pruning keeps some hundreds of labels (12 blocks and 3
 ranks: at most ~1,300 before a layer's pruning, a frontier of ~200-300 plans; with recomputation
@@ -56,9 +60,9 @@ frontiers nearly whole.)
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 
 from planner.budget import BUDGETS, Budgets
@@ -68,6 +72,24 @@ from planner.table import MAX_COST, CostTable, PlanCosts, Recomputed
 BELOW, GRAD, FWD, BWD, FLOPS, UPLOAD, WEIGHT = range(7)  # WEIGHT: minus the weights (less slack)
 FEW = 64  # labels kept without pruning at a layer (the final pruning removes what is dominated)
 FEW_DEVICES = 4  # devices for which `_Reach` tests each one on its own
+
+
+def _compiled(function):
+    """``function`` compiled by numba (`numba.njit`, outside the interpreter's lock, cached on disk) at
+    its first call: numba (~55 MB resident) loads only in a process that computes frontiers, never in
+    a device's training process, which imports the planner only to read its plan (its runtime
+    footprint was measured without numba)."""
+    compiled = None
+
+    @functools.wraps(function)
+    def call(*args):
+        nonlocal compiled
+        if compiled is None:
+            import numba
+
+            compiled = numba.njit(nogil=True, cache=True)(function)
+        return compiled(*args)
+    return call
 
 
 @dataclass
@@ -94,7 +116,7 @@ class Frontier:
                               np.ascontiguousarray(overhead))
 
 
-@numba.njit(nogil=True, cache=True)
+@_compiled
 def _first_fitting(peak: np.ndarray, churn: np.ndarray, flops: np.ndarray, upload: np.ndarray, memory: np.ndarray,
                    compute: np.ndarray, uploads: np.ndarray, overhead: np.ndarray,
                    run: int = 64) -> np.ndarray:  # pragma: no cover
@@ -231,7 +253,7 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
     return Frontier(table, selections, final.take(order))
 
 
-@numba.njit(nogil=True, cache=True)
+@_compiled
 def _extended(quantities: np.ndarray, starts: np.ndarray, run_class: np.ndarray, run_option: np.ndarray,
               terms: np.ndarray):  # pragma: no cover
     """The labels of each run (class ``run_class[r]``: labels ``starts[c]:starts[c + 1]``) extended by
@@ -313,7 +335,7 @@ class _Reach:
                          self.floor, self.batch_bytes, self.overhead, self.slack)
 
 
-@numba.njit(nogil=True, cache=True)
+@_compiled
 def _reaching(labels: np.ndarray, top: np.ndarray, most: np.ndarray, after: np.ndarray, rooms: np.ndarray,
               floor: np.ndarray, batch_bytes: int, overhead: float, slack: float) -> np.ndarray:  # pragma: no cover
     """`_Reach.keeps`: whether some room (memory, FLOPs, upload) holds a label's least needs and has a
@@ -355,7 +377,7 @@ def _non_dominated(primary: np.ndarray, trained: np.ndarray, costs: np.ndarray, 
     return np.sort(order[kept])
 
 
-@numba.njit(nogil=True, cache=True)
+@_compiled
 def _skyline(costs: np.ndarray, starts: np.ndarray, first_of_signature: np.ndarray) -> np.ndarray:  # pragma: no cover
     """Whether each row of ``costs`` (rows, columns) is dominated by no other: none of its class (rows
     ``starts[c]:starts[c + 1]``) or of an earlier class of its signature (from class

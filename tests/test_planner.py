@@ -11,6 +11,9 @@ import json
 import math
 import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import networkx as nx
 import numpy as np
@@ -355,6 +358,18 @@ def test_compiled_pruning_keeps_exactly_the_labels_no_other_dominates(seed):
     dominates = alike & key_at_least & no_more & (~identical | earlier)  # [q, p]: q dominates p
     np.fill_diagonal(dominates, False)
     assert _non_dominated(primary, trained, costs, signature).tolist() == np.flatnonzero(~dominates.any(axis=0)).tolist()
+
+
+def test_numba_loads_where_a_frontier_is_computed_not_where_a_plan_is_read():
+    """A device's training process imports the trainer, which reads plans through the planner: numba
+    (~55 MB resident, not in the runtime footprint the budgets charge) must not load there; a frontier
+    loads it."""
+    code = ("import sys, trainer.local, trainer.methods, planner; loaded = 'numba' in sys.modules; "
+            "planner.compute_frontier(planner.CostTable(__import__('costmodel').ZOO['char-gpt-xs'], 2, 16, 'sgd')); "
+            "print(loaded, 'numba' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.split() == ["False", "True"]
 
 
 @pytest.mark.parametrize("name", ["tied-lora", "char-gpt-xs", "minilm-l6"])
