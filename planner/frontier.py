@@ -221,8 +221,8 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
                 # prune many labels while choices remain (the final pruning follows); a forward phase at or
                 # under the backward phases so far stays so (each later layer adds its base to the one, its
                 # base and gradients to the other): where FWD <= BWD, FWD cannot matter
-                costs = new.copy()
-                costs[costs[:, FWD] <= costs[:, BWD], FWD] = -1
+                costs = new[:, [BELOW, BWD, FLOPS, FWD, GRAD, UPLOAD, WEIGHT]]  # those that vary most in a class first
+                costs[costs[:, 3] <= costs[:, 1], 3] = -1
                 keep = _skyline(costs, np.append(0, np.cumsum(sizes)), np.searchsorted(signature, signature))
             else:
                 continue
