@@ -174,20 +174,8 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
     The labels are held class by class (alike in signature and key; the classes of a signature by key
     descending), as `_skyline` prunes them: a class's labels extended by one option make a *run*, and
     each layer's runs are grouped into the new classes, so that no label is ever sorted."""
-    q = table.memory_terms
-    last_choice = max((at for at, name in enumerate(table.layers) if len(table.states[name]) > 1), default=-1)
     layers = table.layers
-    position = {name: i for i, name in enumerate(layers)}
-    descendants = np.zeros((len(layers), len(layers)), dtype=bool)  # descendants[a, l]: l is below a
-    for name in layers:
-        for ancestor in table.ancestors[name]:
-            descendants[position[ancestor], position[name]] = True
-    option_trains = np.array([o.trains for o in table.options])
-    option_flags = np.array([o.input_grad for o in table.options])
-    terms = np.column_stack([q["base"], q["below"], q["grad"], q["fwd"], q["bwd"], q["temp"], q["in_backward"],
-                             table.step_flops, table.upload_bytes, table.weight_bytes]
-                            ).astype(np.int64)  # per option, as `_extended` reads them
-
+    last_choice, descendants, option_trains, option_flags, terms = _layout(table)
     quantities = np.zeros((1, 7), dtype=np.int64)
     starts = np.array([0, 1])  # class c holds labels starts[c]:starts[c + 1]
     primary, trained = np.zeros(1), np.zeros(1, dtype=np.int64)  # per class
@@ -252,6 +240,24 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
         selections[:, at], labels = option[labels], label[labels]
     return Frontier(table, selections, final.take(order))
 
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(table: CostTable) -> tuple:
+    """What `_frontier` reads of ``table``, computed once per table: the last layer with a choice;
+    descendants[a, l], whether layer l is below layer a; per option whether it trains, its flag (its
+    input requires grad) and its terms, as `_extended` reads them."""
+    q = table.memory_terms
+    last_choice = max((at for at, name in enumerate(table.layers) if len(table.states[name]) > 1), default=-1)
+    position = {name: i for i, name in enumerate(table.layers)}
+    descendants = np.zeros((len(table.layers), len(table.layers)), dtype=bool)
+    for name in table.layers:
+        for ancestor in table.ancestors[name]:
+            descendants[position[ancestor], position[name]] = True
+    terms = np.column_stack([q["base"], q["below"], q["grad"], q["fwd"], q["bwd"], q["temp"], q["in_backward"],
+                             table.step_flops, table.upload_bytes, table.weight_bytes]).astype(np.int64)
+    return (last_choice, descendants, np.array([o.trains for o in table.options]),
+            np.array([o.input_grad for o in table.options]), terms)
 
 @_compiled
 def _extended(quantities: np.ndarray, starts: np.ndarray, run_class: np.ndarray, run_option: np.ndarray,
@@ -395,15 +401,16 @@ def _skyline(costs: np.ndarray, starts: np.ndarray, first_of_signature: np.ndarr
     kept = np.empty(n, dtype=np.int64)  # the kept rows, class by class
     kept_from = np.empty(classes + 1, dtype=np.int64)  # kept[kept_from[c]:kept_from[c + 1]]: class c's
     least = np.empty((classes, m), dtype=np.int64)  # per class, the least cost per column of its kept rows
+    total = np.zeros(n)  # per row, its costs over each column's spread, summed
+    for i in range(n):
+        for k in range(len(columns)):
+            total[i] += costs[i, columns[k]] * scale[k]
+    most = np.empty(m, dtype=np.int64)
+    could = np.empty(classes, dtype=np.int64)
     count = 0
     for c in range(classes):
         kept_from[c] = count
-        rows = np.arange(starts[c], starts[c + 1])
-        total = np.zeros(len(rows))
-        for r in range(len(rows)):
-            for k in range(len(columns)):
-                total[r] += costs[rows[r], columns[k]] * scale[k]
-        for i in rows[np.argsort(total, kind="mergesort")]:
+        for i in starts[c] + np.argsort(total[starts[c]:starts[c + 1]], kind="mergesort"):
             dominated = False
             for k in range(count - 1, kept_from[c] - 1, -1):  # the latest kept first: nearest in total
                 q = kept[k]
@@ -425,13 +432,12 @@ def _skyline(costs: np.ndarray, starts: np.ndarray, first_of_signature: np.ndarr
             if not dominated:
                 kept[count] = i
                 count += 1
-        most = np.full(m, np.iinfo(np.int64).min)  # the class's largest cost per column
+        most[:] = np.iinfo(np.int64).min  # the class's largest cost per column
         for k in range(kept_from[c], count):
             if kept[k] >= 0:
                 for j in columns:
                     most[j] = max(most[j], costs[kept[k], j])
-        could = np.empty(c - first_of_signature[c], dtype=np.int64)  # classes that may dominate some row
-        candidates = 0
+        candidates = 0  # could[:candidates]: the classes that may dominate some row
         for e in range(c - 1, first_of_signature[c] - 1, -1):
             below = True
             for j in columns:
