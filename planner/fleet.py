@@ -18,12 +18,13 @@ devices off their optima is a fleet-wide assignment problem this planner does no
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -111,12 +112,14 @@ def plan(specs: list[ModelSpec], devices: list, settings: PlanSettings = PlanSet
         stacked = {menu: Budgets.stack(budgets[menu]) for menu in menus}
         tables, by_frontier = {}, {}
         # a fleet's tables are solved on threads while later tables are built; a few devices' in turn
-        with ThreadPoolExecutor(max_workers=_cores() if len(devices) > FEW_DEVICES else 1) as pool:
+        many = len(devices) > FEW_DEVICES
+        with ThreadPoolExecutor(max_workers=_cores()) if many else contextlib.nullcontext() as pool:
             for spec in specs:
                 tables[spec] = _tables(spec, devices, menus, settings)
                 for members, menu_tables in tables[spec] if settings.solver == "frontier" else ():
                     for menu, table in menu_tables:
-                        by_frontier[table] = pool.submit(_solve_by_frontier, table, stacked[menu].rows(members))
+                        by_frontier[table] = (pool.submit if many else _done)(_solve_by_frontier, table,
+                                                                              stacked[menu].rows(members))
             by_frontier = {table: future.result() for table, future in by_frontier.items()}
         solved = [_solve_architecture(spec, devices, tables[spec], budgets, stacked, by_frontier) for spec in specs]
         summaries, winner = _summaries(solved, settings)
@@ -200,6 +203,13 @@ def clear_caches() -> None:
     cost_table.cache_clear()
     _WHOLE_FRONTIERS.clear()
     clear_layer_costs()
+
+
+def _done(function, *args) -> Future:
+    """``function(*args)`` run now, as a finished future."""
+    future = Future()
+    future.set_result(function(*args))
+    return future
 
 
 def _cores() -> int:
