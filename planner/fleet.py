@@ -33,7 +33,7 @@ from costmodel.estimate import clear_layer_costs, layer_names
 from costmodel.process import predict_process
 from costmodel.spec import ModelSpec
 from planner.budget import BUDGETS, Budgets, runtime_profile
-from planner.frontier import FEW_DEVICES, Frontier, compute_frontier
+from planner.frontier import FEW_DEVICES, Frontier, clear_layouts, compute_frontier
 from planner.ilp import DeviceIlp
 from planner.planfile import ArchitectureSummary, DevicePlan, PlanFile, ProcessTerms
 from planner.table import FROZEN, CostTable, Objective, PlanCosts
@@ -202,6 +202,7 @@ def clear_caches() -> None:
     """Forget every table, frontier and layer costing computed so far in this process (a cold start)."""
     cost_table.cache_clear()
     _WHOLE_FRONTIERS.clear()
+    clear_layouts()
     clear_layer_costs()
 
 

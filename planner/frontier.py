@@ -209,7 +209,7 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
                 # prune many labels while choices remain (the final pruning follows); a forward phase at or
                 # under the backward phases so far stays so (each later layer adds its base to the one, its
                 # base and gradients to the other): where FWD <= BWD, FWD cannot matter
-                costs = new[:, [BELOW, BWD, FLOPS, FWD, GRAD, UPLOAD, WEIGHT]]  # those that vary most in a class first
+                costs = new[:, [BELOW, BWD, FLOPS, FWD, GRAD, UPLOAD, WEIGHT]]  # most varying in a class first
                 costs[costs[:, 3] <= costs[:, 1], 3] = -1
                 keep = _skyline(costs, np.append(0, np.cumsum(sizes)), np.searchsorted(signature, signature))
             else:
@@ -241,7 +241,6 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
     return Frontier(table, selections, final.take(order))
 
 
-
 @functools.lru_cache(maxsize=256)
 def _layout(table: CostTable) -> tuple:
     """What `_frontier` reads of ``table``, computed once per table: the last layer with a choice;
@@ -258,6 +257,12 @@ def _layout(table: CostTable) -> tuple:
                              table.step_flops, table.upload_bytes, table.weight_bytes]).astype(np.int64)
     return (last_choice, descendants, np.array([o.trains for o in table.options]),
             np.array([o.input_grad for o in table.options]), terms)
+
+
+
+def clear_layouts() -> None:
+    """Forget every table's layout (`planner.fleet.clear_caches`)."""
+    _layout.cache_clear()
 
 @_compiled
 def _extended(quantities: np.ndarray, starts: np.ndarray, run_class: np.ndarray, run_option: np.ndarray,

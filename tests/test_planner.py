@@ -357,7 +357,8 @@ def test_compiled_pruning_keeps_exactly_the_labels_no_other_dominates(seed):
     earlier = np.arange(n)[:, None] < np.arange(n)[None, :]
     dominates = alike & key_at_least & no_more & (~identical | earlier)  # [q, p]: q dominates p
     np.fill_diagonal(dominates, False)
-    assert _non_dominated(primary, trained, costs, signature).tolist() == np.flatnonzero(~dominates.any(axis=0)).tolist()
+    expected = np.flatnonzero(~dominates.any(axis=0))
+    assert _non_dominated(primary, trained, costs, signature).tolist() == expected.tolist()
 
 
 def test_numba_loads_where_a_frontier_is_computed_not_where_a_plan_is_read():
