@@ -111,16 +111,27 @@ def plan(specs: list[ModelSpec], devices: list, settings: PlanSettings = PlanSet
                    for menu in menus}
         stacked = {menu: Budgets.stack(budgets[menu]) for menu in menus}
         tables, by_frontier = {}, {}
+        batches = _batches(devices, settings)
+        # a few devices try compact frozen weights only where memory holds one of them (`_held_by_memory`)
+        lazy = len(devices) <= FEW_DEVICES and settings.solver == "frontier" and bool(settings.frozen)
         # a fleet's tables are solved on threads while later tables are built; a few devices' in turn
         many = len(devices) > FEW_DEVICES
         with ThreadPoolExecutor(max_workers=_cores()) if many else contextlib.nullcontext() as pool:
             for spec in specs:
-                tables[spec] = _tables(spec, devices, menus, settings)
+                tables[spec] = _tables(spec, batches, [c for c in _choices(spec, menus, settings)
+                                                       if not lazy or c[1] is None], settings)
                 for members, menu_tables in tables[spec] if settings.solver == "frontier" else ():
                     for menu, table in menu_tables:
                         by_frontier[table] = (pool.submit if many else _done)(_solve_by_frontier, table,
                                                                               stacked[menu].rows(members))
             by_frontier = {table: future.result() for table, future in by_frontier.items()}
+        for spec in specs if lazy else ():
+            for at, (batch, members) in enumerate(batches):
+                if _held_by_memory([by_frontier[table] for _, table in tables[spec][at][1]]).any():
+                    tables[spec][at] = _tables(spec, [(batch, members)], _choices(spec, menus, settings), settings)[0]
+                    for menu, table in tables[spec][at][1]:
+                        if table not in by_frontier:
+                            by_frontier[table] = _solve_by_frontier(table, stacked[menu].rows(members))
         solved = [_solve_architecture(spec, devices, tables[spec], budgets, stacked, by_frontier) for spec in specs]
         summaries, winner = _summaries(solved, settings)
         return PlanFile(objective=str(settings.objective), lora_ranks=list(settings.lora_ranks),
@@ -134,15 +145,53 @@ def plan(specs: list[ModelSpec], devices: list, settings: PlanSettings = PlanSet
             gc.enable()
 
 
-def _tables(spec: ModelSpec, devices: list, menus: list[tuple], settings: PlanSettings) -> list[tuple]:
-    """Per batch size of the fleet, its devices (indices) and a (LoRA menu, `cost_table`) per LoRA menu
-    and way of holding frozen weights; the first table gives the binding budgets of devices no table
-    fits (see `_solve_architecture`)."""
-    batches = np.array([settings.batch or d.batch_size for d in devices])
-    choices = [(menu, frozen) for menu in menus for frozen in (None, *settings.frozen) if frozen != spec.dtype]
-    return [(members, [(menu, cost_table(spec, int(batch), settings.seq, settings.optimizer, menu, settings.objective,
+def _batches(devices: list, settings: PlanSettings) -> list[tuple[int, np.ndarray]]:
+    """Each batch size of the fleet and its devices (indices)."""
+    sizes = np.array([settings.batch or d.batch_size for d in devices])
+    return [(int(batch), np.flatnonzero(sizes == batch)) for batch in np.unique(sizes)]
+
+
+def _choices(spec: ModelSpec, menus: list[tuple], settings: PlanSettings) -> list[tuple]:
+    """The (LoRA menu, way of holding frozen weights) of each table of ``spec``: uncompact first."""
+    return [(menu, frozen) for menu in menus for frozen in (None, *settings.frozen) if frozen != spec.dtype]
+
+
+def _tables(spec: ModelSpec, batches: list[tuple], choices: list[tuple], settings: PlanSettings) -> list[tuple]:
+    """Per batch size (`_batches`), its devices and a (LoRA menu, `cost_table`) per choice (`_choices`);
+    the first table gives the binding budgets of devices no table fits (see `_solve_architecture`)."""
+    return [(members, [(menu, cost_table(spec, batch, settings.seq, settings.optimizer, menu, settings.objective,
                                          settings.recompute, frozen)) for menu, frozen in choices])
-            for batch in np.unique(batches) for members in [np.flatnonzero(batches == batch)]]
+            for batch, members in batches]
+
+
+def _held_by_memory(solved: list[tuple]) -> np.ndarray:
+    """Per device, whether lifting its memory budget reaches a larger key, or as large a key in fewer
+    FLOPs, than its best plan over some tables of one way of holding frozen weights (``solved``: each
+    table's `_solve_by_frontier`). Only there can compact frozen weights win: a plan with them has the
+    key, the upload bytes and at least the FLOPs of the same plan without them, and less precision."""
+    def largest(keys: list[np.ndarray]) -> np.ndarray:  # per device, the lexicographically largest row
+        found = keys[0]
+        for key in keys[1:]:
+            found = np.where(_lexicographic_larger(key, found)[:, None], key, found)
+        return found
+
+    best = largest([np.where(rows[:, :1] >= 0, _key_flops(costs, np.arange(len(rows))), -np.inf)
+                    for rows, costs, *_ in solved])
+    return _lexicographic_larger(largest([lifted for *_, lifted in solved]), best)
+
+
+def _key_flops(costs: PlanCosts, index: np.ndarray) -> np.ndarray:
+    """Per plan at ``index``: (primary, trained bytes, minus FLOPs), larger preferred in that order."""
+    return np.column_stack([costs.primary[index], costs.trained_bytes[index], -costs.step_flops[index]])
+
+
+def _lexicographic_larger(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per row, whether row a is larger than row b, comparing columns left to right."""
+    larger, tied = np.zeros(len(a), dtype=bool), np.ones(len(a), dtype=bool)
+    for x, y in zip(a.T, b.T):
+        larger |= tied & (x > y)
+        tied &= x == y
+    return larger
 
 
 def _solve_architecture(spec: ModelSpec, devices: list, tables: list[tuple], budgets: dict[tuple, list[Budgets]],
@@ -165,7 +214,7 @@ def _solve_architecture(spec: ModelSpec, devices: list, tables: list[tuple], bud
             started = time.perf_counter()
             menu_budgets = stacked[menu].rows(members)
             if table in by_frontier:
-                menu_rows, menu_costs, menu_binding, menu_seconds = by_frontier[table]
+                menu_rows, menu_costs, menu_binding, menu_seconds, _ = by_frontier[table]
             else:
                 menu_rows, menu_costs, menu_binding, menu_seconds = _solve_by_ilp(
                     table, [budgets[menu][i] for i in members], started)
@@ -219,7 +268,8 @@ def _cores() -> int:
 
 
 def _solve_by_frontier(table: CostTable, stacked: Budgets):
-    """Option rows, their costs (the head-only plan's where none fits), binding budgets and solver seconds
+    """Option rows, their costs (the head-only plan's where none fits), binding budgets, solver seconds
+    and the (primary, trained bytes, minus FLOPs) of the best plan with memory lifted (-inf where none)
     per device of ``stacked`` (their budgets as column arrays), from one frontier of ``table`` for all of
     them: its whole frontier, computed once per table in a process (the last 128 kept) and read by every
     later fleet or device planned on it; except for a few devices on a table whose whole frontier is
@@ -240,11 +290,13 @@ def _solve_by_frontier(table: CostTable, stacked: Budgets):
     best = frontier.best(stacked)
     plans = PlanCosts(*(np.concatenate([getattr(frontier.costs, f.name), getattr(head, f.name)])  # -1: head only
                         for head in [table.evaluate(table.head_only)] for f in fields(PlanCosts)))
-    binding = np.column_stack([_better(plans, frontier.best(stacked.without(b)), best) for b in BUDGETS])
+    lifted = {b: frontier.best(stacked.without(b)) for b in BUDGETS}
+    binding = np.column_stack([_better(plans, lifted[b], best) for b in BUDGETS])
     rows = np.full((len(best), len(table.layers)), -1)
     rows[best >= 0] = frontier.selections[best[best >= 0]]
     seconds = np.full(len(best), (time.perf_counter() - started) / len(best))
-    return rows, plans.take(best), binding & (best >= 0)[:, None], seconds
+    unheld = np.where((lifted["memory"] >= 0)[:, None], _key_flops(plans, lifted["memory"]), -np.inf)
+    return rows, plans.take(best), binding & (best >= 0)[:, None], seconds, unheld
 
 
 def _solve_by_ilp(table: CostTable, budgets: list[Budgets], started: float):

@@ -565,6 +565,23 @@ def test_fleet_frontier_plans_equal_per_device_ilp(n):                # the larg
     assert [same(e) for e in by_frontier.devices] == [same(e) for e in by_ilp.devices]
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_a_few_devices_get_the_plans_a_fleet_gives_them_though_trying_compact_weights_only_where_memory_holds(seed):
+    """A few devices are solved on tables with compact frozen weights only where lifting memory reaches a
+    better plan on the tables without (`planner.fleet._held_by_memory`); a fleet solves every device on
+    every table. The same devices get the same plans either way, compact ones included."""
+    specs = [SMALL["gpt5-lora"][0]]
+    devices = [device.model_copy(update={"name": f"device-{i}"})
+               for i, device in enumerate(random_devices(random.Random(seed), "gpt5-lora", 3 * FEW_DEVICES))]
+    settings = PlanSettings(lora_ranks=(2, 4), recompute=True, frozen=("int8", "bf16"), seq=SEQ, optimizer="adam")
+    same = lambda e: (e.status, e.mode, e.upload_bytes, e.peak_bytes, e.flops_per_round, e.binding, e.needs)  # noqa: E731
+    fleet = [same(e) for e in plan(specs, devices, settings).devices]
+    few = [same(e) for start in range(0, len(devices), FEW_DEVICES)
+           for e in plan(specs, devices[start:start + FEW_DEVICES], settings).devices]
+    assert few == fleet
+    assert any("frozen:" in (mode or "") for _, mode, *_ in fleet) or seed  # compact weights do win somewhere
+
+
 def test_fleet_chooses_the_architecture_and_every_plan_fits():
     rng = random.Random(7)
     specs = [ModelSpec(name=f"gpt{n}", kind="gpt", n_blocks=n, d_model=32, n_heads=2, d_ff=64, max_seq_len=16,
