@@ -112,10 +112,10 @@ def plan(specs: list[ModelSpec], devices: list, settings: PlanSettings = PlanSet
         stacked = {menu: Budgets.stack(budgets[menu]) for menu in menus}
         tables, by_frontier = {}, {}
         batches = _batches(devices, settings)
-        # a few devices try compact frozen weights only where memory holds one of them (`_held_by_memory`)
-        lazy = len(devices) <= FEW_DEVICES and settings.solver == "frontier" and bool(settings.frozen)
-        # a fleet's tables are solved on threads while later tables are built; a few devices' in turn
+        # a fleet's tables are solved on threads while later tables are built; a few devices' in turn,
+        # and on the tables with compact frozen weights only where memory holds one (`_held_by_memory`)
         many = len(devices) > FEW_DEVICES
+        lazy = not many and settings.solver == "frontier" and bool(settings.frozen)
         with ThreadPoolExecutor(max_workers=_cores()) if many else contextlib.nullcontext() as pool:
             for spec in specs:
                 tables[spec] = _tables(spec, batches, [c for c in _choices(spec, menus, settings)
@@ -165,33 +165,22 @@ def _tables(spec: ModelSpec, batches: list[tuple], choices: list[tuple], setting
 
 
 def _held_by_memory(solved: list[tuple]) -> np.ndarray:
-    """Per device, whether lifting its memory budget reaches a larger key, or as large a key in fewer
-    FLOPs, than its best plan over some tables of one way of holding frozen weights (``solved``: each
-    table's `_solve_by_frontier`). Only there can compact frozen weights win: a plan with them has the
-    key, the upload bytes and at least the FLOPs of the same plan without them, and less precision."""
-    def largest(keys: list[np.ndarray]) -> np.ndarray:  # per device, the lexicographically largest row
-        found = keys[0]
-        for key in keys[1:]:
-            found = np.where(_lexicographic_larger(key, found)[:, None], key, found)
-        return found
+    """Per device, whether lifting its memory budget reaches a plan the planner prefers (`preferred`) to
+    its best plan over some tables of one way of holding frozen weights (``solved``: each table's
+    `_solve_by_frontier`). Only there can compact frozen weights win: a plan with them has the key, the
+    upload bytes and at least the FLOPs of the same plan without them, and less precision."""
+    def best(found: list[tuple[PlanCosts, np.ndarray]]) -> tuple[PlanCosts, np.ndarray]:
+        costs, fits = found[0]
+        for other, other_fits in found[1:]:
+            take = other_fits & (~fits | preferred(other, costs))
+            costs = PlanCosts(*(np.where(take, getattr(other, f.name), getattr(costs, f.name))
+                                for f in fields(PlanCosts)))
+            fits = fits | other_fits
+        return costs, fits
 
-    best = largest([np.where(rows[:, :1] >= 0, _key_flops(costs, np.arange(len(rows))), -np.inf)
-                    for rows, costs, *_ in solved])
-    return _lexicographic_larger(largest([lifted for *_, lifted in solved]), best)
-
-
-def _key_flops(costs: PlanCosts, index: np.ndarray) -> np.ndarray:
-    """Per plan at ``index``: (primary, trained bytes, minus FLOPs), larger preferred in that order."""
-    return np.column_stack([costs.primary[index], costs.trained_bytes[index], -costs.step_flops[index]])
-
-
-def _lexicographic_larger(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per row, whether row a is larger than row b, comparing columns left to right."""
-    larger, tied = np.zeros(len(a), dtype=bool), np.ones(len(a), dtype=bool)
-    for x, y in zip(a.T, b.T):
-        larger |= tied & (x > y)
-        tied &= x == y
-    return larger
+    (lifted, reaches), (costs, fits) = best([lifted for *_, lifted in solved]), best(
+        [(costs, rows[:, 0] >= 0) for rows, costs, *_ in solved])
+    return reaches & (~fits | preferred(lifted, costs))
 
 
 def _solve_architecture(spec: ModelSpec, devices: list, tables: list[tuple], budgets: dict[tuple, list[Budgets]],
@@ -269,15 +258,15 @@ def _cores() -> int:
 
 def _solve_by_frontier(table: CostTable, stacked: Budgets):
     """Option rows, their costs (the head-only plan's where none fits), binding budgets, solver seconds
-    and the (primary, trained bytes, minus FLOPs) of the best plan with memory lifted (-inf where none)
-    per device of ``stacked`` (their budgets as column arrays), from one frontier of ``table`` for all of
-    them: its whole frontier, computed once per table in a process (the last 128 kept) and read by every
-    later fleet or device planned on it; except for a few devices on a table whose whole frontier is
-    large (LoRA ranks and recomputation together: thousands of plans, ~0.1 s for 12 blocks) and not yet
-    computed, where only the plans those devices can reach are (`compute_frontier` with their budgets).
-    The seconds are the frontier's (0 where kept) and the solving's, shared among the devices. Runs on
-    threads: the frontier's pruning and the search of each device's plan run compiled, outside the
-    interpreter's lock."""
+    and, with memory lifted, the best plan's costs and whether there is one, per device of ``stacked``
+    (their budgets as column arrays), from one frontier of ``table`` for all of them: its whole
+    frontier, computed once per table in a process (the last 128 kept) and read by every later fleet or
+    device planned on it; except for a few devices on a table whose whole frontier is large (LoRA ranks
+    and recomputation together: thousands of plans, ~0.05 s for 12 blocks) and not yet computed, where
+    only the plans those devices can reach are (`compute_frontier` with their budgets). The seconds are
+    the frontier's (0 where kept) and the solving's, shared among the devices. Runs on threads: the
+    frontier's pruning and the search of each device's plan run compiled, outside the interpreter's
+    lock."""
     started = time.perf_counter()
     if (frontier := _WHOLE_FRONTIERS.get(table)) is None:
         few = bool(table.recompute and table.lora_ranks) and stacked.devices <= FEW_DEVICES
@@ -295,8 +284,8 @@ def _solve_by_frontier(table: CostTable, stacked: Budgets):
     rows = np.full((len(best), len(table.layers)), -1)
     rows[best >= 0] = frontier.selections[best[best >= 0]]
     seconds = np.full(len(best), (time.perf_counter() - started) / len(best))
-    unheld = np.where((lifted["memory"] >= 0)[:, None], _key_flops(plans, lifted["memory"]), -np.inf)
-    return rows, plans.take(best), binding & (best >= 0)[:, None], seconds, unheld
+    return rows, plans.take(best), binding & (best >= 0)[:, None], seconds, (plans.take(lifted["memory"]),
+                                                                            lifted["memory"] >= 0)
 
 
 def _solve_by_ilp(table: CostTable, budgets: list[Budgets], started: float):
