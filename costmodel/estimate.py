@@ -195,7 +195,7 @@ def estimate(spec: ModelSpec, mode: TrainMode, batch: int = 16, seq: int | None 
 
 def with_optimizer(cost: LayerCost, optimizer: str) -> LayerCost:
     return _with(cost, optimizer_bytes=optimizer_state_bytes(optimizer, cost.trained_param_bytes, cost.trained_tensors),
-                   step_temp_bytes=optimizer_temp_bytes(optimizer, cost.largest_trained_tensor_bytes))
+                 step_temp_bytes=optimizer_temp_bytes(optimizer, cost.largest_trained_tensor_bytes))
 
 
 def _report(spec, mode, batch, tokens, optimizer, layers: list[LayerCost]) -> CostReport:

@@ -189,14 +189,7 @@ def _frontier(table: CostTable, reach: _Reach | None = None, allowed: list[bool]
         run_grad = input_grad[run_class] | (option_trains[run_option][:, None] & descendants[at][None, :])
         run_primary = primary[run_class] + table.primary[run_option]
         run_trained = trained[run_class] + table.trained_bytes[run_option]
-        packed = np.packbits(run_grad[:, at + 1:], axis=1)
-        signature = np.unique(packed.view(f"V{packed.shape[1]}").ravel(), return_inverse=True)[1].ravel() \
-            if packed.size else np.zeros(len(run_class), dtype=np.int64)
-        runs = np.lexsort((-run_trained, -run_primary, signature))  # runs of one class side by side
-        new_class = np.ones(len(runs), dtype=bool)
-        new_class[1:] = (np.diff(signature[runs]) != 0) | (np.diff(run_primary[runs]) != 0) | \
-            (np.diff(run_trained[runs]) != 0)
-        first_run = np.flatnonzero(new_class)
+        runs, first_run, signature = _grouped(run_grad[:, at + 1:], run_primary, run_trained)
         new, label, option = _extended(quantities, starts, run_class[runs], run_option[runs], terms)
         run_sizes = np.diff(starts)[run_class[runs]]
         sizes = np.add.reduceat(run_sizes, first_run)
@@ -259,10 +252,10 @@ def _layout(table: CostTable) -> tuple:
             np.array([o.input_grad for o in table.options]), terms)
 
 
-
 def clear_layouts() -> None:
     """Forget every table's layout (`planner.fleet.clear_caches`)."""
     _layout.cache_clear()
+
 
 @_compiled
 def _extended(quantities: np.ndarray, starts: np.ndarray, run_class: np.ndarray, run_option: np.ndarray,
@@ -295,6 +288,7 @@ def _extended(quantities: np.ndarray, starts: np.ndarray, run_class: np.ndarray,
             label[at_row], option[at_row] = r, o
             at_row += 1
     return new, label, option
+
 
 class _Reach:
     """Which labels of `_frontier` can complete to the optimum of one of a few devices with at most one of
@@ -375,17 +369,24 @@ def _non_dominated(primary: np.ndarray, trained: np.ndarray, costs: np.ndarray, 
     and key, the classes of a signature by key descending, and `_skyline` settles them one at a time."""
     if not len(primary):
         return np.zeros(0, dtype=np.int64)
+    order, first, sig = _grouped(signature, primary, trained)
+    of_class = sig[order[first]]
+    kept = _skyline(np.ascontiguousarray(costs[order], dtype=np.int64), np.append(first, len(order)),
+                    np.searchsorted(of_class, of_class))
+    return np.sort(order[kept])
+
+
+def _grouped(signature: np.ndarray, primary: np.ndarray, trained: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Items (rows of ``signature``, bools; their keys) in classes alike in signature and key: the order
+    that puts each class's items side by side, the classes of a signature together and by key
+    descending; where each class starts in it; and each item's signature, numbered."""
     packed = np.packbits(signature, axis=1)
     sig = np.unique(packed.view(f"V{packed.shape[1]}").ravel(), return_inverse=True)[1].ravel() if packed.size \
         else np.zeros(len(primary), dtype=np.int64)
     order = np.lexsort((-trained, -primary, sig))
     change = np.ones(len(order), dtype=bool)
     change[1:] = (np.diff(sig[order]) != 0) | (np.diff(primary[order]) != 0) | (np.diff(trained[order]) != 0)
-    starts = np.append(np.flatnonzero(change), len(order))
-    of_class = sig[order[starts[:-1]]]
-    first_of_signature = np.searchsorted(of_class, of_class)
-    kept = _skyline(np.ascontiguousarray(costs[order], dtype=np.int64), starts, first_of_signature)
-    return np.sort(order[kept])
+    return order, np.flatnonzero(change), sig
 
 
 @_compiled
