@@ -361,6 +361,34 @@ def test_compiled_pruning_keeps_exactly_the_labels_no_other_dominates(seed):
     assert _non_dominated(primary, trained, costs, signature).tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("name", ["char-gpt-s", "minilm-l6"])
+def test_each_devices_optimum_is_the_first_frontier_plan_its_budgets_fit(name):
+    """`Frontier.best` (numba's `_first_fitting`, which skips runs of 64 plans on their least needs)
+    against `Budgets.fits` on every plan: the first fitting one, for many devices at once, with budgets
+    at and around the frontier's own costs, allocator overheads that differ per device, fixed bytes,
+    several steps, and each budget lifted. The frontiers hold several runs (160-304 plans)."""
+    frontier = compute_frontier(CostTable(ZOO[name], 4, 32, "adam", (4, 8), recompute=True, frozen="int8"))
+    assert len(frontier) > 2 * 64
+    rng = np.random.default_rng(0)
+    n = 2000
+    memory, flops, upload = (frontier.costs.peak_bytes + frontier.costs.upload_bytes, frontier.costs.step_flops,
+                             frontier.costs.upload_bytes)
+
+    def draw(values, scale=1.0):  # a plan's own value (a third of the time) or anywhere around them
+        return np.where(rng.random(n) < 1 / 3, rng.choice(values, n) * scale,
+                        rng.uniform(0.9 * values.min(), 1.1 * values.max(), n) * scale)
+
+    steps = rng.integers(1, 4, n)
+    overhead = rng.choice([0.0, 0.25, 0.493], n)
+    fixed = rng.choice([0, 2**10, 2**16], n)
+    budgets = Budgets((draw(memory, 1.3) + fixed)[:, None] / 0.95, (draw(flops) * steps)[:, None],
+                      np.floor(draw(upload))[:, None], steps[:, None], 0.05, fixed[:, None], overhead[:, None])
+    for lifted in (budgets, *(budgets.without(b) for b in BUDGETS)):
+        fits = lifted.fits(frontier.costs)
+        assert frontier.best(lifted).tolist() == np.where(fits.any(axis=1), fits.argmax(axis=1), -1).tolist()
+    assert 0 < (frontier.best(budgets) >= 0).sum() < n  # some devices fit a plan, some none
+
+
 def test_numba_loads_where_a_frontier_is_computed_not_where_a_plan_is_read():
     """A device's training process imports the trainer, which reads plans through the planner: numba
     (~55 MB resident, not in the runtime footprint the budgets charge) must not load there; a frontier
