@@ -128,9 +128,10 @@ def _allowance(limit, per=1):
     if not shape:
         return one(limit, per)
     limit, per = (np.broadcast_to(np.asarray(v), shape) for v in (limit, per))
-    small = (np.abs(limit) < 2.0**53) & (per < 2**53)  # limit is finite there
+    near = limit.astype(float)  # the same, or nearest, where limit holds Python integers beyond int64
+    small = (np.abs(near) < 2.0**53) & (per < 2**53)  # limit is finite there, and exact as a float
     q = np.full(shape, MAX_COST, dtype=np.int64)  # also where the limit is lifted (infinite)
-    q[small] = np.minimum(np.floor(limit[small]).astype(np.int64) // per[small].astype(np.int64), MAX_COST)
-    for index in zip(*np.nonzero(~small & np.isfinite(limit))):
+    q[small] = np.minimum(np.floor(near[small]).astype(np.int64) // per[small].astype(np.int64), MAX_COST)
+    for index in zip(*np.nonzero(~small & np.isfinite(near))):
         q[index] = one(limit[index], per[index])
     return q

@@ -28,6 +28,7 @@ from planner import (BUDGETS, Budgets, CostTable, DeviceIlp, Objective, PlanCost
                      read_plan_file, write_plan_file)
 from planner.fleet import preferred
 from planner.frontier import FEW_DEVICES
+from planner.table import MAX_COST
 from profiles import DeviceSpec
 from tests.conftest import TENSORS_ONLY
 
@@ -680,6 +681,24 @@ def test_budgets_without_lifts_one_budget():
     budgets = Budgets(5, 5, 5)
     assert not budgets.fits(costs)[0]
     assert [bool(budgets.without(b).over(costs)[b][0]) for b in BUDGETS] == [False] * 3
+
+
+@pytest.mark.parametrize("n", [1, 2 * FEW_DEVICES])  # a few devices in turn; a fleet on threads
+def test_devices_with_budgets_beyond_int64_are_planned_as_if_unbounded(n):
+    """Budgets a device spec may hold but int64 cannot (memory 10^30 bytes, upload 10^300 bytes: Python
+    integers, stacked as object arrays) allow as much as a budget lifted; with every menu on, each
+    device trains everything, bound by nothing, as a device with all three budgets lifted would."""
+    huge = [DeviceSpec(name=f"huge-{i}", memory_bytes=10**30, compute_flops=1e300, upload_bytes=10**300,
+                       local_steps=1 + i % 3, batch_size=BATCH, runtime=TENSORS_ONLY) for i in range(n)]
+    stacked = Budgets.stack([Budgets.of_device(d) for d in huge])
+    lifted = stacked.without("memory").without("compute").without("upload")
+    assert [np.broadcast_to(a, (n, 1)).tolist() for a in (*stacked.allowances(), *lifted.allowances())] == \
+        [[[MAX_COST]] * n] * 6
+    settings = PlanSettings(lora_ranks=(2, 4), recompute=True, frozen=("int8", "bf16"), seq=SEQ, optimizer="adam")
+    spec = SMALL["gpt5-lora"][0]
+    result = plan([spec], huge, settings)
+    assert [(e.status, e.trained_blocks, e.binding) for e in result.devices] == \
+        [("optimal", list(range(spec.n_blocks)), [])] * n
 
 
 # -- plan files ---------------------------------------------------------------------------------
