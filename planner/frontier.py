@@ -78,7 +78,8 @@ def _compiled(function):
     """``function`` compiled by numba (`numba.njit`, outside the interpreter's lock, cached on disk) at
     its first call: numba (~55 MB resident) loads only in a process that computes frontiers, never in
     a device's training process, which imports the planner only to read its plan (its runtime
-    footprint was measured without numba)."""
+    footprint was measured without numba). A cache that fails to load (a damaged file) is dropped and
+    the function compiled afresh, once."""
     compiled = None
 
     @functools.wraps(function)
@@ -88,6 +89,11 @@ def _compiled(function):
             import numba
 
             compiled = numba.njit(nogil=True, cache=True)(function)
+            try:
+                return compiled(*args)
+            except Exception:
+                compiled._cache.flush()
+                compiled = numba.njit(nogil=True, cache=True)(function)
         return compiled(*args)
     return call
 

@@ -402,6 +402,28 @@ def test_numba_loads_where_a_frontier_is_computed_not_where_a_plan_is_read():
     assert result.stdout.split() == ["False", "True"]
 
 
+def test_a_damaged_kernel_cache_is_compiled_afresh(tmp_path):
+    """numba's cache of the planner's kernels, next to the module: damaged (its index and code cut
+    short, as a full disk leaves them), the next process drops it and compiles again, and plans as
+    before; no traceback."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    for package in ("profiles", "costmodel", "planner"):
+        shutil.copytree(root / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import planner; from costmodel import ZOO; t = planner.CostTable(ZOO['char-gpt-xs'], 2, 16, 'sgd', (2,), "
+            "recompute=True); print(len(planner.compute_frontier(t)))")
+    run = lambda: subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)  # noqa: E731
+    first = run()
+    cached = sorted((tmp_path / "planner" / "__pycache__").glob("*.nb*"))
+    assert first.returncode == 0 and cached, first.stderr
+    for path in cached:
+        path.write_bytes(path.read_bytes()[:20])
+    again = run()
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout
+
+
 @pytest.mark.parametrize("name", ["tied-lora", "char-gpt-xs", "minilm-l6"])
 def test_frontier_for_some_devices_keeps_their_optima_with_any_budget_lifted(name):
     """A frontier pruned to the plans some device can reach (with at most one budget lifted) gives every
